@@ -1,0 +1,150 @@
+"""Attention backends behind one dispatcher.
+
+Every call site in the transformer goes through `AttentionDispatcher`, so choosing a backend is a
+config key (`attention_implementation`), never a code change. Tensors are `[B, heads, N, D]`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "flash", "xformers", "bsa")
+
+# On Hopper, cuDNN attention measured 1.6-1.8x faster than SDPA's flash backend at 37k tokens
+# (see docs/benchmarks.md); the others stay as fall-backs for shapes cuDNN refuses.
+_CUDA_SDPA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+# The ops whose outputs selective activation checkpointing keeps instead of recomputing.
+SDPA_OPS = tuple(
+    getattr(torch.ops.aten, name)
+    for name in (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
+class AttentionBackendUnavailable(RuntimeError):
+    pass
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _sdpa(q, k, v, attn_mask=None):
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_SDPA_PRIORITY, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def _flash(q, k, v, attn_mask=None):
+    if attn_mask is not None:
+        return _sdpa(q, k, v, attn_mask)
+    try:  # flash-attn 3 (Hopper) first, then 2
+        from flash_attn_interface import flash_attn_func
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out
+    except ImportError:
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _xformers(q, k, v, attn_mask=None):
+    if attn_mask is not None:
+        return _sdpa(q, k, v, attn_mask)
+    import xformers.ops
+
+    out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class BsaSettings:
+    sparsity: float = 0.9375
+    chunk_3d_shape_q: tuple[int, int, int] = (4, 4, 4)
+    chunk_3d_shape_k: tuple[int, int, int] = (4, 4, 4)
+
+    @classmethod
+    def from_params(cls, params: dict | None) -> "BsaSettings":
+        params = params or {}
+        return cls(
+            sparsity=float(params.get("sparsity", 0.9375)),
+            chunk_3d_shape_q=tuple(params.get("chunk_3d_shape_q", (4, 4, 4))),
+            chunk_3d_shape_k=tuple(params.get("chunk_3d_shape_k", (4, 4, 4))),
+        )
+
+
+def check_backend_available(name: str) -> None:
+    """Raise a clear error when a backend named explicitly cannot run here."""
+    if name not in BACKENDS:
+        raise AttentionBackendUnavailable(
+            f"attention_implementation={name!r} is unknown; choose one of {', '.join(BACKENDS)}"
+        )
+    if name == "flash" and not (_has_module("flash_attn") or _has_module("flash_attn_interface")):
+        raise AttentionBackendUnavailable(
+            "attention_implementation='flash' needs the flash-attn package (pip install flash-attn); "
+            "use 'sdpa' or 'auto' instead"
+        )
+    if name == "xformers" and not _has_module("xformers"):
+        raise AttentionBackendUnavailable(
+            "attention_implementation='xformers' needs the xformers package; use 'sdpa' or 'auto' instead"
+        )
+    if name == "bsa" and not _has_module("triton"):
+        raise AttentionBackendUnavailable(
+            "attention_implementation='bsa' needs Triton (Linux, pip install triton); use 'sdpa' or 'auto'"
+        )
+
+
+class AttentionDispatcher:
+    """Chooses the attention function for dense attention and, where enabled, block-sparse self-attention.
+
+    `auto` uses PyTorch SDPA (cuDNN first on CUDA) for dense attention and BSA for video
+    self-attention when `use_bsa` is set (the released config's `enable_bsa`, or our config).
+    """
+
+    def __init__(self, implementation: str = "auto", use_bsa: bool = False, bsa: BsaSettings | None = None):
+        check_backend_available(implementation)
+        self.implementation = implementation
+        self.bsa = bsa or BsaSettings()
+        self.use_bsa = implementation == "bsa" or (implementation == "auto" and use_bsa)
+        self._dense = {"flash": _flash, "xformers": _xformers}.get(implementation, _sdpa)
+        if implementation == "auto":
+            log.info("attention: auto -> sdpa%s", " + block-sparse self-attention" if self.use_bsa else "")
+
+    def dense(self, q, k, v, attn_mask=None):
+        return self._dense(q, k, v, attn_mask)
+
+    def self_attention(self, q, k, v, grid_q: tuple[int, int, int], grid_k: tuple[int, int, int]):
+        """Video self-attention; block-sparse when enabled, for clips of more than one latent frame
+        and on CUDA (the official model never uses BSA for images)."""
+        if self.use_bsa and grid_k[0] > 1 and (q.is_cuda or self.implementation == "bsa"):
+            from .bsa import block_sparse_attention
+
+            return block_sparse_attention(
+                q, k, v, grid_q, grid_k,
+                sparsity=self.bsa.sparsity,
+                chunk_3d_shape_q=self.bsa.chunk_3d_shape_q,
+                chunk_3d_shape_k=self.bsa.chunk_3d_shape_k,
+            )
+        return self._dense(q, k, v)

@@ -1,0 +1,394 @@
+"""The LongCat-Video DiT, with the released parameter names, in one readable file.
+
+Numerics follow the official implementation (see docs/longcat-video-model.md in the shared spec):
+timestep embedding, adaLN modulation, gated residuals and the final layer run in fp32; LayerNorms
+normalise in fp32; RMSNorm normalises in fp32 and multiplies its weight in the input dtype; 3D RoPE
+is computed in fp32 with adjacent-pair rotation. The network predicts x0 − ε.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from .attention import SDPA_OPS, AttentionDispatcher, BsaSettings
+from .checkpoint_keys import verify_checkpoint_keys
+
+CHECKPOINT_MODES = ("none", "full", "selective")
+
+
+def _no_autocast(fn):
+    """Run `fn` with autocast off, so fp32 islands stay fp32 under Accelerate's bf16 autocast."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_autocast
+def linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer evaluated in fp32 whatever the weight dtype (the official code does this with
+    a float32 autocast region on CUDA)."""
+    bias = None if linear.bias is None else linear.bias.float()
+    return F.linear(x.float(), linear.weight.float(), bias)
+
+
+def layer_norm_fp32(x: torch.Tensor, norm: nn.LayerNorm | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm computed in fp32; returns fp32."""
+    if norm is None:
+        return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the head dim: normalise in fp32, cast back, multiply the weight in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, patch_size: Sequence[int], in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=tuple(patch_size), stride=tuple(patch_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, C], (t, h, w) raster order
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, t_embed_dim: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, t_embed_dim),
+            nn.SiLU(),
+            nn.Linear(t_embed_dim, t_embed_dim),
+        )
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: flat fp32 timesteps → fp32 embeddings."""
+        h = linear_fp32(self.mlp[0], self.sinusoid(t, self.frequency_embedding_size))
+        return linear_fp32(self.mlp[2], F.silu(h))
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.y_proj = nn.Sequential(
+            nn.Linear(in_channels, hidden_size),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(y)
+
+
+class FeedForwardSwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int = 256):
+        super().__init__()
+        hidden_dim = int(2 * hidden_dim / 3)
+        hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Rope3D:
+    """3D rotary embedding: head dims split t | h | w (44 | 42 | 42 at head_dim 128), base 10000,
+    each angle shared by an adjacent pair of dims. Tables are cached per grid and device."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        self.dim_h = self.dim_w = 2 * (head_dim // 6)
+        self.dim_t = head_dim - self.dim_h - self.dim_w
+        self.base = base
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _axis_angles(self, n: int, dim: int) -> torch.Tensor:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32)[: dim // 2] / dim))
+        return torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None]  # [n, dim/2]
+
+    def cos_sin(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, device)
+        if key not in self._cache:
+            t, h, w = grid
+            at = self._axis_angles(t, self.dim_t)[:, None, None, :].expand(t, h, w, -1)
+            ah = self._axis_angles(h, self.dim_h)[None, :, None, :].expand(t, h, w, -1)
+            aw = self._axis_angles(w, self.dim_w)[None, None, :, :].expand(t, h, w, -1)
+            angles = torch.cat([at, ah, aw], dim=-1).reshape(t * h * w, -1).to(device)  # [N, D/2]
+            self._cache[key] = (angles.cos(), angles.sin())
+        return self._cache[key]
+
+    def apply(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """x: [B, heads, N, D] → rotated, same dtype (computed in fp32)."""
+        cos, sin = self.cos_sin(grid, x.device)
+        xf = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+        return out.flatten(-2).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, grid, num_cond_latents: int, rope: Rope3D, attention: AttentionDispatcher):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = rope.apply(self.q_norm(q), grid), rope.apply(self.k_norm(k), grid)
+        if num_cond_latents > 0:
+            # Condition tokens see only condition tokens; noisy tokens see everything.
+            n_cond = num_cond_latents * (N // grid[0])
+            cond_grid = (num_cond_latents, grid[1], grid[2])
+            noise_grid = (grid[0] - num_cond_latents, grid[1], grid[2])
+            out_cond = attention.self_attention(q[:, :, :n_cond], k[:, :, :n_cond], v[:, :, :n_cond], cond_grid, cond_grid)
+            out_noise = attention.self_attention(q[:, :, n_cond:], k, v, noise_grid, grid)
+            out = torch.cat([out_cond, out_noise], dim=2)
+        else:
+            out = attention.self_attention(q, k, v, grid, grid)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(self, x, text, text_mask, n_cond_tokens: int, attention: AttentionDispatcher):
+        """text: [B, L, C]; text_mask: [B, 1, 1, L] bool or None (all valid). Condition tokens get
+        zero output: they never see the text."""
+        B, N, C = x.shape
+        xq = x[:, n_cond_tokens:]
+        q = self.q_norm(self.q_linear(xq).view(B, -1, self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv_linear(text).view(B, -1, 2, self.num_heads, self.head_dim).unbind(2)
+        k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        out = attention.dense(q, k, v, attn_mask=text_mask)
+        out = self.proj(out.transpose(1, 2).reshape(B, -1, C))
+        if n_cond_tokens:
+            out = torch.cat([out.new_zeros(B, n_cond_tokens, C), out], dim=1)
+        return out
+
+
+class LongCatBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, adaln_tembed_dim: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 6 * hidden_size))
+        self.pre_crs_attn_norm = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=True)
+        self.attn = SelfAttention(hidden_size, num_heads)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.ffn = FeedForwardSwiGLU(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x, t_emb, text, text_mask, grid, num_cond_latents, rope, attention):
+        """x: [B, N, C] in the weight dtype; t_emb: [B, T, C_t] fp32 (one modulation per latent frame)."""
+        B, N, C = x.shape
+        T = grid[0]
+        dtype = x.dtype
+        mod = linear_fp32(self.adaLN_modulation[1], F.silu(t_emb)).unsqueeze(2)  # [B, T, 1, 6C]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+
+        def modulated(h, shift, scale):
+            h = layer_norm_fp32(h.view(B, T, -1, C))
+            return (h * (1 + scale) + shift).to(dtype).view(B, N, C)
+
+        def gated_residual(h, residual, gate):
+            return (h.view(B, T, -1, C) + gate * residual.view(B, T, -1, C)).to(dtype).view(B, N, C)
+
+        a = self.attn(modulated(x, shift_msa, scale_msa), grid, num_cond_latents, rope, attention)
+        x = gated_residual(x, a, gate_msa)
+        n_cond_tokens = num_cond_latents * (N // T)
+        x = x + self.cross_attn(
+            layer_norm_fp32(x, self.pre_crs_attn_norm).to(dtype), text, text_mask, n_cond_tokens, attention
+        )
+        f = self.ffn(modulated(x, shift_mlp, scale_mlp))
+        return gated_residual(x, f, gate_mlp)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, num_patch: int, out_channels: int, adaln_tembed_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, T: int) -> torch.Tensor:
+        B, N, C = x.shape
+        shift, scale = linear_fp32(self.adaLN_modulation[1], F.silu(t_emb)).unsqueeze(2).chunk(2, dim=-1)
+        h = layer_norm_fp32(x.view(B, T, -1, C)) * (1 + scale) + shift
+        # the official code casts the modulated input back to the weight dtype before the fp32 linear
+        return linear_fp32(self.linear, h.to(x.dtype).view(B, N, C))
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs):
+    packet = getattr(op, "overloadpacket", op)
+    return CheckpointPolicy.MUST_SAVE if packet in SDPA_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """LongCat-Video DiT. Constructor keys are the release's `dit/config.json` keys; the runtime-only
+    keys (`enable_*`, `bsa_params`, `cp_split_hw`) are accepted and only steer attention."""
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["LongCatBlock"]
+    _skip_layerwise_casting_patterns = ["x_embedder", "t_embedder", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        hidden_size: int = 4096,
+        depth: int = 48,
+        num_heads: int = 32,
+        caption_channels: int = 4096,
+        mlp_ratio: int = 4,
+        adaln_tembed_dim: int = 512,
+        frequency_embedding_size: int = 256,
+        patch_size: Sequence[int] = (1, 2, 2),
+        enable_flashattn3: bool = False,
+        enable_flashattn2: bool = False,
+        enable_xformers: bool = False,
+        enable_bsa: bool = False,
+        bsa_params: Optional[dict] = None,
+        cp_split_hw: Optional[Sequence[int]] = None,
+        text_tokens_zero_pad: bool = False,
+    ):
+        super().__init__()
+        if tuple(patch_size)[0] != 1:
+            raise ValueError("LongCat-Video patchifies only spatially: patch_size[0] must be 1")
+        self.patch_size = tuple(patch_size)
+        self.out_channels = out_channels
+        self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(adaln_tembed_dim, frequency_embedding_size)
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size)
+        self.blocks = nn.ModuleList(
+            [LongCatBlock(hidden_size, num_heads, mlp_ratio, adaln_tembed_dim) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, math.prod(self.patch_size), out_channels, adaln_tembed_dim)
+        self.rope = Rope3D(hidden_size // num_heads)
+        self.attention = AttentionDispatcher("auto", use_bsa=enable_bsa, bsa=BsaSettings.from_params(bsa_params))
+        self.gradient_checkpointing = False
+        self.checkpoint_mode = "full"
+
+    # ----- runtime settings -------------------------------------------------------------------
+    def set_attention_implementation(self, implementation: str, use_bsa: bool | None = None) -> None:
+        use_bsa = self.config.enable_bsa if use_bsa is None else use_bsa
+        self.attention = AttentionDispatcher(
+            implementation, use_bsa=use_bsa, bsa=BsaSettings.from_params(self.config.bsa_params)
+        )
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """`none`, `full` (recompute each block) or `selective` (recompute each block but keep the
+        attention outputs and log-sum-exp, so attention never runs twice)."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"activation checkpointing mode {mode!r}: choose one of {CHECKPOINT_MODES}")
+        self.gradient_checkpointing = mode != "none"
+        self.checkpoint_mode = mode if mode != "none" else "full"
+
+    # ----- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers' loader (meta-device build, shard-by-shard streaming with dtype cast), after a
+        header-only check that names every missing, unexpected or mis-shaped key."""
+        root = Path(pretrained_model_name_or_path)
+        folder = root / kwargs.get("subfolder", "") if kwargs.get("subfolder") else root
+        if folder.is_dir():
+            config = json.loads((folder / "config.json").read_text())
+            with torch.device("meta"):
+                skeleton = cls.from_config(config)
+            verify_checkpoint_keys(folder, skeleton.state_dict())
+            del skeleton
+        kwargs.setdefault("local_files_only", True)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # ----- forward ----------------------------------------------------------------------------
+    def _run_block(self, block, *args):
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return block(*args)
+        if self.checkpoint_mode == "selective":
+            context = functools.partial(create_selective_checkpoint_contexts, _save_attention_policy)
+            return checkpoint(block, *args, use_reentrant=False, context_fn=context)
+        return checkpoint(block, *args, use_reentrant=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        num_cond_latents: int = 0,
+    ) -> torch.Tensor:
+        """hidden_states [B,16,T,H,W]; timestep [B] or [B,T] (σ·1000); encoder_hidden_states
+        [B,1,L,C]; encoder_attention_mask [B,L] or None → prediction of x0 − ε, [B,16,T,H,W] fp32."""
+        B, _, T, H, W = hidden_states.shape
+        grid = (T, H // self.patch_size[1], W // self.patch_size[2])
+        dtype = self.x_embedder.proj.weight.dtype
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(B, T)
+        # like the release: inputs (timesteps included) are rounded to the weight dtype first
+        x = self.x_embedder(hidden_states.to(dtype))
+        t_emb = self.t_embedder(timestep.to(dtype).float().flatten()).view(B, T, -1)
+
+        text = self.y_embedder(encoder_hidden_states.to(dtype)).squeeze(1)  # [B, L, C]
+        text_mask = None
+        if encoder_attention_mask is not None:
+            if self.config.text_tokens_zero_pad:
+                # padded tokens become exact zeros and stay attendable, as in the release
+                text = text * encoder_attention_mask[:, :, None].to(text.dtype)
+            else:
+                text_mask = encoder_attention_mask.bool()[:, None, None, :]
+
+        for block in self.blocks:
+            x = self._run_block(block, x, t_emb, text, text_mask, grid, num_cond_latents, self.rope, self.attention)
+
+        out = self.final_layer(x, t_emb, T)  # [B, N, p_h*p_w*C_out] fp32
+        _, ph, pw = self.patch_size
+        out = out.view(B, T, grid[1], grid[2], ph, pw, self.out_channels)
+        out = out.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, self.out_channels, T, grid[1] * ph, grid[2] * pw)
+        return out.float()

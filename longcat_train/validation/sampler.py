@@ -1,0 +1,103 @@
+"""The official LongCat-Video sampler: shifted flow-matching Euler steps with CFG-Zero*.
+
+Every render (periodic validation, `longcat validate`, the render benchmark) goes through
+`denoise`, so the numbers match the reference pipeline in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+DISTILL_GRID_STEPS = 50  # the cfg_step_lora was distilled on this 50-step grid
+
+
+def sampling_sigmas(num_inference_steps: int, distilled: bool = False) -> torch.Tensor:
+    """Unshifted sigmas: `linspace(1, 0.001, N)`, or for the distilled LoRA the 50-step grid
+    [1000, 980, …, 20]/1000 taken at floor(linspace(0, 50, N, endpoint=False))."""
+    if not distilled:
+        return torch.linspace(1.0, 0.001, num_inference_steps, dtype=torch.float32)
+    stride = NUM_TRAIN_TIMESTEPS // DISTILL_GRID_STEPS
+    grid = torch.arange(DISTILL_GRID_STEPS, 0, -1, dtype=torch.float32) * stride  # 1000 … 20
+    picks = np.floor(np.linspace(0, DISTILL_GRID_STEPS, num_inference_steps, endpoint=False)).astype(np.int64)
+    return grid[torch.from_numpy(picks)] / NUM_TRAIN_TIMESTEPS
+
+
+def make_scheduler(num_inference_steps: int, shift: float = 12.0, distilled: bool = False,
+                   device: torch.device | str = "cpu") -> FlowMatchEulerDiscreteScheduler:
+    """A fresh diffusers scheduler holding the shifted schedule (σ' = shift·σ / (1 + (shift−1)·σ))."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+    scheduler.set_timesteps(sigmas=sampling_sigmas(num_inference_steps, distilled).tolist(), device=device)
+    return scheduler
+
+
+def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """CFG-Zero*: scale the unconditional prediction by its optimal projection onto the conditional
+    one, per sample over the whole flattened prediction, then apply guidance."""
+    b = cond.shape[0]
+    c, u = cond.reshape(b, -1), uncond.reshape(b, -1)
+    scale = (c * u).sum(dim=1) / ((u * u).sum(dim=1) + 1e-8)
+    scale = scale.view(b, *([1] * (cond.ndim - 1)))  # broadcasts for any batch size and rank
+    return uncond * scale + guidance_scale * (cond - uncond * scale)
+
+
+@torch.no_grad()
+def denoise(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_mask: Optional[torch.Tensor],
+    negative_embeds: Optional[torch.Tensor],
+    negative_mask: Optional[torch.Tensor],
+    num_inference_steps: int,
+    guidance_scale: float,
+    num_cond_latents: int = 0,
+    shift: float = 12.0,
+    distilled: bool = False,
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> torch.Tensor:
+    """Run the sampler from `latents` ([B,16,T,H,W], normalised; frames `:num_cond_latents` hold the
+    clean condition latents) and return the denoised latents in float32. The condition frames are
+    given timestep 0 and are never changed. CFG runs only when guidance_scale > 1; the caller passes
+    the empty prompt's embedding as the negative when the user gave none."""
+    do_cfg = guidance_scale > 1.0
+    if do_cfg and negative_embeds is None:
+        raise ValueError("guidance_scale > 1 needs negative_embeds (encode the empty prompt \"\" when no "
+                         "negative prompt is given)")
+    dtype = next(transformer.parameters()).dtype
+    latents = latents.float().clone()
+    batch = latents.shape[0]
+    scheduler = make_scheduler(num_inference_steps, shift, distilled, device=latents.device)
+    c = num_cond_latents
+
+    if do_cfg:
+        embeds = torch.cat([negative_embeds.expand_as(prompt_embeds), prompt_embeds])
+        if prompt_mask is None and negative_mask is None:
+            mask = None
+        else:
+            ones = torch.ones(prompt_embeds.shape[:1] + prompt_embeds.shape[2:3], dtype=torch.long,
+                              device=prompt_embeds.device)
+            pos = ones if prompt_mask is None else prompt_mask
+            neg = ones if negative_mask is None else negative_mask.expand_as(pos)
+            mask = torch.cat([neg, pos])
+    else:
+        embeds, mask = prompt_embeds, prompt_mask
+
+    for i, t in enumerate(scheduler.timesteps):
+        model_in = torch.cat([latents, latents]) if do_cfg else latents
+        timestep = t.expand(model_in.shape[0]).to(dtype)[:, None].repeat(1, model_in.shape[2])
+        timestep[:, :c] = 0
+        pred = transformer(model_in.to(dtype), timestep, embeds, mask, num_cond_latents=c).float()
+        if do_cfg:
+            uncond, cond = pred.chunk(2)
+            pred = cfg_zero_star(cond, uncond, guidance_scale)
+        # the scheduler integrates dx/dσ = ε − x0, the negative of the model's x0 − ε
+        latents[:, :, c:] = scheduler.step(-pred[:, :, c:], t, latents[:, :, c:], return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, len(scheduler.timesteps))
+    assert latents.shape[0] == batch
+    return latents
