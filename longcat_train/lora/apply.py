@@ -1,0 +1,40 @@
+"""Any number of LoRAs on a frozen transformer for renders, as forward hooks: base weights are never
+modified (no merge rounding in bf16, no un-merge), strengths are per LoRA, and removing the handle
+restores the model exactly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .formats import LoraWeights, module_names_valid
+
+
+class LoraHandle:
+    def __init__(self, hooks):
+        self._hooks = hooks
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def apply_loras(model: torch.nn.Module, loras: list[tuple[LoraWeights, float]]) -> LoraHandle:
+    hooks = []
+    modules = dict(model.named_modules())
+    for weights, strength in loras:
+        unknown = module_names_valid(weights, model)
+        if unknown:
+            raise ValueError(f"LoRA modules not in this transformer: {unknown[:5]} (is it a LongCat-Video LoRA?)")
+        for name, m in weights.modules.items():
+            target = modules[name]
+            param = next(target.parameters())
+            down = m.down.to(param.device, param.dtype)
+            up = (m.up * (m.scale * strength)).to(param.device, param.dtype)
+
+            def hook(_module, args, output, down=down, up=up):
+                return output + F.linear(F.linear(args[0], down), up)
+
+            hooks.append(target.register_forward_hook(hook))
+    return LoraHandle(hooks)
