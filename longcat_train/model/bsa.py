@@ -1,0 +1,372 @@
+"""Block-sparse attention (BSA) as used by LongCat-Video's 720p refinement stage, with a backward pass.
+
+Semantics, checked against the official ``longcat_video/block_sparse_attention`` code
+(``flash_attn_bsa_3d`` → ``_attention_bsa``):
+
+* Tokens arrive in raster ``(t, h, w)`` order and are regrouped into 3D chunks of
+  ``chunk_3d_shape`` tokens (LongCat's config: ``(4, 4, 4)`` = 64 tokens), chunks in row-major
+  ``(t, h, w)`` order and tokens row-major inside a chunk; the output is put back in raster order.
+* Gating: q and k are mean-pooled per chunk; the score of a query chunk against a key chunk is the
+  plain dot product of the pooled vectors (no softmax scale: it would not change the ranking).
+  Each (batch, head, query chunk) keeps the top ``int((1 - sparsity) * num_kv_chunks)`` key chunks.
+  There is no forced "diagonal"/own chunk and no softmax or CDF threshold in the top-k mode the
+  model uses. Selection is not differentiated.
+* Attention runs over the kept chunks only, softmax scale ``1/sqrt(head_dim)``.
+* Query and key grids may differ (the model's condition-frame split: queries are the noisy frames,
+  keys all frames); the chunk shapes may differ too.
+
+Where we deliberately differ from the official code:
+
+* The official code asserts that the token grid is divisible by the chunk shape (its 720p buckets
+  are e.g. 704x1280). We pad t/h/w up to multiples instead: pooled means use real tokens only,
+  padded keys never receive attention weight, padded queries are dropped from the output. On a
+  divisible grid this is exactly the official behaviour.
+* The top-k count is at least 1 (the official code would select nothing and return zeros when
+  ``int((1 - sparsity) * n) == 0``).
+* Pooling and gating scores are computed in float32 (the official code uses the input dtype, bf16);
+  only near-ties can rank differently. Kept indices are sorted ascending for memory locality (the
+  order of the kept chunks changes only floating-point rounding).
+* The dK/dV pass walks a transposed (CSR) index — per key chunk, the query chunks that kept it —
+  like the official kernel, so gradients are deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from triton import knobs
+
+from longcat_train.model import bsa_kernels
+
+Shape3D = tuple[int, int, int]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class _ChunkGrid:
+    """How a raster token grid maps onto (padded) 3D chunks."""
+
+    latent: Shape3D
+    chunk: Shape3D
+
+    @property
+    def counts(self) -> Shape3D:
+        t, h, w = (math.ceil(size / c) for size, c in zip(self.latent, self.chunk))
+        return t, h, w
+
+    @property
+    def padded(self) -> Shape3D:
+        t, h, w = (n * c for n, c in zip(self.counts, self.chunk))
+        return t, h, w
+
+    @property
+    def n_tokens(self) -> int:
+        return math.prod(self.latent)
+
+    @property
+    def n_chunks(self) -> int:
+        return math.prod(self.counts)
+
+    @property
+    def chunk_tokens(self) -> int:
+        return math.prod(self.chunk)
+
+    @property
+    def has_padding(self) -> bool:
+        return self.padded != self.latent
+
+
+def _make_grid(latent: tuple[int, ...], chunk: tuple[int, ...], name: str) -> _ChunkGrid:
+    latent_t = tuple(int(x) for x in latent)
+    chunk_t = tuple(int(x) for x in chunk)
+    if len(latent_t) != 3 or min(latent_t) < 1:
+        raise ValueError(f"latent_shape_{name} must be three positive ints (t, h, w); got {latent}")
+    if len(chunk_t) != 3 or min(chunk_t) < 1:
+        raise ValueError(f"chunk_3d_shape_{name} must be three positive ints (t, h, w); got {chunk}")
+    tokens = math.prod(chunk_t)
+    # tl.dot needs power-of-two tiles of at least 16 rows.
+    if tokens < 16 or tokens & (tokens - 1):
+        raise ValueError(
+            f"chunk_3d_shape_{name}={chunk_t} holds {tokens} tokens; the kernel needs a power of two "
+            ">= 16 (LongCat uses (4, 4, 4) = 64)"
+        )
+    return _ChunkGrid(latent_t, chunk_t)  # type: ignore[arg-type]
+
+
+def _to_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
+    """[B, H, N, D] raster → [B, H, n_chunks * chunk_tokens, D] chunk order, zero padding."""
+    b, h, _, d = x.shape
+    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
+    x = x.reshape(b, h, t, hh, w, d)
+    if grid.has_padding:
+        x = F.pad(x, (0, 0, 0, pw - w, 0, ph - hh, 0, pt - t))
+    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
+    x = x.reshape(b, h, nt, ct, nh, ch, nw, cw, d).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
+    return x.reshape(b, h, grid.n_chunks * grid.chunk_tokens, d)
+
+
+def _from_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
+    """Inverse of ``_to_chunks``: drops padded tokens and restores raster order."""
+    b, h, _, d = x.shape
+    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
+    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
+    x = x.reshape(b, h, nt, nh, nw, ct, ch, cw, d).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
+    x = x.reshape(b, h, pt, ph, pw, d)[:, :, :t, :hh, :w]
+    return x.reshape(b, h, grid.n_tokens, d)
+
+
+def _real_tokens(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
+    """bool [n_chunks * chunk_tokens]: True for real tokens, False for padding (chunk order)."""
+    ones = torch.ones(1, 1, grid.n_tokens, 1, dtype=torch.bool, device=device)
+    return _to_chunks(ones, grid).reshape(-1)
+
+
+def _raster_chunk_ids(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
+    """long [N]: the chunk each raster token belongs to."""
+    t, h, w = (torch.arange(n, device=device) for n in grid.latent)
+    (ct, ch, cw), (_, nh, nw) = grid.chunk, grid.counts
+    ids = ((t // ct)[:, None, None] * nh + (h // ch)[None, :, None]) * nw + (w // cw)[None, None, :]
+    return ids.reshape(-1)
+
+
+def _pool_chunks(x_chunks: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
+    """Mean over the real tokens of each chunk, float32: [B, H, n_chunks, D]."""
+    b, h, _, d = x_chunks.shape
+    sums = x_chunks.reshape(b, h, grid.n_chunks, grid.chunk_tokens, d).sum(3, dtype=torch.float32)
+    # Padding rows are zero, so dividing by the real-token count gives the mean over real tokens.
+    counts = _real_tokens(grid, x_chunks.device).reshape(grid.n_chunks, grid.chunk_tokens).sum(1)
+    return sums / counts[:, None].to(torch.float32)
+
+
+def kept_kv_block_count(n_kv_blocks: int, sparsity: float) -> int:
+    """Key blocks kept per query block: ``int((1 - sparsity) * n)``, at least 1."""
+    return max(1, int((1.0 - sparsity) * n_kv_blocks))
+
+
+def _select(q_chunks: torch.Tensor, k_chunks: torch.Tensor, grid_q: _ChunkGrid,
+            grid_k: _ChunkGrid, sparsity: float) -> torch.Tensor:
+    scores = _pool_chunks(q_chunks, grid_q) @ _pool_chunks(k_chunks, grid_k).transpose(-1, -2)
+    keep = kept_kv_block_count(grid_k.n_chunks, sparsity)
+    kept = torch.topk(scores, keep, dim=-1, sorted=False).indices
+    return kept.sort(dim=-1).values.to(torch.int32).contiguous()
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_q: _ChunkGrid,
+                  grid_k: _ChunkGrid, sparsity: float) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, heads, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree: k and v "
+                         "must match, and batch, heads and head_dim must match q")
+    if q.shape[2] != grid_q.n_tokens:
+        raise ValueError(f"q has {q.shape[2]} tokens but latent_shape_q={grid_q.latent} holds "
+                         f"{grid_q.n_tokens}")
+    if k.shape[2] != grid_k.n_tokens:
+        raise ValueError(f"k has {k.shape[2]} tokens but latent_shape_k={grid_k.latent} holds "
+                         f"{grid_k.n_tokens}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
+
+
+def select_kv_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    latent_shape_q: Shape3D,
+    latent_shape_k: Shape3D,
+    sparsity: float = 0.9375,
+    chunk_3d_shape_q: Shape3D = (4, 4, 4),
+    chunk_3d_shape_k: Shape3D = (4, 4, 4),
+) -> torch.Tensor:
+    """Kept key blocks per query block: int32 ``[B, heads, n_q_blocks, k_keep]``, ascending.
+
+    Blocks are numbered row-major over the (padded) chunk grid. q and k are raster-ordered
+    ``[B, heads, N, D]``.
+    """
+    grid_q = _make_grid(latent_shape_q, chunk_3d_shape_q, "q")
+    grid_k = _make_grid(latent_shape_k, chunk_3d_shape_k, "k")
+    _check_inputs(q, k, k, grid_q, grid_k, sparsity)
+    with torch.no_grad():
+        return _select(_to_chunks(q, grid_q), _to_chunks(k, grid_k), grid_q, grid_k, sparsity)
+
+
+def _queries_by_kv_block(kv_index: torch.Tensor, n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transpose the selection into CSR form for the dK/dV pass.
+
+    Returns ``q_list`` int32 [B*H, n_q_blocks * k_keep] (query blocks grouped by the key block they
+    kept, ascending inside a group) and ``q_list_start`` int32 [B*H, n_kv_blocks + 1].
+    """
+    b, h, n_q_blocks, keep = kv_index.shape
+    flat = kv_index.reshape(b * h, n_q_blocks * keep)
+    # A stable sort keeps the original (query-block-major) order inside each key block's group.
+    order = torch.sort(flat, dim=-1, stable=True).indices
+    q_list = (order // keep).to(torch.int32).contiguous()
+    head_offset = torch.arange(b * h, device=flat.device)[:, None] * n_kv_blocks
+    counts = torch.bincount((flat + head_offset).reshape(-1), minlength=b * h * n_kv_blocks)
+    q_list_start = torch.zeros(b * h, n_kv_blocks + 1, dtype=torch.int32, device=flat.device)
+    q_list_start[:, 1:] = counts.reshape(b * h, n_kv_blocks).cumsum(-1)
+    return q_list, q_list_start
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs (tests, reference-grade runs) get exact products; 16-bit inputs ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    # Triton launches on the current CUDA device; make it the tensors' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Attention over chunk-ordered tensors with a fixed block selection (not differentiated)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_index: torch.Tensor,
+        key_valid: torch.Tensor,
+        has_key_pad: bool,
+        block_m: int,
+        block_n: int,
+    ) -> torch.Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b, h, n_q, d = q.shape
+        n_k = k.shape[2]
+        sm_scale = 1.0 / math.sqrt(d)
+        o = torch.empty_like(q)
+        lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
+        with _on_device_of(q):
+            bsa_kernels.bsa_forward_kernel[(n_q // block_m, b * h)](
+                q, k, v, o, lse, kv_index, key_valid,
+                n_q, n_k, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E,
+                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                HAS_KEY_PAD=has_key_pad, DOT_PRECISION=_dot_precision(q.dtype),
+            )
+        ctx.save_for_backward(q, k, v, o, lse, kv_index, key_valid)
+        ctx.has_key_pad, ctx.block_m, ctx.block_n = has_key_pad, block_m, block_n
+        return o
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, o, lse, kv_index, key_valid = ctx.saved_tensors  # type: ignore[attr-defined]
+        has_key_pad, block_m, block_n = ctx.has_key_pad, ctx.block_m, ctx.block_n  # type: ignore[attr-defined]
+        do = grad_out.contiguous()
+        b, h, n_q, d = q.shape
+        n_k = k.shape[2]
+        n_kv_blocks = n_k // block_n
+        sm_scale = 1.0 / math.sqrt(d)
+        common = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KEY_PAD=has_key_pad,
+                      DOT_PRECISION=_dot_precision(q.dtype))
+        delta = torch.empty_like(lse)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        q_list, q_list_start = _queries_by_kv_block(kv_index, n_kv_blocks)
+        with _on_device_of(q):
+            rows, rows_per_program = b * h * n_q, 64
+            bsa_kernels.bsa_backward_delta_kernel[(math.ceil(rows / rows_per_program),)](
+                o, do, delta, rows, HEAD_DIM=d, BLOCK=rows_per_program,
+            )
+            bsa_kernels.bsa_backward_dq_kernel[(n_q // block_m, b * h)](
+                q, k, v, do, lse, delta, dq, kv_index, key_valid,
+                n_q, n_k, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale, **common,
+            )
+            bsa_kernels.bsa_backward_dkdv_kernel[(n_kv_blocks, b * h)](
+                q, k, v, do, lse, delta, dk, dv, q_list, q_list_start, key_valid,
+                n_q, n_k, q_list.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale, **common,
+            )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def bsa_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None when they can)."""
+    if device.type == "cuda" or knobs.runtime.interpret:
+        return None
+    return (f"block-sparse attention needs a CUDA device (got {device.type}); "
+            "use dense attention, or set TRITON_INTERPRET=1 before importing triton for slow CPU runs")
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    latent_shape_q: Shape3D,
+    latent_shape_k: Shape3D,
+    sparsity: float = 0.9375,
+    chunk_3d_shape_q: Shape3D = (4, 4, 4),
+    chunk_3d_shape_k: Shape3D = (4, 4, 4),
+) -> torch.Tensor:
+    """LongCat block-sparse attention. q: [B, heads, Nq, D], k/v: [B, heads, Nk, D], raster order.
+
+    Returns [B, heads, Nq, D] in q's dtype. Differentiable in q, k and v (Triton backward).
+    """
+    grid_q = _make_grid(latent_shape_q, chunk_3d_shape_q, "q")
+    grid_k = _make_grid(latent_shape_k, chunk_3d_shape_k, "k")
+    _check_inputs(q, k, v, grid_q, grid_k, sparsity)
+    head_dim = q.shape[-1]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the kernel; got {head_dim}")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of {_SUPPORTED_DTYPES}; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    reason = bsa_unavailable_reason(q.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+
+    q_chunks, k_chunks, v_chunks = _to_chunks(q, grid_q), _to_chunks(k, grid_k), _to_chunks(v, grid_k)
+    with torch.no_grad():
+        kv_index = _select(q_chunks.detach(), k_chunks.detach(), grid_q, grid_k, sparsity)
+    if grid_k.has_padding:
+        key_valid = _real_tokens(grid_k, q.device).to(torch.int8)
+    else:  # never read by the kernels; Triton just needs a pointer
+        key_valid = torch.ones(1, dtype=torch.int8, device=q.device)
+    out = _BlockSparseAttention.apply(q_chunks, k_chunks, v_chunks, kv_index, key_valid,
+                                      grid_k.has_padding, grid_q.chunk_tokens, grid_k.chunk_tokens)
+    return _from_chunks(out, grid_q)
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    latent_shape_q: Shape3D,
+    latent_shape_k: Shape3D,
+    sparsity: float = 0.9375,
+    chunk_3d_shape_q: Shape3D = (4, 4, 4),
+    chunk_3d_shape_k: Shape3D = (4, 4, 4),
+    *,
+    kv_index: torch.Tensor | None = None,
+    query_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense float32 attention in raster order, masked to the selected blocks (for tests/benchmarks).
+
+    ``kv_index`` defaults to ``select_kv_blocks`` of the same inputs. ``query_index`` (long, raster
+    positions) evaluates only those query rows, e.g. a slice of a large layer. Returns float32
+    ``[B, heads, len(query_index) or Nq, D]``. Memory is O(Nq·Nk): small shapes or slices only.
+    """
+    grid_q = _make_grid(latent_shape_q, chunk_3d_shape_q, "q")
+    grid_k = _make_grid(latent_shape_k, chunk_3d_shape_k, "k")
+    _check_inputs(q, k, v, grid_q, grid_k, sparsity)
+    if kv_index is None:
+        kv_index = select_kv_blocks(q, k, latent_shape_q, latent_shape_k, sparsity,
+                                    chunk_3d_shape_q, chunk_3d_shape_k)
+    b, h = q.shape[:2]
+    kept = torch.zeros(b, h, grid_q.n_chunks, grid_k.n_chunks, dtype=torch.bool, device=q.device)
+    kept.scatter_(-1, kv_index.long(), True)
+    q_chunk = _raster_chunk_ids(grid_q, q.device)
+    if query_index is not None:
+        q, q_chunk = q[:, :, query_index], q_chunk[query_index]
+    allowed = kept[:, :, q_chunk][..., _raster_chunk_ids(grid_k, q.device)]
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return weights @ v.float()
