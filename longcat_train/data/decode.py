@@ -258,7 +258,7 @@ def select_windows(
         starts = [seeded_rng(seed, key).randint(0, last_start)]
     elif mode == "uniform":
         count = max(1, length // num_frames)
-        starts = [0] if count == 1 else [round(i * last_start / (count - 1)) for i in range(count)]
+        starts = [0] if count == 1 else [i * last_start // (count - 1) for i in range(count)]
     else:
         raise ValueError(f"unknown frame_window {mode!r}: use start, middle, random or uniform")
     return [tuple(timeline[s : s + num_frames]) for s in starts]

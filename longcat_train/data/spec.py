@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from longcat_train.data.decode import is_valid_frame_count, nearest_valid_frame_counts
+
 DatasetType = Literal["video", "image", "conditioning"]
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]
 ResolutionType = Literal["pixel", "area", "pixel_area"]
@@ -68,8 +70,11 @@ class DataSpec:
         problems: list[str] = []
         if self.alignment not in (16, 32, 64):
             problems.append(f"alignment {self.alignment} must be 16, 32 or 64")
-        if (self.num_frames - 1) % 4 != 0 or self.num_frames < 1:
-            problems.append(f"num_frames {self.num_frames} must satisfy (n - 1) % 4 == 0")
+        if not is_valid_frame_count(self.num_frames):
+            below, above = nearest_valid_frame_counts(max(self.num_frames, 1))
+            problems.append(
+                f"num_frames {self.num_frames} must satisfy (n - 1) % 4 == 0 (nearest valid: {below} or {above})"
+            )
         if self.frame_interval < 4 or self.frame_interval % 4 != 0:
             problems.append(f"frame_interval {self.frame_interval} must be a positive multiple of 4")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
