@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -124,8 +125,6 @@ def test_rotated_clips_come_out_upright(tmp_path: Path, rotation: int, via: str,
 def test_stored_dims_swap_for_quarter_turns(tmp_path: Path) -> None:
     upright = marker_frames(2, height=48, width=80)
     clip = write_rotated_clip(tmp_path / "r.mp4", upright, 90)
-    import av
-
     with av.open(str(clip)) as container:
         stream = container.streams.video[0]
         assert (stream.codec_context.height, stream.codec_context.width) == (80, 48)

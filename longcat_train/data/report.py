@@ -70,6 +70,8 @@ class DataCheckReport:
             pairing = "-"
             if d.is_i2v:
                 pairing = f"{d.paired} paired, {d.fallbacks} own first frame"
+                if d.strict_pairing:
+                    pairing = f"{d.paired} paired (strict: unmatched skipped)"
             summary.add_row(
                 d.dataset_id, d.dataset_type + (" (disabled)" if d.disabled else ""), str(d.files_found),
                 str(d.usable_files), str(d.items), str(len(d.skipped)), pairing, _human_bytes(d.cache_bytes),

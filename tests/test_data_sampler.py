@@ -1,0 +1,102 @@
+"""BucketBatchSampler: bucket purity, determinism, exact resume, rank sharding, probabilities."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from longcat_train.data.buckets import Bucket, Placement
+from longcat_train.data.items import ClipItem, FileStamp
+from longcat_train.data.sampler import BucketBatchSampler
+
+_BUCKETS = [Bucket(32, 48, 9), Bucket(48, 32, 9), Bucket(32, 32, 5)]
+
+
+def _items(count: int = 60, dataset: str = "d") -> list[ClipItem]:
+    items = []
+    for n in range(count):
+        bucket = _BUCKETS[n % 3 if n < 45 else 0]  # uneven bucket sizes
+        items.append(
+            ClipItem(
+                dataset_id=dataset, source=FileStamp(Path(f"/data/{dataset}{n}.mp4"), 1, 1), caption="",
+                bucket=bucket, frame_indices=tuple(range(bucket.num_frames)), fps=15.0, window_index=0,
+                source_size=(bucket.height, bucket.width),
+                placement=Placement((bucket.height, bucket.width), (0, 0, bucket.height, bucket.width)),
+            )
+        )
+    return items
+
+
+def test_batches_never_mix_buckets_and_cover_each_item_once() -> None:
+    items = _items()
+    batches = list(BucketBatchSampler(items, batch_size=4, seed=1))
+    assert all(len({items[i].bucket for i in batch}) == 1 for batch in batches)
+    assert all(len(batch) == 4 for batch in batches)
+    flat = [i for batch in batches for i in batch]
+    assert len(flat) == len(set(flat))
+    # buckets of 30, 15 and 15 items: drop_last loses 2 + 3 + 3
+    assert len(flat) == 60 - 8
+
+
+def test_keep_partial_batches_without_drop_last() -> None:
+    batches = list(BucketBatchSampler(_items(), batch_size=4, seed=1, drop_last=False))
+    assert sorted(i for b in batches for i in b) == list(range(60))
+
+
+def test_same_seed_same_order_new_epoch_new_order() -> None:
+    a = BucketBatchSampler(_items(), batch_size=4, seed=5)
+    b = BucketBatchSampler(_items(), batch_size=4, seed=5)
+    first_a, first_b = list(a), list(b)
+    assert first_a == first_b
+    assert list(a) != first_a  # epoch 1 reshuffles
+    assert list(BucketBatchSampler(_items(), batch_size=4, seed=6)) != first_a
+
+
+def test_resume_mid_epoch_continues_with_the_next_batch() -> None:
+    uninterrupted = BucketBatchSampler(_items(), batch_size=4, seed=9)
+    reference = list(uninterrupted) + list(uninterrupted)  # two epochs
+
+    run = BucketBatchSampler(_items(), batch_size=4, seed=9)
+    consumed = list(itertools.islice(iter(run), 5))
+    state = run.state_dict()
+    assert state["epoch"] == 0 and state["position"] == 5
+
+    resumed = BucketBatchSampler(_items(), batch_size=4, seed=9)
+    resumed.load_state_dict(state)
+    rest = list(resumed) + list(resumed)
+    assert consumed + rest == reference  # nothing repeated, nothing skipped
+    assert resumed.state_dict()["epoch"] == 2
+
+
+def test_resume_rejects_a_different_batch_size() -> None:
+    state = BucketBatchSampler(_items(), batch_size=4, seed=9).state_dict()
+    with pytest.raises(ValueError, match="batch_size"):
+        BucketBatchSampler(_items(), batch_size=2, seed=9).load_state_dict(state)
+
+
+def test_ranks_get_disjoint_equal_shares() -> None:
+    items = _items()
+    shards = [list(BucketBatchSampler(items, batch_size=2, seed=3, num_replicas=3, rank=r)) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) > 0
+    seen = [i for shard in shards for batch in shard for i in batch]
+    assert len(seen) == len(set(seen))
+    single = list(BucketBatchSampler(items, batch_size=2, seed=3))
+    assert sorted(map(tuple, (b for s in shards for b in s))) == sorted(map(tuple, single[: len(seen) // 2]))
+
+
+def test_dataset_probability_thins_a_dataset() -> None:
+    items = _items(60, "common") + _items(60, "rare")
+    sampler = BucketBatchSampler(items, batch_size=1, seed=0, probabilities={"rare": 0.25})
+    counts = {"common": 0, "rare": 0}
+    for _ in range(4):
+        for batch in sampler:
+            counts[items[batch[0]].dataset_id] += 1
+    assert counts["common"] == 240
+    assert 30 < counts["rare"] < 90  # about 60 of 240
+
+
+def test_len_matches_iteration() -> None:
+    sampler = BucketBatchSampler(_items(), batch_size=4, seed=2, num_replicas=2, rank=1)
+    assert len(sampler) == len(list(sampler))
