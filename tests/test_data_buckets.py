@@ -66,21 +66,23 @@ def _spec(**kwargs) -> DataSpec:
     return DataSpec(id="d", instance_data_dir=Path("."), **kwargs)
 
 
-def test_aspect_strategy_uses_num_frames() -> None:
+def test_aspect_ratio_strategy_uses_num_frames() -> None:
     spec = _spec(num_frames=13)
     assert frames_for(13, spec) == 13
     assert frames_for(40, spec) == 13
     assert frames_for(12, spec) is None
+    assert frames_for(40, _spec(num_frames=13, max_frames=30)) is None  # too long: skipped
 
 
 def test_resolution_frames_picks_longest_valid_count() -> None:
-    spec = _spec(bucket_strategy="resolution_frames", frame_interval=8, min_frames=9, max_frames=40)
+    spec = _spec(bucket_strategy="resolution_frames", frame_interval=8, num_frames=33, min_frames=9, max_frames=80)
     assert frames_for(30, spec) == 25  # 1 + 8k <= 30
     assert frames_for(25, spec) == 25
-    assert frames_for(100, spec) == 33  # capped by max_frames 40 -> 33
+    assert frames_for(60, spec) == 33  # capped by num_frames
     assert frames_for(8, spec) is None  # below min_frames
-    default_min = _spec(bucket_strategy="resolution_frames")
-    assert frames_for(5, default_min) == 5 and frames_for(4, default_min) is None
+    assert frames_for(81, spec) is None  # above max_frames
+    default_min = _spec(bucket_strategy="resolution_frames")  # min 1 + frame_interval = 5
+    assert frames_for(7, default_min) == 5 and frames_for(4, default_min) is None
 
 
 def test_image_datasets_are_single_frames() -> None:

@@ -97,6 +97,18 @@ def test_dataset_probability_thins_a_dataset() -> None:
     assert 30 < counts["rare"] < 90  # about 60 of 240
 
 
+def test_probabilities_are_relative_weights() -> None:
+    items = _items(60, "heavy") + _items(60, "light")
+    sampler = BucketBatchSampler(items, batch_size=1, seed=0, probabilities={"heavy": 4.0, "light": 1.0})
+    counts = {"heavy": 0, "light": 0}
+    for _ in range(4):
+        for batch in sampler:
+            counts[items[batch[0]].dataset_id] += 1
+    assert counts["heavy"] == 240 and 30 < counts["light"] < 90
+    with pytest.raises(ValueError, match="probability 0"):
+        BucketBatchSampler(items, batch_size=1, seed=0, probabilities={"heavy": 0, "light": 0})
+
+
 def test_len_matches_iteration() -> None:
     sampler = BucketBatchSampler(_items(), batch_size=4, seed=2, num_replicas=2, rank=1)
     assert len(sampler) == len(list(sampler))

@@ -238,7 +238,7 @@ def test_spec_from_config_object(tmp_path: Path) -> None:
         cache_dir_vae="cache", conditioning_data=["s"], repeats=2, probability=0.5, crop=True,
         crop_style="center", crop_aspect="preserve", disabled=False, i2v_probability=0.8,
         caption_dropout_probability=0.1, strict_pairing=True, fps="source", frame_window="middle",
-        video=SimpleNamespace(num_frames=33, min_frames=None, max_frames=None, bucket_strategy="aspect", frame_interval=8),
+        video=SimpleNamespace(num_frames=33, min_frames=None, max_frames=None, bucket_strategy="aspect_ratio", frame_interval=8),
     )
     spec = DataSpec.from_dataset_config(cfg, alignment=32)
     assert spec.alignment == 32 and spec.num_frames == 33 and spec.frame_interval == 8

@@ -107,20 +107,21 @@ def place(source: tuple[int, int], bucket: Bucket, crop: bool, crop_style: CropS
 
 
 def frames_for(available: int, spec: DataSpec) -> int | None:
-    """Frames a clip with `available` resampled frames trains at, or None when too short.
+    """Frames a clip with `available` resampled frames trains at, or None when it is skipped.
 
-    `aspect`: always `num_frames`. `resolution_frames`: the longest count 1 + k·frame_interval
-    that fits, capped by `max_frames` and at least `min_frames` (default 1 + frame_interval).
+    Clips with fewer than `spec.effective_min_frames` or more than `max_frames` are skipped.
+    `aspect_ratio`: always `num_frames`. `resolution_frames`: the longest count
+    1 + k·frame_interval (valid, since the interval is a multiple of 4) that fits in both the
+    clip and `num_frames`, so mixed lengths share a few `WxH@F` buckets.
     Image datasets are single frames.
     """
     if not spec.is_video:
         return 1
-    if spec.bucket_strategy == "aspect":
-        return spec.num_frames if available >= spec.num_frames else None
-    interval = spec.frame_interval
-    longest = available if spec.max_frames is None else min(available, spec.max_frames)
-    if longest < 1:
+    if available < max(spec.effective_min_frames, 1):
         return None
-    frames = 1 + interval * ((longest - 1) // interval)  # valid: interval is a multiple of 4
-    minimum = spec.min_frames if spec.min_frames is not None else 1 + interval
-    return frames if frames >= minimum else None
+    if spec.max_frames is not None and available > spec.max_frames:
+        return None
+    if spec.bucket_strategy == "aspect_ratio":
+        return spec.num_frames if available >= spec.num_frames else None
+    longest = min(available, spec.num_frames)
+    return 1 + spec.frame_interval * ((longest - 1) // spec.frame_interval)

@@ -15,8 +15,10 @@ from longcat_train.data.items import ClipItem
 class BucketBatchSampler(Sampler[list[int]]):
     """Yields lists of indices into `items`; every list is one bucket.
 
-    Each epoch is planned from (`seed`, epoch) alone: items of a dataset with
-    `probability` p < 1 are kept with chance p, each bucket is shuffled and cut into batches
+    Each epoch is planned from (`seed`, epoch) alone: `probabilities` are relative dataset
+    weights (the config's `probability`); items of a dataset are kept with chance
+    weight / largest weight, so weights steer the mix by thinning, never by repeating
+    (use `repeats` for that). Then each bucket is shuffled and cut into batches
     (a short remainder is dropped with `drop_last`), and the batches are shuffled. The plan is
     cut to a multiple of `num_replicas` and rank r takes batches r, r + n, ... so ranks never
     overlap and all see the same number of batches.
@@ -48,7 +50,14 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.drop_last = drop_last
-        self.probabilities = dict(probabilities or {})
+        weights = {dataset: float(w) for dataset, w in (probabilities or {}).items()}
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"dataset probabilities must not be negative: {weights}")
+        present = {d: weights.get(d, 1.0) for d in set(self.datasets)}
+        heaviest = max(present.values(), default=1.0)
+        if heaviest <= 0:
+            raise ValueError(f"every dataset has probability 0, nothing to train on: {weights}")
+        self.keep_chance = {d: w / heaviest for d, w in present.items()}
         self.epoch = 0
         self.position = 0  # batches this rank has yielded in `epoch`
 
@@ -56,7 +65,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         rng = seeded_rng(self.seed, f"bucket-sampler-epoch-{epoch}")
         by_bucket: dict[Bucket, list[int]] = defaultdict(list)
         for index, (bucket, dataset) in enumerate(zip(self.buckets, self.datasets)):
-            keep = self.probabilities.get(dataset, 1.0)
+            keep = self.keep_chance[dataset]
             if keep >= 1.0 or rng.random() < keep:
                 by_bucket[bucket].append(index)
         batches: list[list[int]] = []

@@ -45,16 +45,15 @@ def _check_shape(info: ClipInfo, target: tuple[int, int], spec: DataSpec) -> Non
         )
 
 
-def _too_short_reason(info: ClipInfo, available: int, spec: DataSpec) -> str:
+def _frame_count_reason(info: ClipInfo, available: int, spec: DataSpec) -> str:
     rate = "source fps" if spec.fps == "source" else f"{spec.fps:g} fps"
-    if spec.bucket_strategy == "aspect":
-        need = f"num_frames {spec.num_frames}"
-    else:
-        need = f"min_frames {spec.min_frames if spec.min_frames is not None else 1 + spec.frame_interval}"
-    return (
-        f"too short: {info.frame_count} decoded frames give {available} frames at {rate}, "
-        f"the window needs {need}"
-    )
+    frames = f"{info.frame_count} decoded frames give {available} frames at {rate}"
+    if spec.max_frames is not None and available > spec.max_frames:
+        return f"too long: {frames}, over max_frames {spec.max_frames}"
+    needs = [f"min_frames {spec.effective_min_frames}"]
+    if spec.bucket_strategy == "aspect_ratio":
+        needs.insert(0, f"num_frames {spec.num_frames}")
+    return f"too short: {frames}, the dataset needs at least {' and '.join(needs)}"
 
 
 def _items_for_file(
@@ -76,7 +75,7 @@ def _items_for_file(
     timeline = resample_timestamps(info, spec.fps)
     num_frames = frames_for(len(timeline), spec)
     if num_frames is None:
-        raise _Skip(_too_short_reason(info, len(timeline), spec))
+        raise _Skip(_frame_count_reason(info, len(timeline), spec))
     windows = select_windows(timeline, num_frames, spec.frame_window, seed, key=str(path))
     start = None
     is_i2v = spec.is_i2v and spec.is_video

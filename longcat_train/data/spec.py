@@ -16,7 +16,7 @@ from longcat_train.data.decode import is_valid_frame_count, nearest_valid_frame_
 DatasetType = Literal["video", "image", "conditioning"]
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]
 ResolutionType = Literal["pixel", "area", "pixel_area"]
-BucketStrategy = Literal["aspect", "resolution_frames"]
+BucketStrategy = Literal["aspect_ratio", "resolution_frames"]
 CropStyle = Literal["center", "random", "corner"]
 CropAspect = Literal["preserve", "square"]
 FrameWindow = Literal["start", "middle", "random", "uniform"]
@@ -32,6 +32,9 @@ class DataSpec:
 
     `fps` is a target frame rate or the string "source" (keep every decoded frame).
     `repeats` follows SimpleTuner: every item appears `1 + repeats` times per epoch.
+    `min_frames` / `max_frames` skip clips with fewer / more frames after fps resampling;
+    `min_frames` defaults to `num_frames` (`aspect_ratio`) or 1 + `frame_interval`
+    (`resolution_frames`, whose point is mixed lengths).
     `max_upscale` bounds how much a source may be enlarged to reach its bucket: smaller sources
     are skipped as "tiny" rather than trained on as blurry upscales.
     """
@@ -49,7 +52,7 @@ class DataSpec:
     num_frames: int = DEFAULT_NUM_FRAMES
     min_frames: int | None = None
     max_frames: int | None = None
-    bucket_strategy: BucketStrategy = "aspect"
+    bucket_strategy: BucketStrategy = "aspect_ratio"
     frame_interval: int = 4
     fps: float | Literal["source"] = DEFAULT_FPS
     frame_window: FrameWindow = "start"
@@ -75,6 +78,10 @@ class DataSpec:
             problems.append(
                 f"num_frames {self.num_frames} must satisfy (n - 1) % 4 == 0 (nearest valid: {below} or {above})"
             )
+        for name in ("min_frames", "max_frames"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} {value} must be at least 1")
         if self.frame_interval < 4 or self.frame_interval % 4 != 0:
             problems.append(f"frame_interval {self.frame_interval} must be a positive multiple of 4")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
@@ -89,6 +96,12 @@ class DataSpec:
     @property
     def is_video(self) -> bool:
         return self.dataset_type == "video"
+
+    @property
+    def effective_min_frames(self) -> int:
+        if self.min_frames is not None:
+            return self.min_frames
+        return self.num_frames if self.bucket_strategy == "aspect_ratio" else 1 + self.frame_interval
 
     @classmethod
     def from_dataset_config(cls, cfg: Any, alignment: int | None = None) -> DataSpec:
@@ -125,7 +138,7 @@ class DataSpec:
             num_frames=int(from_video("num_frames", DEFAULT_NUM_FRAMES)),
             min_frames=from_video("min_frames", None),
             max_frames=from_video("max_frames", None),
-            bucket_strategy=from_video("bucket_strategy", "aspect"),
+            bucket_strategy=from_video("bucket_strategy", "aspect_ratio"),
             frame_interval=int(from_video("frame_interval", 4)),
             fps=fps if fps == "source" else float(fps),
             frame_window=field("frame_window", "start"),
