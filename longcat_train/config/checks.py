@@ -1,0 +1,313 @@
+"""Checks across keys and files, and against the filesystem; each adds problems, none raises.
+
+They run on whatever validated (entries that failed validation take part through their raw
+`id` and `dataset_type` only), so one broken key never hides the problems behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longcat_train.config.datasets import DatasetConfig, TextEmbedsConfig
+from longcat_train.config.model_paths import check_checkpoint_dir
+from longcat_train.config.problems import ProblemList
+from longcat_train.config.rules import PIXEL_MULTIPLE
+from longcat_train.config.training import TrainingConfig
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One entry of `multidatabackend.json`: its position, raw table and validated model (if any)."""
+
+    index: int
+    raw: Any
+    model: DatasetConfig | TextEmbedsConfig | None
+
+    @property
+    def key(self) -> str:
+        return f"datasets[{self.index}]"
+
+    @property
+    def raw_id(self) -> str | None:
+        value = self.raw.get("id") if isinstance(self.raw, dict) else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def raw_type(self) -> str | None:
+        value = self.raw.get("dataset_type", "video") if isinstance(self.raw, dict) else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def disabled(self) -> bool:
+        return isinstance(self.raw, dict) and self.raw.get("disabled") is True
+
+    @property
+    def dataset(self) -> DatasetConfig | None:
+        return self.model if isinstance(self.model, DatasetConfig) else None
+
+
+def check_training(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
+    if training.max_train_steps is None and training.num_train_epochs is None:
+        problems.add(
+            file,
+            "max_train_steps",
+            None,
+            "neither max_train_steps nor num_train_epochs is set, so training has no end",
+            "set max_train_steps (e.g. 2000) or num_train_epochs (e.g. 10)",
+        )
+    if training.validation_using_datasets and training.eval_dataset_id is None:
+        problems.add(
+            file,
+            "eval_dataset_id",
+            None,
+            "validation_using_datasets is true but no eval_dataset_id names the validation split",
+            "set eval_dataset_id to the id of a held-out dataset in multidatabackend.json",
+        )
+
+
+def check_datasets(
+    entries: list[BackendEntry], training: TrainingConfig, config_file: Path, backend_file: Path, problems: ProblemList
+) -> None:
+    by_id: dict[str, BackendEntry] = {}
+    for entry in entries:
+        if entry.raw_id is None:
+            continue
+        if entry.raw_id in by_id:
+            problems.add(
+                backend_file,
+                f"{entry.key}.id",
+                entry.raw_id,
+                f"duplicate id: {by_id[entry.raw_id].key} already uses it",
+                "give every dataset its own id",
+            )
+        else:
+            by_id[entry.raw_id] = entry
+
+    for entry in entries:
+        dataset = entry.dataset
+        if dataset is None or dataset.disabled:
+            continue
+        _check_conditioning_refs(entry, dataset, by_id, backend_file, problems)
+        _check_dataset(entry, dataset, training, backend_file, problems)
+
+    _check_eval_split(training, by_id, config_file, problems)
+    _check_shared_caches(entries, backend_file, problems)
+    _check_text_embeds(entries, backend_file, problems)
+
+    trainable = [
+        e
+        for e in entries
+        if not e.disabled and e.raw_type in ("video", "image") and e.raw_id != training.eval_dataset_id
+    ]
+    if not trainable:
+        problems.add(
+            backend_file,
+            "datasets",
+            [e.raw_id for e in entries],
+            "no enabled video or image dataset is left to train on (conditioning data and the eval split are not trained on)",
+            'add an entry with "dataset_type": "video"',
+        )
+
+
+def _check_conditioning_refs(
+    entry: BackendEntry, dataset: DatasetConfig, by_id: dict[str, BackendEntry], file: Path, problems: ProblemList
+) -> None:
+    key = f"{entry.key}.conditioning_data"
+    for ref in dataset.conditioning_data:
+        target = by_id.get(ref)
+        if target is None:
+            problems.add(
+                file, key, ref, f"names dataset id {ref!r}, which does not exist",
+                f"use one of the conditioning datasets' ids ({_ids_of(by_id, 'conditioning')}) or add one with that id",
+            )
+        elif target.raw_type != "conditioning":
+            problems.add(
+                file, key, ref, f"{ref!r} is a {target.raw_type!r} dataset, not start frames",
+                f'set "dataset_type": "conditioning" on {ref!r}, or name a conditioning dataset',
+            )
+        elif target.disabled:
+            problems.add(file, key, ref, f"{ref!r} is disabled", f'remove "disabled": true from {ref!r}')
+    if dataset.is_i2v and dataset.dataset_type != "video":
+        problems.add(
+            file, f"{entry.key}.is_i2v", True, f"is_i2v applies to video datasets, this one is {dataset.dataset_type!r}",
+            'remove is_i2v here (start-frame images belong in a "conditioning" dataset)',
+        )
+    uses_start_frames = dataset.dataset_type == "video" and (dataset.i2v_probability or 0.0) > 0.0
+    if uses_start_frames and not dataset.conditioning_data:
+        if dataset.strict_pairing:
+            problems.add(
+                file, key, [],
+                "is_i2v with strict_pairing needs start frames, but no conditioning_data is given and no fallback is allowed",
+                'add "conditioning_data": ["<start-frame dataset id>"], or set strict_pairing to false '
+                "to use each clip's own first frame",
+            )
+        else:
+            problems.add(
+                file, key, [],
+                "image-to-video without conditioning_data: each clip's own first frame is its start frame",
+                "fine for clips that start on the intended frame; add a conditioning dataset to use separate start images",
+                severity="warning",
+            )
+    if dataset.conditioning_data and not uses_start_frames and dataset.dataset_type == "video":
+        problems.add(
+            file, key, dataset.conditioning_data,
+            "start frames are given but never used: i2v_probability is 0",
+            'set "is_i2v": true (or i2v_probability > 0), or drop conditioning_data',
+            severity="warning",
+        )
+
+
+def _check_dataset(
+    entry: BackendEntry, dataset: DatasetConfig, training: TrainingConfig, file: Path, problems: ProblemList
+) -> None:
+    if dataset.caption_strategy == "instanceprompt" and not dataset.instance_prompt:
+        problems.add(
+            file, f"{entry.key}.instance_prompt", dataset.instance_prompt,
+            'caption_strategy "instanceprompt" needs instance_prompt',
+            'add "instance_prompt": "<the caption for every clip>", or use caption_strategy "textfile"',
+        )
+    if dataset.caption_strategy is None and dataset.dataset_type != "conditioning":
+        problems.add(
+            file, f"{entry.key}.caption_strategy", None,
+            "a training dataset without captions trains every sample on the empty prompt",
+            'use "textfile" (a .txt per clip), "filename", or "instanceprompt"',
+            severity="warning",
+        )
+    _check_resolution(entry, dataset, training.aspect_bucket_alignment, file, problems)
+    video = dataset.video
+    if video.min_frames is not None and video.min_frames > video.num_frames:
+        problems.add(
+            file, f"{entry.key}.video.min_frames", video.min_frames,
+            f"min_frames is above num_frames ({video.num_frames}): every clip would be skipped",
+            f"use min_frames at most {video.num_frames}, or drop it",
+        )
+    if video.max_frames is not None and video.max_frames < video.num_frames:
+        problems.add(
+            file, f"{entry.key}.video.max_frames", video.max_frames,
+            f"max_frames is below num_frames ({video.num_frames}): no clip could fill a window",
+            f"use max_frames at least {video.num_frames}, or drop it",
+        )
+
+
+def _check_resolution(
+    entry: BackendEntry, dataset: DatasetConfig, alignment: int, file: Path, problems: ProblemList
+) -> None:
+    key, value = f"{entry.key}.resolution", dataset.resolution
+    if dataset.resolution_type == "area":
+        if value > 16:
+            problems.add(
+                file, key, value, "with resolution_type \"area\" the resolution is in megapixels; this is far too large",
+                'write megapixels (0.4 is about 480x832), or use resolution_type "pixel"',
+            )
+        return
+    if value != int(value):
+        problems.add(
+            file, key, value, f'with resolution_type "{dataset.resolution_type}" the resolution is whole pixels',
+            f"use a whole number such as {int(value) // PIXEL_MULTIPLE * PIXEL_MULTIPLE}",
+        )
+        return
+    if dataset.resolution_type != "pixel":
+        return
+    pixels = int(value)
+    low, high = pixels // alignment * alignment, (pixels // alignment + 1) * alignment
+    if pixels % PIXEL_MULTIPLE != 0:
+        problems.add(
+            file, key, value,
+            f"the short edge {pixels} is not a multiple of 16, so no frame can keep it (VAE stride 8 x 2x2 patches)",
+            f"use {low} or {high} (multiples of aspect_bucket_alignment {alignment})",
+        )
+    elif pixels % alignment != 0:
+        # A warning, not an error: the guides pair resolution 480 with alignment 64 and buckets
+        # then round the short edge; the user should know it will not stay at 480.
+        problems.add(
+            file, key, value,
+            f"{pixels} is not a multiple of aspect_bucket_alignment {alignment}: buckets round the short edge to {low} or {high}",
+            f"set aspect_bucket_alignment to {_alignment_for(pixels)} in config.json to keep {pixels} exactly, "
+            f"or use resolution {low} or {high}",
+            severity="warning",
+        )
+
+
+def _alignment_for(pixels: int) -> int:
+    return 32 if pixels % 32 == 0 else 16
+
+
+def _check_eval_split(training: TrainingConfig, by_id: dict[str, BackendEntry], file: Path, problems: ProblemList) -> None:
+    eval_id = training.eval_dataset_id
+    if eval_id is None:
+        return
+    target = by_id.get(eval_id)
+    if target is None:
+        problems.add(
+            file, "eval_dataset_id", eval_id, f"no dataset in multidatabackend.json has the id {eval_id!r}",
+            f"add a small held-out split with that id (same structure as the training clips), or use one of: {_ids_of(by_id, 'video')}",
+        )
+    elif target.raw_type not in ("video", "image"):
+        problems.add(
+            file, "eval_dataset_id", eval_id, f"{eval_id!r} is a {target.raw_type!r} dataset, not clips to validate on",
+            "name a video dataset (its start frames come through its own conditioning_data)",
+        )
+    elif target.disabled:
+        problems.add(file, "eval_dataset_id", eval_id, f"{eval_id!r} is disabled", f'remove "disabled": true from {eval_id!r}')
+
+
+def _check_shared_caches(entries: list[BackendEntry], file: Path, problems: ProblemList) -> None:
+    # Clips and start frames must not share a latent cache directory (the guides say so too):
+    # their cache files would be indistinguishable to a person cleaning up.
+    seen: dict[Path, BackendEntry] = {}
+    for entry in entries:
+        dataset = entry.dataset
+        if dataset is None or dataset.cache_dir_vae is None or dataset.disabled:
+            continue
+        other = seen.setdefault(dataset.cache_dir_vae, entry)
+        if other is not entry:
+            problems.add(
+                file, f"{entry.key}.cache_dir_vae", str(dataset.cache_dir_vae),
+                f"the same latent cache directory as {other.key} ({other.raw_id!r})",
+                "give each dataset its own cache_dir_vae (or leave it null for a per-dataset default)",
+            )
+
+
+def _check_text_embeds(entries: list[BackendEntry], file: Path, problems: ProblemList) -> None:
+    defaults = [e for e in entries if isinstance(e.model, TextEmbedsConfig) and e.model.default and not e.model.disabled]
+    for extra in defaults[1:]:
+        problems.add(
+            file, f"{extra.key}.default", True, f"a second default text_embeds entry ({defaults[0].key} is default too)",
+            "keep one text_embeds entry with default true",
+        )
+
+
+def _ids_of(by_id: dict[str, BackendEntry], dataset_type: str) -> str:
+    ids = [i for i, e in by_id.items() if e.raw_type == dataset_type]
+    return ", ".join(repr(i) for i in ids) if ids else "none defined"
+
+
+def check_paths(
+    training: TrainingConfig, checkpoint_from_default: bool, entries: list[BackendEntry], config_file: Path,
+    backend_file: Path, problems: ProblemList,
+) -> None:
+    """Filesystem checks: the checkpoint, `resume_from_checkpoint`, every dataset directory."""
+    if training.pretrained_model_name_or_path is not None:
+        check_checkpoint_dir(
+            training.pretrained_model_name_or_path, "pretrained_model_name_or_path", config_file,
+            checkpoint_from_default, problems,
+        )
+    resume = training.resume_from_checkpoint
+    if resume is not None and resume != "latest" and not Path(resume).is_dir():
+        problems.add(
+            config_file, "resume_from_checkpoint", resume, "checkpoint directory does not exist",
+            f'use "latest" to continue from the newest checkpoint in {training.output_dir}, a path that exists, or null',
+        )
+    for entry in entries:
+        dataset = entry.dataset
+        if dataset is None or dataset.disabled:
+            continue
+        directory = dataset.instance_data_dir
+        if not directory.is_dir():
+            rule = "is a file, not a directory" if directory.exists() else "directory does not exist"
+            problems.add(
+                backend_file, f"{entry.key}.instance_data_dir", str(directory), rule,
+                "point it at the directory that holds this dataset's files (relative paths start at multidatabackend.json's folder)",
+            )

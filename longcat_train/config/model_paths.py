@@ -1,0 +1,102 @@
+"""Where the LongCat-Video checkpoint lives, and what a usable checkpoint directory holds.
+
+Torch-free on purpose: `config check` must answer in well under a second, before any heavy import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from longcat_train.config.problems import ProblemList
+
+LONGCAT_HOME_ENV = "LONGCAT_HOME"
+HUB_REPOSITORY = "meituan-longcat/LongCat-Video"
+# Flavour -> folder name under $LONGCAT_HOME/models.
+FLAVOUR_DIRS: dict[str, str] = {"final": "LongCat-Video"}
+# Each subfolder of the release and the files of which one marks it as present.
+CHECKPOINT_MARKERS: dict[str, tuple[str, ...]] = {
+    "dit": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("tokenizer.json", "spiece.model", "tokenizer_config.json"),
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+def longcat_home() -> Path:
+    return Path(os.environ.get(LONGCAT_HOME_ENV) or "~/.cache/longcat").expanduser()
+
+
+def default_checkpoint_dir(flavour: str = "final") -> Path:
+    """`$LONGCAT_HOME/models/<name>` for `flavour` (LONGCAT_HOME defaults to ~/.cache/longcat)."""
+    return longcat_home() / "models" / FLAVOUR_DIRS[flavour]
+
+
+def download_hint(target: Path) -> str:
+    return (
+        f"download the release into it: `huggingface-cli download {HUB_REPOSITORY} --local-dir {target}` "
+        f"(or set pretrained_model_name_or_path to where it already is; `longcat demo` makes a tiny one)"
+    )
+
+
+def is_umt5_config(config: dict[str, object]) -> bool:
+    architectures = config.get("architectures") or []
+    return config.get("model_type") == "umt5" or (
+        isinstance(architectures, list) and "UMT5EncoderModel" in architectures
+    )
+
+
+def check_checkpoint_dir(root: Path, key: str, file: Path, from_default: bool, problems: ProblemList) -> None:
+    """Report a missing directory, missing subfolders (by name) and a text encoder that is not umT5."""
+    if not root.is_dir():
+        if from_default:
+            problems.add(
+                file,
+                key,
+                None,
+                f"null selects the default checkpoint {root}, which does not exist",
+                download_hint(root),
+            )
+        else:
+            looks_like_hub_id = str(root).count("/") >= 1 and HUB_REPOSITORY.split("/")[1] in str(root)
+            rule = f"checkpoint directory {root} does not exist"
+            if looks_like_hub_id:
+                rule += " (hub ids are not downloaded: this trainer reads local directories only)"
+            problems.add(file, key, str(root), rule, download_hint(root))
+        return
+    missing = [
+        name for name, markers in CHECKPOINT_MARKERS.items() if not any((root / name / m).is_file() for m in markers)
+    ]
+    if missing:
+        detail = ", ".join(f"{name}/ (needs {' or '.join(CHECKPOINT_MARKERS[name])})" for name in missing)
+        problems.add(
+            file,
+            key,
+            str(root),
+            f"checkpoint is missing {detail}",
+            "point it at a complete download of LongCat-Video: dit/, vae/, text_encoder/, tokenizer/, scheduler/",
+        )
+    encoder_config = root / "text_encoder" / "config.json"
+    if encoder_config.is_file():
+        _check_text_encoder(encoder_config, key, file, problems)
+
+
+def _check_text_encoder(path: Path, key: str, file: Path, problems: ProblemList) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        problems.add(file, key, str(path), f"cannot read {path}: {error}", "restore text_encoder/ from the release")
+        return
+    if not isinstance(config, dict) or not is_umt5_config(config):
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        problems.add(
+            file,
+            key,
+            str(path),
+            f"text encoder is model_type {model_type!r}, not umT5: LongCat-Video's DiT takes the "
+            "4096-wide hidden states of umT5-XXL (UMT5EncoderModel); guides naming Qwen2.5-VL are "
+            "wrong for this checkpoint",
+            "use the text_encoder/ folder that ships with LongCat-Video (umT5-XXL)",
+        )

@@ -1,0 +1,87 @@
+"""Value rules shared by the config models and the CLI's own options (frames, sizes, alignment).
+
+Each rule raises `pydantic_core.PydanticCustomError` with a `fix` in its context, so a broken
+rule inside a model becomes a `ConfigProblem` with the fix attached.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic_core import PydanticCustomError
+
+VAE_TEMPORAL_STRIDE = 4
+# VAE spatial stride 8 x the DiT's 2x2 patch: every pixel size must be a multiple of 16.
+PIXEL_MULTIPLE = 16
+BUCKET_ALIGNMENTS = (16, 32, 64)
+_RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+def nearest_valid_frames(frames: int) -> tuple[int, int]:
+    """The valid counts `(n - 1) % 4 == 0` just below and just above `frames` (at least 1)."""
+    below = max(1, frames - ((frames - 1) % VAE_TEMPORAL_STRIDE))
+    above = below + VAE_TEMPORAL_STRIDE if below < frames else below
+    return below, above
+
+
+def check_frames(frames: int) -> int:
+    if frames < 1 or (frames - 1) % VAE_TEMPORAL_STRIDE != 0:
+        below, above = nearest_valid_frames(max(frames, 1))
+        choices = f"{below} or {above}" if below != above else f"{below}"
+        raise PydanticCustomError(
+            "frames_rule",
+            "frame count must satisfy (frames - 1) % 4 == 0 (the VAE compresses time 4x after the first frame)",
+            {"fix": f"use {choices} (93 is the model's default)"},
+        )
+    return frames
+
+
+def _nearest_multiples(value: int, multiple: int) -> str:
+    low = (value // multiple) * multiple
+    high = low + multiple
+    return f"{low} or {high}" if low > 0 else f"{high}"
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """`"480x832"` -> `(480, 832)`: height x width, each a multiple of 16."""
+    match = _RESOLUTION.match(text)
+    if match is None:
+        raise PydanticCustomError(
+            "resolution_format",
+            "resolution must be written HEIGHTxWIDTH in pixels",
+            {"fix": 'write it like "480x832" (height 480, width 832)'},
+        )
+    height, width = int(match.group(1)), int(match.group(2))
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % PIXEL_MULTIPLE != 0:
+            raise PydanticCustomError(
+                "resolution_multiple",
+                f"{name} {size} is not a multiple of 16 (VAE stride 8 x 2x2 patches)",
+                {"fix": f"use {name} {_nearest_multiples(size, PIXEL_MULTIPLE)}"},
+            )
+    return height, width
+
+
+def check_resolution_text(text: str) -> str:
+    height, width = parse_resolution(text)
+    return f"{height}x{width}"
+
+
+def check_alignment(alignment: int) -> int:
+    if alignment not in BUCKET_ALIGNMENTS:
+        raise PydanticCustomError(
+            "alignment",
+            "aspect bucket alignment must be 16, 32 or 64 pixels",
+            {"fix": "use 64 (default), or 32 to keep 480-pixel edges such as 480x832 exact"},
+        )
+    return alignment
+
+
+def check_frame_interval(interval: int) -> int:
+    if interval < VAE_TEMPORAL_STRIDE or interval % VAE_TEMPORAL_STRIDE != 0:
+        raise PydanticCustomError(
+            "frame_interval",
+            "frame_interval must be a positive multiple of 4 (the VAE's temporal stride)",
+            {"fix": "use 4, 8, 12, ..."},
+        )
+    return interval

@@ -1,0 +1,214 @@
+"""The training config (`config.json`): the keys the LongCat-Video guides document, same names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
+
+from longcat_train.config.rules import check_alignment, check_frames, check_resolution_text, parse_resolution
+
+ModelFlavour = Literal["final"]
+BasePrecision = Literal["bf16", "no_change", "int8-quanto", "int4-quanto", "fp8-torchao"]
+AttentionImplementation = Literal["auto", "sdpa", "flash", "xformers", "bsa"]
+LoraFormat = Literal["comfyui", "official", "diffusers"]
+
+# Every linear layer of a block that carries most of the compute; the patch embedder, caption
+# MLP, timestep MLP and final layer are left frozen on purpose.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = (
+    "attn.qkv",
+    "attn.proj",
+    "cross_attn.q_linear",
+    "cross_attn.kv_linear",
+    "cross_attn.proj",
+    "ffn.w1",
+    "ffn.w2",
+    "ffn.w3",
+)
+NUM_BLOCKS = 48
+
+# Rules whose failures must carry a fix ride on the types (see `rules.py`).
+Frames = Annotated[int, AfterValidator(check_frames)]
+Resolution = Annotated[str, AfterValidator(check_resolution_text)]
+Alignment = Annotated[int, AfterValidator(check_alignment)]
+
+
+class TrainingConfig(BaseModel):
+    """Settings of one training run (`config.json`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    # --- model -------------------------------------------------------------------------------
+    model_family: Literal["longcat_video"] = Field(
+        "longcat_video", description="Model family; this trainer trains LongCat-Video only."
+    )
+    model_flavour: ModelFlavour = Field(
+        "final",
+        description="Checkpoint flavour; `final` is the released text/image-to-video checkpoint. "
+        "Selects the default checkpoint path when `pretrained_model_name_or_path` is null.",
+    )
+    model_type: Literal["lora"] = Field("lora", description="What is trained: a LoRA on the frozen DiT.")
+    pretrained_model_name_or_path: Path | None = Field(
+        None,
+        description="Local checkpoint directory in the official layout (dit/, vae/, text_encoder/, "
+        "tokenizer/, scheduler/). null: `$LONGCAT_HOME/models/LongCat-Video` "
+        "(LONGCAT_HOME defaults to ~/.cache/longcat). Nothing is downloaded.",
+    )
+    base_model_precision: BasePrecision = Field(
+        "bf16",
+        description="Storage of the frozen DiT weights: `bf16` (`no_change` keeps bf16 too), "
+        "`int8-quanto`/`int4-quanto` (optimum-quanto), `fp8-torchao` (torchao).",
+    )
+    mixed_precision: Literal["bf16", "no"] = Field(
+        "bf16", description="Compute precision under Accelerate: `bf16`, or `no` for float32 (CPU tests)."
+    )
+    attention_implementation: AttentionImplementation = Field(
+        "auto",
+        validation_alias=AliasChoices("attention_implementation", "attention_mechanism"),
+        description="Self-attention kernel: `auto` (fastest available per shape; block-sparse where "
+        "the released model uses it), `sdpa`, `flash`, `xformers`, `bsa`. "
+        "Also read from `attention_mechanism`, SimpleTuner's name.",
+    )
+    flow_schedule_shift: float | None = Field(
+        None, gt=0, description="Flow-matching σ shift; null uses the checkpoint scheduler's (12.0)."
+    )
+    flow_sigma_sampling: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal", description="Distribution σ is drawn from per sample, before the shift."
+    )
+
+    # --- paths -------------------------------------------------------------------------------
+    output_dir: Path = Field(
+        Path("output"),
+        description="Where checkpoints, LoRA files, logs and validation renders go. Relative paths "
+        "are relative to the config file.",
+    )
+    data_backend_config: Path = Field(
+        Path("multidatabackend.json"),
+        description="The dataset list (`multidatabackend.json`); relative to the config file "
+        "(the current directory is tried when nothing is there).",
+    )
+
+    # --- LoRA ----------------------------------------------------------------------------------
+    lora_rank: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: float | None = Field(None, description="LoRA alpha; null means equal to `lora_rank` (scale 1).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    lora_init: Literal["default", "gaussian"] = Field(
+        "default", description="PEFT initialisation of the down-projection (up-projection starts at zero)."
+    )
+    lora_target_modules: list[str] = Field(
+        list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        description="Module names (suffixes within each block) that get a LoRA.",
+    )
+    lora_export_formats: list[LoraFormat] = Field(
+        ["comfyui"],
+        min_length=1,
+        description="LoRA files written at each checkpoint: `comfyui`, `official` (LongCat's own "
+        "format), `diffusers`.",
+    )
+
+    # --- optimisation -------------------------------------------------------------------------
+    train_batch_size: int = Field(1, ge=1, description="Clips per step per GPU (one bucket per batch).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward.")
+    learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
+        "constant", description="Learning-rate schedule after warmup."
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (AdamW, fused where available).")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW β2.")
+    adam_weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW ε.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    max_train_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to train; when set it wins over `num_train_epochs`."
+    )
+    num_train_epochs: int | None = Field(1, ge=1, description="Epochs to train when `max_train_steps` is null.")
+    seed: int = Field(42, description="Seed for every random choice (data order, noise, σ, dropout).")
+
+    # --- validation ---------------------------------------------------------------------------
+    validation_prompt: str | None = Field(None, description="Prompt rendered at each validation.")
+    validation_negative_prompt: str | None = Field(
+        None, description="Negative prompt for CFG; null uses the empty prompt, as the official sampler."
+    )
+    validation_resolution: Resolution = Field(
+        "480x832", description='Render size as "HEIGHTxWIDTH" (the guides\' "480x832" is 480 high, 832 wide).'
+    )
+    validation_num_video_frames: Frames = Field(93, description="Frames per render; (frames - 1) % 4 == 0.")
+    validation_num_inference_steps: int = Field(40, ge=1, description="Denoising steps per render.")
+    validation_guidance: float = Field(4.0, ge=1.0, description="CFG scale; 1.0 turns CFG off.")
+    validation_seed: int | None = Field(None, description="Seed of validation noise; null uses `seed`.")
+    validation_using_datasets: bool = Field(
+        False,
+        description="Validate on the start frames and captions of `eval_dataset_id` instead of "
+        "`validation_prompt` alone.",
+    )
+    eval_dataset_id: str | None = Field(
+        None,
+        description="Dataset id of the held-out validation split (not trained on); used for "
+        "dataset-driven renders and the held-out loss.",
+    )
+    validation_step_interval: int | None = Field(
+        100,
+        ge=1,
+        validation_alias=AliasChoices("validation_step_interval", "validation_steps"),
+        description="Validate every N steps (also read from `validation_steps`); null: only at the end.",
+    )
+    validation_on_startup: bool = Field(
+        False, description="Render once before the first step, as a base-model reference."
+    )
+
+    # --- checkpoints --------------------------------------------------------------------------
+    checkpoint_step_interval: int = Field(
+        500,
+        ge=1,
+        validation_alias=AliasChoices("checkpoint_step_interval", "checkpointing_steps"),
+        description="Save a resumable checkpoint every N steps (and at the end). "
+        "Also read from `checkpointing_steps`.",
+    )
+    checkpoints_total_limit: int | None = Field(
+        3, ge=1, description="Keep at most this many checkpoints (oldest pruned); null keeps all."
+    )
+    resume_from_checkpoint: str | None = Field(
+        None, description='`"latest"` (newest in output_dir, if any) or a checkpoint directory.'
+    )
+
+    # --- data ---------------------------------------------------------------------------------
+    aspect_bucket_alignment: Alignment = Field(
+        64,
+        description="Bucket edges are multiples of this (16, 32 or 64). 480x832 needs 32 or 16: "
+        "480 is not a multiple of 64.",
+    )
+    vae_enable_tiling: bool = Field(False, description="Encode/decode with the VAE in tiles (less memory).")
+    vae_enable_slicing: bool = Field(False, description="Encode/decode one sample of a batch at a time.")
+
+    # --- memory -------------------------------------------------------------------------------
+    musubi_blocks_to_swap: int = Field(
+        0, ge=0, le=NUM_BLOCKS - 1, description="Frozen weights of this many of the 48 blocks live in host memory and stream in."
+    )
+    musubi_block_swap_device: str = Field("cpu", description="Where swapped block weights are kept.")
+    enable_group_offload: bool = Field(False, description="Offload groups of modules (diffusers hooks).")
+    group_offload_type: Literal["block_level", "leaf_level"] = Field(
+        "block_level", description="Granularity of group offload."
+    )
+    group_offload_blocks_per_group: int = Field(1, ge=1, description="Blocks per offload group (block_level).")
+    group_offload_use_stream: bool = Field(False, description="Overlap offload transfers on a CUDA stream.")
+
+    # --- logging ------------------------------------------------------------------------------
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = Field(
+        "tensorboard", description="Experiment trackers; wandb only when installed."
+    )
+    tracker_project_name: str = Field("longcat-train", description="Project name in the trackers.")
+    tracker_run_name: str | None = Field(None, description="Run name; null derives one from the time.")
+
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        """`validation_resolution` as (height, width)."""
+        return parse_resolution(self.validation_resolution)
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
