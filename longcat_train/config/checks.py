@@ -285,11 +285,12 @@ def _ids_of(by_id: dict[str, BackendEntry], dataset_type: str) -> str:
 
 
 def check_paths(
-    training: TrainingConfig, checkpoint_from_default: bool, entries: list[BackendEntry], config_file: Path,
+    training: TrainingConfig, checkpoint_from_default: bool | None, entries: list[BackendEntry], config_file: Path,
     backend_file: Path, problems: ProblemList,
 ) -> None:
-    """Filesystem checks: the checkpoint, `resume_from_checkpoint`, every dataset directory."""
-    if training.pretrained_model_name_or_path is not None:
+    """Filesystem checks: the checkpoint (unless `checkpoint_from_default` is None),
+    `resume_from_checkpoint`, every dataset directory."""
+    if checkpoint_from_default is not None and training.pretrained_model_name_or_path is not None:
         check_checkpoint_dir(
             training.pretrained_model_name_or_path, "pretrained_model_name_or_path", config_file,
             checkpoint_from_default, problems,
@@ -309,5 +310,5 @@ def check_paths(
             rule = "is a file, not a directory" if directory.exists() else "directory does not exist"
             problems.add(
                 backend_file, f"{entry.key}.instance_data_dir", str(directory), rule,
-                "point it at the directory that holds this dataset's files (relative paths start at multidatabackend.json's folder)",
+                "point it at this dataset's folder (relative paths start at multidatabackend.json's folder)",
             )

@@ -122,13 +122,17 @@ _VIDEO_KEYS = accepted_keys(VideoOptions)
 
 
 def load_config(
-    config_path: str | Path, overrides: tuple[str, ...] | list[str] = (), check_files: bool = True
+    config_path: str | Path,
+    overrides: tuple[str, ...] | list[str] = (),
+    check_files: bool = True,
+    check_checkpoint: bool = True,
 ) -> LoadedConfig:
     """Load and check `config_path` and the `data_backend_config` it names.
 
     `overrides` are `key=value` strings (see `overrides.py`). With `check_files=False` the
     checkpoint, dataset directories and resume path are not looked at (the dataset list is
-    still read). Raises `ConfigError` with every error found.
+    still read); `check_checkpoint=False` skips only the checkpoint (for work that needs no
+    model, such as `data check`). Raises `ConfigError` with every error found.
     """
     config_path = Path(os.path.abspath(Path(config_path).expanduser()))
     problems = ProblemList()
@@ -183,7 +187,7 @@ def load_config(
     if backend_raw is not None and isinstance(backend_raw, list):
         check_datasets(entries, training, config_path, backend_path, cross)
     if check_files:
-        check_paths(training, from_default, entries, config_path, backend_path, cross)
+        check_paths(training, from_default if check_checkpoint else None, entries, config_path, backend_path, cross)
     # A key that already failed validation was replaced by its default for these checks; what
     # they say about it would be noise.
     already = training_problem_keys | dataset_problem_keys

@@ -1,0 +1,259 @@
+"""The `longcat` command line: a thin shell; each command loads the config and calls one function.
+
+Commands whose machinery lands with a later issue load and check the config, say what they will
+do, and exit with code 3; wiring one is a one-line change (the `_not_yet(...)` call).
+Exit codes: 0 done, 2 config or argument problems (no traceback), 3 not implemented yet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from pydantic_core import PydanticCustomError
+from rich.console import Console
+
+from longcat_train.config import ConfigError, ConfigProblem, LoadedConfig, load_config
+from longcat_train.config.examples import ExistingFilesError, write_example_configs
+from longcat_train.config.problems import problems_table
+from longcat_train.config.rules import check_frames, parse_resolution
+from longcat_train.config.summary import config_summary
+
+EXIT_CONFIG_ERROR = 2
+EXIT_NOT_IMPLEMENTED = 3
+
+app = typer.Typer(
+    name="longcat",
+    help="LoRA fine-tuning for Meituan's LongCat-Video (13.6B text/image-to-video DiT).",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Check config files, or write examples to start from.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect datasets without a GPU or a model.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="config.json (its data_backend_config names the datasets file).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a config key, e.g. [bold]--set learning_rate=2e-4[/] or "
+        "[bold]--set datasets\\[clips].video.num_frames=33[/] (repeatable; VALUE is JSON when it parses).",
+    ),
+]
+
+
+def _fail(error: ConfigError) -> NoReturn:
+    err.print(error)
+    raise typer.Exit(EXIT_CONFIG_ERROR)
+
+
+def _load(config: Path, overrides: list[str] | None, **checks: bool) -> LoadedConfig:
+    """The checked config, or the problem table on stderr and exit code 2."""
+    try:
+        loaded = load_config(config, tuple(overrides or ()), **checks)
+    except ConfigError as error:
+        _fail(error)
+    if loaded.warnings:
+        err.print(problems_table(loaded.warnings, "[bold yellow]warnings[/]"))
+    return loaded
+
+
+def _not_yet(command: str, issue: int, plan: str, loaded: LoadedConfig | None = None) -> NoReturn:
+    if loaded is not None:
+        out.print(config_summary(loaded))
+    out.print(f"[bold]longcat {command}[/] will {plan}")
+    out.print(f"[yellow]not implemented yet: lands with issue {issue}[/]")
+    raise typer.Exit(EXIT_NOT_IMPLEMENTED)
+
+
+def _argument_problem(option: str, value: object, rule: str, fix: str) -> ConfigProblem:
+    return ConfigProblem("command line", option, value, rule, fix)
+
+
+@app.command()
+def train(config: ConfigOption, set_: SetOption = None) -> None:
+    """Train a LoRA: cache latents and text embeddings, then train, checkpoint and validate."""
+    loaded = _load(config, set_)
+    _not_yet(
+        "train", 5,
+        "encode missing latents and captions, train the LoRA with Accelerate, checkpoint every "
+        "checkpoint_step_interval steps and validate every validation_step_interval steps",
+        loaded,
+    )
+
+
+def _lora_specs(values: list[str]) -> tuple[list[tuple[Path, float]], list[ConfigProblem]]:
+    """`PATH[:STRENGTH]` -> (path, strength); strength defaults to 1.0."""
+    specs: list[tuple[Path, float]] = []
+    problems: list[ConfigProblem] = []
+    for value in values:
+        path_text, _, strength_text = value.rpartition(":")
+        try:
+            strength = float(strength_text) if path_text else 1.0
+        except ValueError:
+            path_text, strength = value, 1.0  # a ':' inside the path, no strength given
+        path = Path(path_text or value)
+        if not path.is_file():
+            problems.append(_argument_problem(
+                "--lora", value, "LoRA file does not exist", "give an existing .safetensors file, optionally PATH:STRENGTH"
+            ))
+        specs.append((path, strength))
+    return specs, problems
+
+
+@app.command()
+def validate(
+    config: ConfigOption,
+    lora: Annotated[list[str] | None, typer.Option(metavar="PATH[:STRENGTH]", help="LoRA to apply (repeatable).")] = None,
+    image: Annotated[Path | None, typer.Option(help="Start image: renders image-to-video.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt (default: validation_prompt).")] = None,
+    resolution: Annotated[str | None, typer.Option(metavar="HxW", help="Render size, e.g. 480x832.")] = None,
+    frames: Annotated[int | None, typer.Option(help="Frames; (frames - 1) % 4 == 0.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale (1 disables CFG).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
+    distilled: Annotated[bool, typer.Option("--distilled", help="16-step distilled schedule (with the cfg_step LoRA).")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Render videos (one-off, no training) with the validation settings and optional LoRAs."""
+    # The render options are the validation_* keys, so they pass through the same checks.
+    options = {
+        "validation_prompt": prompt,
+        "validation_resolution": resolution,
+        "validation_num_video_frames": frames,
+        "validation_num_inference_steps": steps,
+        "validation_guidance": guidance,
+        "validation_seed": seed,
+    }
+    overrides = [*(set_ or []), *(f"{k}={json.dumps(v)}" for k, v in options.items() if v is not None)]
+    loras, problems = _lora_specs(lora or [])
+    if image is not None and not image.is_file():
+        problems.append(_argument_problem("--image", str(image), "image file does not exist", "give an existing PNG/JPEG"))
+    try:
+        loaded = load_config(config, tuple(overrides))
+    except ConfigError as error:
+        _fail(ConfigError([*error.problems, *problems]))
+    if problems:
+        _fail(ConfigError(problems))
+    mode = "image-to-video from the start image" if image is not None else "from validation_prompt or the eval split"
+    _not_yet(
+        "validate", 6,
+        f"render {mode} with {len(loras)} LoRA(s){' (distilled, 16 steps)' if distilled else ''} "
+        f"into {loaded.training.output_dir / 'validation'}",
+        loaded,
+    )
+
+
+@app.command()
+def cache(config: ConfigOption, set_: SetOption = None) -> None:
+    """Encode every missing latent (VAE) and caption embedding (umT5) into the caches."""
+    loaded = _load(config, set_)
+    _not_yet("cache", 4, "encode missing clip and start-frame latents and caption embeddings", loaded)
+
+
+@config_app.command("check")
+def config_check(
+    config: ConfigOption,
+    set_: SetOption = None,
+    paths: Annotated[bool, typer.Option(help="Also check the checkpoint, dataset directories and resume path.")] = True,
+) -> None:
+    """Check config.json and its datasets file; print what they set up. Exit code 2 on problems."""
+    loaded = _load(config, set_, check_files=paths)
+    out.print(config_summary(loaded))
+    out.print("[bold green]config OK[/]" + ("" if paths else " (files and directories not checked)"))
+
+
+@config_app.command("init")
+def config_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write config.json and multidatabackend.json.")],
+    text_to_video: Annotated[bool, typer.Option("--t2v", help="The text-to-video example instead of image-to-video.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Write the example config.json and multidatabackend.json to edit."""
+    try:
+        written = write_example_configs(directory, "t2v" if text_to_video else "i2v", force)
+    except ExistingFilesError as error:
+        _fail(ConfigError([
+            _argument_problem("DIRECTORY", str(p), "file exists; nothing was written", "pass --force to overwrite, or pick another directory")
+            for p in error.paths
+        ]))
+    for path in written:
+        out.print(f"wrote {path}")
+    out.print(f"next: edit them, then [bold]longcat config check --config {written[0]}[/]")
+
+
+@data_app.command("check")
+def data_check(config: ConfigOption, set_: SetOption = None) -> None:
+    """Scan the datasets: usable items, skipped files with reasons, buckets, pairing (no GPU, no model)."""
+    loaded = _load(config, set_, check_checkpoint=False)
+    _not_yet("data check", 4, "scan every dataset and report items, skips, buckets and start-frame pairing", loaded)
+
+
+@app.command("export-lora")
+def export_lora(
+    source: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A LoRA file we or the official code wrote.")],
+    target: Annotated[Path, typer.Argument(help="The file to write.")],
+    format_: Annotated[str, typer.Option("--format", help="comfyui, official or diffusers.")] = "comfyui",
+) -> None:
+    """Convert a LoRA file between the ComfyUI, official LongCat and diffusers formats."""
+    if format_ not in ("comfyui", "official", "diffusers"):
+        _fail(ConfigError([_argument_problem("--format", format_, "unknown LoRA format", "use comfyui, official or diffusers")]))
+    _not_yet("export-lora", 5, f"convert {source} to the {format_} format at {target}")
+
+
+@app.command()
+def plan(
+    config: ConfigOption,
+    gpu_memory: Annotated[float | None, typer.Option(metavar="GiB", help="GPU memory to plan for (default: this GPU's).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Predict peak GPU and host memory per bucket and recommend settings that fit."""
+    loaded = _load(config, set_)
+    target = f"{gpu_memory:g} GiB" if gpu_memory is not None else "this GPU"
+    _not_yet("plan", 7, f"predict peak memory per bucket for {target} and recommend settings that fit", loaded)
+
+
+@app.command()
+def bench(
+    resolution: Annotated[str, typer.Option(metavar="HxW", help="Clip size.")] = "480x832",
+    frames: Annotated[int, typer.Option(help="Frames; (frames - 1) % 4 == 0.")] = 93,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
+    steps: Annotated[int, typer.Option(help="Measured steps.")] = 10,
+    mode: Annotated[str, typer.Option(help="train, render or vae.")] = "train",
+) -> None:
+    """Benchmark full-size training steps (random weights, no checkpoint); prints one JSON line."""
+    problems: list[ConfigProblem] = []
+    for option, value, rule in (("--resolution", resolution, parse_resolution), ("--frames", frames, check_frames)):
+        try:
+            rule(value)  # type: ignore[operator]
+        except PydanticCustomError as error:
+            problems.append(_argument_problem(option, value, error.message(), str((error.context or {}).get("fix", ""))))
+    if mode not in ("train", "render", "vae"):
+        problems.append(_argument_problem("--mode", mode, "unknown mode", "use train, render or vae"))
+    if problems:
+        _fail(ConfigError(problems))
+    _not_yet("bench", 8, f"time {steps} {mode} steps at {resolution}x{frames} (LoRA rank {rank}) and print one JSON line")
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="Where the tiny model, data and run go.")] = Path("demo_run"),
+) -> None:
+    """Make a tiny random LongCat-Video and a synthetic paired dataset, then train on the CPU."""
+    _not_yet("demo", 5, f"write a tiny model and data under {output_dir} and run cache, train and validate on them")
+
+
+if __name__ == "__main__":
+    app()

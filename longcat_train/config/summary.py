@@ -1,0 +1,59 @@
+"""A short rich rendering of what a loaded config will do (for `config check` and friends)."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+from longcat_train.config.loading import LoadedConfig
+
+
+def _length(loaded: LoadedConfig) -> str:
+    training = loaded.training
+    if training.max_train_steps is not None:
+        return f"{training.max_train_steps} steps"
+    return f"{training.num_train_epochs} epoch(s)"
+
+
+def config_summary(loaded: LoadedConfig) -> Group:
+    training = loaded.training
+    settings = Table.grid(padding=(0, 2))
+    settings.add_column(style="bold")
+    settings.add_column()
+    rows = [
+        ("config", str(loaded.config_path)),
+        ("datasets file", str(loaded.backend_path)),
+        ("checkpoint", str(loaded.checkpoint_dir)),
+        ("output", str(training.output_dir)),
+        ("model", f"{training.model_family} / {training.model_flavour}, base weights {training.base_model_precision}"),
+        ("LoRA", f"rank {training.lora_rank}, alpha {training.effective_lora_alpha:g}, "
+                 f"{len(training.lora_target_modules)} target module names"),
+        ("training", f"{_length(loaded)}, batch {training.train_batch_size} x {training.gradient_accumulation_steps}, "
+                     f"lr {training.learning_rate:g} ({training.lr_scheduler}), seed {training.seed}"),
+        ("validation", f"{training.validation_resolution} x {training.validation_num_video_frames} frames, "
+                       f"{training.validation_num_inference_steps} steps, guidance {training.validation_guidance:g}, "
+                       f"every {training.validation_step_interval or '-'} steps"),
+        ("memory", f"block swap {training.musubi_blocks_to_swap}, group offload "
+                   f"{training.group_offload_type if training.enable_group_offload else 'off'}, "
+                   f"gradient checkpointing {'on' if training.gradient_checkpointing else 'off'}"),
+    ]
+    for name, value in rows:
+        settings.add_row(name, value)
+
+    datasets = Table(title="datasets", title_justify="left")
+    for column in ("id", "type", "role", "frames", "resolution", "directory"):
+        datasets.add_column(column, overflow="fold")
+    trained = {d.id for d in loaded.training_datasets}
+    for dataset in loaded.datasets:
+        if dataset.id == training.eval_dataset_id:
+            role = "validation split"
+        elif dataset.id in trained:
+            role = f"train, i2v {dataset.i2v_probability:.0%}" if dataset.dataset_type == "video" else "train"
+        else:
+            role = "start frames"
+        frames = str(dataset.num_frames) if dataset.dataset_type == "video" else "1"
+        datasets.add_row(
+            dataset.id, dataset.dataset_type, role, frames,
+            f"{dataset.resolution:g} {dataset.resolution_type}", str(dataset.instance_data_dir),
+        )
+    return Group(settings, datasets)
