@@ -1,0 +1,270 @@
+"""Benchmark our Triton block-sparse attention against dense cuDNN SDPA on one GPU.
+
+One attention layer (default 32 heads x 128, bf16), self-attention over a video token grid:
+forward and forward+backward times for BSA and for dense SDPA forced to the cuDNN backend, the
+speedup, and the bf16 error of BSA against the masked dense reference computed in float32 (on a
+slice of heads and query rows for the large grids; gradients on a small grid in full).
+
+    python scripts/bench_bsa.py            # 720x1280x93 and 480x832x93
+    python scripts/bench_bsa.py --quick    # small smoke run
+
+Prints a table, then one JSON line with everything (the last line of stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Runnable from a plain checkout (no `pip install -e .` needed on the device).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from longcat_train.model import bsa_kernels  # noqa: E402
+from longcat_train.model.bsa import (  # noqa: E402
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    kept_kv_block_count,
+    select_kv_blocks,
+)
+
+Shape3D = tuple[int, int, int]
+
+# (label, token grid t x h x w) — video frames F -> latent (F-1)/4+1, pixels /8 (VAE) /2 (patch).
+FULL_CASES: list[tuple[str, Shape3D]] = [
+    ("720x1280x93", (24, 45, 80)),  # 86,400 tokens; h=45 is padded to 48
+    ("480x832x93", (24, 30, 52)),  # 37,440 tokens; h=30 is padded to 32
+]
+QUICK_CASES: list[tuple[str, Shape3D]] = [("quick 8x15x20", (8, 15, 20))]
+GRAD_CHECK_GRID: Shape3D = (8, 15, 16)  # small enough for a full float32 reference with autograd
+QUICK_GRAD_CHECK_GRID: Shape3D = (4, 15, 16)
+CHUNK: Shape3D = (4, 4, 4)
+DEVICE = torch.device("cuda")
+
+
+def time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def dense_sdpa_backend() -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], str]:
+    """Dense SDPA pinned to cuDNN; falls back to PyTorch's choice (named in the report) if unavailable."""
+
+    def cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    probe = torch.randn(1, 2, 256, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        cudnn(probe, probe, probe).sum().backward()
+        return cudnn, "cudnn"
+    except RuntimeError as err:
+        print(f"warning: cuDNN SDPA unavailable ({err}); timing PyTorch's default SDPA backend")
+        return F.scaled_dot_product_attention, "default"
+
+
+def fwd_bwd(attn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            grad_out: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        for t in (q, k, v):
+            t.grad = None
+        attn(q, k, v).backward(grad_out)
+
+    return step
+
+
+def forward_only(attn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            attn(q, k, v)
+
+    return step
+
+
+def peak_memory_gib(fn: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Shape3D, sparsity: float,
+                  dense: Callable[..., torch.Tensor], rows: int, heads: int) -> dict[str, float]:
+    """bf16 BSA (and bf16 dense SDPA, for scale) against float32 references on a slice of rows."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    query_index = torch.randperm(q.shape[2], generator=gen)[:rows].sort().values.to(q.device)
+    qs, ks, vs = (t[:, :heads].detach() for t in (q, k, v))
+    with torch.no_grad():
+        out = block_sparse_attention(qs, ks, vs, grid, grid, sparsity)[:, :, query_index].float()
+        kv_index = select_kv_blocks(qs, ks, grid, grid, sparsity)
+        ref = block_sparse_attention_reference(qs.float(), ks.float(), vs.float(), grid, grid, sparsity,
+                                               kv_index=kv_index, query_index=query_index)
+        dense_out = dense(qs, ks, vs)[:, :, query_index].float()
+        dense_ref = block_sparse_attention_reference(qs.float(), ks.float(), vs.float(), grid, grid, 0.0,
+                                                     query_index=query_index)
+    return {
+        "bsa_out_max_abs_err": (out - ref).abs().max().item(),
+        "bsa_out_mean_abs_err": (out - ref).abs().mean().item(),
+        "dense_out_max_abs_err": (dense_out - dense_ref).abs().max().item(),
+        "dense_out_mean_abs_err": (dense_out - dense_ref).abs().mean().item(),
+        "error_slice_heads": heads,
+        "error_slice_query_rows": rows,
+    }
+
+
+def gradient_errors(grid: Shape3D, heads: int, head_dim: int, sparsity: float) -> dict[str, float]:
+    """bf16 BSA output and gradients vs. the float32 masked reference, full tensors, small grid."""
+    n = math.prod(grid)
+    q, k, v = (torch.randn(1, heads, n, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    kv_index = select_kv_blocks(q, k, grid, grid, sparsity)
+
+    def run(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        out = fn(*inputs)
+        out.backward(grad_out.to(out.dtype))
+        return [out.detach().float()] + [t.grad.float() for t in inputs]  # type: ignore[union-attr]
+
+    got = run(lambda a, b, c: block_sparse_attention(a, b, c, grid, grid, sparsity), [q, k, v])
+    ref = run(lambda a, b, c: block_sparse_attention_reference(a, b, c, grid, grid, sparsity, kv_index=kv_index),
+              [q.float(), k.float(), v.float()])
+    report: dict[str, float] = {}
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        report[f"{name}_max_abs_err"] = (a - b).abs().max().item()
+        report[f"{name}_rel_err"] = ((a - b).norm() / b.norm()).item()
+    return report
+
+
+def bench_case(label: str, grid: Shape3D, args: argparse.Namespace,
+               dense: Callable[..., torch.Tensor]) -> dict[str, Any]:
+    n = math.prod(grid)
+    shape = (1, args.heads, n, args.head_dim)
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+
+    def bsa(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return block_sparse_attention(a, b, c, grid, grid, args.sparsity, CHUNK, CHUNK)
+
+    n_blocks = math.prod(math.ceil(s / c) for s, c in zip(grid, CHUNK))
+    keep = kept_kv_block_count(n_blocks, args.sparsity)
+    result: dict[str, Any] = {"case": label, "tokens": n, "token_grid": list(grid), "blocks": n_blocks,
+                              "kept_blocks_per_query_block": keep}
+    t = {
+        "bsa_fwd_ms": time_ms(forward_only(bsa, q, k, v), args.warmup, args.iters),
+        "bsa_fwd_bwd_ms": time_ms(fwd_bwd(bsa, q, k, v, grad_out), args.warmup, args.iters),
+        "selection_ms": time_ms(lambda: select_kv_blocks(q.detach(), k.detach(), grid, grid, args.sparsity),
+                                args.warmup, args.iters),
+        "dense_fwd_ms": time_ms(forward_only(dense, q, k, v), args.warmup, args.iters),
+        "dense_fwd_bwd_ms": time_ms(fwd_bwd(dense, q, k, v, grad_out), args.warmup, args.iters),
+    }
+    result |= t
+    result["speedup_fwd"] = t["dense_fwd_ms"] / t["bsa_fwd_ms"]
+    result["speedup_fwd_bwd"] = t["dense_fwd_bwd_ms"] / t["bsa_fwd_bwd_ms"]
+    # Attention FLOPs actually done by the sparse kernel (2 matmuls of 2·M·N·D each, padded tokens).
+    block = math.prod(CHUNK)
+    sparse_flops = 4 * args.heads * (n_blocks * block) * (keep * block) * args.head_dim
+    result["bsa_fwd_tflops_incl_selection"] = sparse_flops / (t["bsa_fwd_ms"] * 1e-3) / 1e12
+    result["bsa_peak_mem_gib"] = peak_memory_gib(fwd_bwd(bsa, q, k, v, grad_out))
+    result["dense_peak_mem_gib"] = peak_memory_gib(fwd_bwd(dense, q, k, v, grad_out))
+    result |= output_errors(q, k, v, grid, args.sparsity, dense, rows=args.error_rows, heads=2)
+    return result
+
+
+def tuned_configs() -> dict[str, str]:
+    kernels = {"forward": bsa_kernels.bsa_forward_kernel, "backward_dq": bsa_kernels.bsa_backward_dq_kernel,
+               "backward_dkdv": bsa_kernels.bsa_backward_dkdv_kernel}
+    return {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
+
+
+def print_table(cases: list[dict[str, Any]]) -> None:
+    columns = [("case", "case", "{}"), ("tokens", "tokens", "{}"), ("keep", "kept_blocks_per_query_block", "{}"),
+               ("bsa fwd ms", "bsa_fwd_ms", "{:.2f}"), ("bsa f+b ms", "bsa_fwd_bwd_ms", "{:.2f}"),
+               ("select ms", "selection_ms", "{:.2f}"), ("dense fwd ms", "dense_fwd_ms", "{:.2f}"),
+               ("dense f+b ms", "dense_fwd_bwd_ms", "{:.2f}"), ("x fwd", "speedup_fwd", "{:.1f}"),
+               ("x f+b", "speedup_fwd_bwd", "{:.1f}"), ("bsa err max", "bsa_out_max_abs_err", "{:.2e}"),
+               ("dense err max", "dense_out_max_abs_err", "{:.2e}")]
+    rows = [[title for title, _, _ in columns]]
+    for case in cases:
+        if "error" in case:
+            rows.append([case["case"], f"FAILED: {case['error']}"] + [""] * (len(columns) - 2))
+        else:
+            rows.append([fmt.format(case[key]) for _, key, fmt in columns])
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(columns))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small grid, few iterations (smoke run)")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--sparsity", type=float, default=0.9375)
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10, quick 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations (the first autotunes)")
+    parser.add_argument("--error-rows", type=int, default=1024, help="query rows in the error slice")
+    args = parser.parse_args()
+    if args.iters is None:
+        args.iters = 3 if args.quick else 10
+    if not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+
+    import triton
+
+    torch.manual_seed(0)
+    dense, dense_backend = dense_sdpa_backend()
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "heads": args.heads, "head_dim": args.head_dim, "dtype": "bfloat16", "sparsity": args.sparsity,
+        "chunk": list(CHUNK), "dense_backend": dense_backend, "iters": args.iters, "cases": [],
+    }
+    for label, grid in QUICK_CASES if args.quick else FULL_CASES:
+        try:
+            report["cases"].append(bench_case(label, grid, args, dense))
+        except Exception as err:  # keep going: one failed case must not hide the others' numbers
+            traceback.print_exc()
+            report["cases"].append({"case": label, "error": f"{type(err).__name__}: {err}"[:300]})
+        torch.cuda.empty_cache()
+    grad_grid = QUICK_GRAD_CHECK_GRID if args.quick else GRAD_CHECK_GRID
+    try:
+        report["gradient_check"] = {"token_grid": list(grad_grid), "heads": 4,
+                                    **gradient_errors(grad_grid, 4, args.head_dim, args.sparsity)}
+    except Exception as err:
+        traceback.print_exc()
+        report["gradient_check"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    report["tuned_configs"] = tuned_configs()
+
+    print(f"\n{report['device']}  torch {report['torch']}  triton {report['triton']}  "
+          f"{args.heads} heads x {args.head_dim}, bf16, sparsity {args.sparsity}, dense = {dense_backend} SDPA")
+    print_table(report["cases"])
+    print("gradient check (bf16 vs fp32 masked reference):", report["gradient_check"])
+    print("tuned configs:", report["tuned_configs"])
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
