@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 # Elements read from each weight tensor for a module's identity: enough that any real change of
 # the weights (fine-tuning, another release, another dtype) changes the hash, while hashing a
@@ -155,7 +155,9 @@ def read_safetensors_verified(
     their bytes matching the checksum written with them, and every value finite."""
     metadata = probe_safetensors(path, expected_metadata)
     try:
-        tensors = load_file(str(path))
+        # Read into memory rather than memory-map: a mapped tensor would change under the
+        # caller if the file were later overwritten in place.
+        tensors = load(path.read_bytes())
     except (SafetensorError, OSError) as error:
         raise CacheEntryCorrupt(path, f"unreadable safetensors file ({error})") from error
     missing = [name for name in expected_tensors if name not in tensors]

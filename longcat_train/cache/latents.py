@@ -98,10 +98,10 @@ class LatentCache:
         self.device = torch.device(device) if device is not None else parameter.device
         self.dtype = dtype if dtype is not None else parameter.dtype
         vae.eval()
-        if tiling:
-            vae.enable_tiling()
-        if slicing:
-            vae.enable_slicing()
+        # Set both ways: the VAE may come from a cache that enabled them, and the identity
+        # below must describe how this cache encodes.
+        vae.enable_tiling() if tiling else vae.disable_tiling()
+        vae.enable_slicing() if slicing else vae.disable_slicing()
         self.latents_mean, self.latents_std = vae_latent_stats(vae)
         # Tiling changes the numbers slightly, so it is part of what an entry depends on.
         self.identity = stable_hash({"vae": module_identity(vae), "tiling": tiling})

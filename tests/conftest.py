@@ -1,0 +1,16 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from longcat_train.demo.tiny_checkpoint import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LongCat-Video in the official layout (dit/, vae/, text_encoder/, tokenizer/,
+    scheduler/), written once per test session. Treat it as read-only."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_longcat"), seed=0)
