@@ -202,3 +202,28 @@ def test_read_only_cache_reads_entries_and_reports_misses(vae: AutoencoderKLWan,
         reader.get_or_encode(fingerprint(5), never)
     with pytest.raises(ValueError, match="identity"):
         LatentCache(tmp_path, None)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (make_pixels(0, frames=8), "1 \\+ 4·k frames"),
+        (make_pixels(0)[:, :, :20], "multiples of 8"),
+        ((make_pixels(0) + 1) * 127.5, "scaled to \\[-1, 1\\]"),
+    ],
+)
+def test_pixels_the_vae_would_mangle_are_refused(
+    vae: AutoencoderKLWan, tmp_path: Path, pixels: torch.Tensor, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        LatentCache(tmp_path, vae).get_or_encode(fingerprint(0), lambda: pixels)
+    assert not LatentCache(tmp_path, vae).path_for(fingerprint(0)).exists()
+
+
+def test_dtype_argument_runs_the_vae_in_that_dtype(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    vae = load_vae(tiny_checkpoint)
+    cache = LatentCache(tmp_path, vae, dtype=torch.bfloat16)
+    assert next(vae.parameters()).dtype == torch.bfloat16
+    latent = cache.get_or_encode(fingerprint(0), lambda: make_pixels(0))
+    assert latent.mean.dtype == torch.float32  # stored in float32 whatever the VAE ran in
+    assert cache.identity != LatentCache(tmp_path, load_vae(tiny_checkpoint)).identity

@@ -90,7 +90,9 @@ def test_identity_covers_max_length_and_encoder_weights(
     with torch.no_grad():
         changed.shared.weight[5] += 0.5
     assert TextCache(tmp_path, tokenizer, changed).identity != base.identity
-    assert TextCache(tmp_path, tokenizer, encoder, dtype=torch.bfloat16).identity != base.identity
+    in_bf16 = load_text_encoder(tiny_checkpoint)
+    assert TextCache(tmp_path, tokenizer, in_bf16, dtype=torch.bfloat16).identity != base.identity
+    assert next(in_bf16.parameters()).dtype == torch.bfloat16
     assert TextCache(tmp_path, load_tokenizer(tiny_checkpoint), encoder).identity == base.identity
 
 

@@ -70,9 +70,25 @@ class LatentJob:
     label: str = ""
 
 
+def _check_pixels(pixels: torch.Tensor, temporal_factor: int, spatial_factor: int) -> None:
+    # The causal VAE silently drops frames beyond 1 + k·4 and pixels outside [-1, 1] encode to
+    # garbage latents, so a loader mistake is refused here rather than cached.
+    if pixels.dim() != 4 or pixels.shape[0] != 3:
+        raise ValueError(f"pixels must be [3, F, H, W] in [-1, 1], got shape {list(pixels.shape)}")
+    frames, height, width = pixels.shape[1:]
+    if (frames - 1) % temporal_factor != 0:
+        raise ValueError(f"{frames} frames: the VAE needs 1 + {temporal_factor}·k frames")
+    if height % spatial_factor or width % spatial_factor:
+        raise ValueError(f"frame size {height}x{width}: height and width must be multiples of {spatial_factor}")
+    low, high = pixels.min().item(), pixels.max().item()
+    if low < -1.01 or high > 1.01:
+        raise ValueError(f"pixels range from {low:.3g} to {high:.3g}; they must be scaled to [-1, 1]")
+
+
 class LatentCache:
     """Content-keyed latent cache under `cache_dir` (`clips/` and `start_frames/` inside).
 
+    `device` / `dtype`, when given, move the VAE there; latents are stored in float32 either way.
     With `vae=None` the cache only reads: pass the `identity` a cache built with the VAE reported
     (its `.identity`), e.g. after the VAE was unloaded for training.
     """
@@ -94,10 +110,13 @@ class LatentCache:
                 raise ValueError("LatentCache without a VAE needs the `identity` of the cache that wrote it")
             self.identity = identity
             return
+        if device is not None or dtype is not None:
+            vae.to(device=device, dtype=dtype)
         parameter = next(vae.parameters())
-        self.device = torch.device(device) if device is not None else parameter.device
-        self.dtype = dtype if dtype is not None else parameter.dtype
+        self.device, self.dtype = parameter.device, parameter.dtype
         vae.eval()
+        self.temporal_factor = int(vae.config.scale_factor_temporal)
+        self.spatial_factor = int(vae.config.scale_factor_spatial)
         # Set both ways: the VAE may come from a cache that enabled them, and the identity
         # below must describe how this cache encodes.
         vae.enable_tiling() if tiling else vae.disable_tiling()
@@ -137,8 +156,7 @@ class LatentCache:
         """Normalised posterior `(mean, std)` of `pixels` `[3, F, H, W]` in [-1, 1], float32 on CPU."""
         if self.vae is None:
             raise LatentCacheMiss("this LatentCache has no VAE to encode with")
-        if pixels.dim() != 4 or pixels.shape[0] != 3:
-            raise ValueError(f"pixels must be [3, F, H, W] in [-1, 1], got shape {list(pixels.shape)}")
+        _check_pixels(pixels, self.temporal_factor, self.spatial_factor)
         batch = pixels.to(device=self.device, dtype=self.dtype).unsqueeze(0)
         posterior = self.vae.encode(batch).latent_dist
         stats_shape = (-1, 1, 1, 1)

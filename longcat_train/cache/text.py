@@ -3,8 +3,8 @@
 The encoder runs exactly as the official pipeline runs it (padding to 512 tokens, truncation,
 special tokens, attention mask), but only the real tokens (prompt + eos) are written: they are
 all the DiT needs, and padding is added back per batch by `collate_text`. An entry's key hashes
-the cleaned text, the encoder's and tokenizer's identities, `max_length`, the stored dtype and a
-format version.
+the cleaned text, the encoder's identity (weights and dtype), the tokenizer's identity,
+`max_length` and a format version.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def _label(text: str) -> str:
 class TextCache:
     """Content-keyed umT5 feature cache in `cache_dir`.
 
+    `device` / `dtype`, when given, move the encoder there; features are stored in its dtype.
     With `text_encoder=None` the cache only reads: pass the `identity` a cache built with the
     encoder reported (its `.identity`), e.g. after the encoder was unloaded for training.
     """
@@ -70,17 +71,17 @@ class TextCache:
                 raise ValueError("TextCache without a text encoder needs the `identity` of the cache that wrote it")
             self.identity = identity
             return
+        if device is not None or dtype is not None:
+            text_encoder.to(device=device, dtype=dtype)
         parameter = next(text_encoder.parameters())
-        self.device = torch.device(device) if device is not None else parameter.device
-        # The dtype features are stored in; by default what the encoder computes in.
-        self.dtype = dtype if dtype is not None else parameter.dtype
+        # Features are stored in the dtype the encoder computes in.
+        self.device, self.dtype = parameter.device, parameter.dtype
         text_encoder.eval()
         self.identity = stable_hash(
             {
                 "encoder": module_identity(text_encoder),
                 "tokenizer": tokenizer_identity(tokenizer),
                 "max_length": max_length,
-                "dtype": str(self.dtype),
             }
         )
 
