@@ -183,9 +183,15 @@ def bench_case(label: str, grid: Shape3D, args: argparse.Namespace,
     result["speedup_fwd"] = t["dense_fwd_ms"] / t["bsa_fwd_ms"]
     result["speedup_fwd_bwd"] = t["dense_fwd_bwd_ms"] / t["bsa_fwd_bwd_ms"]
     # Attention FLOPs actually done by the sparse kernel (2 matmuls of 2·M·N·D each, padded tokens).
+    # Throughput in attention matmuls (2·M·N·D each): forward 2; our backward 7 (dq and dk/dv
+    # kernels each recompute P), dense backward 5. Sparse counts padded tokens and kept blocks only.
     block = math.prod(CHUNK)
-    sparse_flops = 4 * args.heads * (n_blocks * block) * (keep * block) * args.head_dim
-    result["bsa_fwd_tflops_incl_selection"] = sparse_flops / (t["bsa_fwd_ms"] * 1e-3) / 1e12
+    sparse_matmul = 2 * args.heads * (n_blocks * block) * (keep * block) * args.head_dim
+    dense_matmul = 2 * args.heads * n * n * args.head_dim
+    result["bsa_fwd_tflops"] = 2 * sparse_matmul / t["bsa_fwd_ms"] / 1e9
+    result["bsa_fwd_bwd_tflops"] = 9 * sparse_matmul / t["bsa_fwd_bwd_ms"] / 1e9
+    result["dense_fwd_tflops"] = 2 * dense_matmul / t["dense_fwd_ms"] / 1e9
+    result["dense_fwd_bwd_tflops"] = 7 * dense_matmul / t["dense_fwd_bwd_ms"] / 1e9
     result["bsa_peak_mem_gib"] = peak_memory_gib(fwd_bwd(bsa, q, k, v, grad_out))
     result["dense_peak_mem_gib"] = peak_memory_gib(fwd_bwd(dense, q, k, v, grad_out))
     result |= output_errors(q, k, v, grid, args.sparsity, dense, rows=args.error_rows, heads=2)
@@ -203,7 +209,8 @@ def print_table(cases: list[dict[str, Any]]) -> None:
                ("bsa fwd ms", "bsa_fwd_ms", "{:.2f}"), ("bsa f+b ms", "bsa_fwd_bwd_ms", "{:.2f}"),
                ("select ms", "selection_ms", "{:.2f}"), ("dense fwd ms", "dense_fwd_ms", "{:.2f}"),
                ("dense f+b ms", "dense_fwd_bwd_ms", "{:.2f}"), ("x fwd", "speedup_fwd", "{:.1f}"),
-               ("x f+b", "speedup_fwd_bwd", "{:.1f}"), ("bsa err max", "bsa_out_max_abs_err", "{:.2e}"),
+               ("x f+b", "speedup_fwd_bwd", "{:.1f}"), ("bsa TF/s f+b", "bsa_fwd_bwd_tflops", "{:.0f}"),
+               ("dense TF/s f+b", "dense_fwd_bwd_tflops", "{:.0f}"), ("bsa err max", "bsa_out_max_abs_err", "{:.2e}"),
                ("dense err max", "dense_out_max_abs_err", "{:.2e}")]
     rows = [[title for title, _, _ in columns]]
     for case in cases:

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from triton import knobs
 
 from longcat_train.model import bsa_kernels
 
@@ -290,7 +289,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 def bsa_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device`` (None when they can)."""
-    if device.type == "cuda" or knobs.runtime.interpret:
+    if device.type == "cuda" or bsa_kernels.triton_interpreting():
         return None
     return (f"block-sparse attention needs a CUDA device (got {device.type}); "
             "use dense attention, or set TRITON_INTERPRET=1 before importing triton for slow CPU runs")
