@@ -37,8 +37,16 @@ data_app = typer.Typer(help="Inspect datasets without a GPU or a model.", no_arg
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+
+
+def _out() -> Console:
+    # Made per call so the terminal width (COLUMNS) is read when the command runs.
+    return Console()
+
+
+def _err() -> Console:
+    return Console(stderr=True)
+
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="config.json (its data_backend_config names the datasets file).")
@@ -55,7 +63,7 @@ SetOption = Annotated[
 
 
 def _fail(error: ConfigError) -> NoReturn:
-    err.print(error)
+    _err().print(error)
     raise typer.Exit(EXIT_CONFIG_ERROR)
 
 
@@ -66,15 +74,15 @@ def _load(config: Path, overrides: list[str] | None, **checks: bool) -> LoadedCo
     except ConfigError as error:
         _fail(error)
     if loaded.warnings:
-        err.print(problems_table(loaded.warnings, "[bold yellow]warnings[/]"))
+        _err().print(problems_table(loaded.warnings, "[bold yellow]warnings[/]"))
     return loaded
 
 
 def _not_yet(command: str, issue: int, plan: str, loaded: LoadedConfig | None = None) -> NoReturn:
     if loaded is not None:
-        out.print(config_summary(loaded))
-    out.print(f"[bold]longcat {command}[/] will {plan}")
-    out.print(f"[yellow]not implemented yet: lands with issue {issue}[/]")
+        _out().print(config_summary(loaded))
+    _out().print(f"[bold]longcat {command}[/] will {plan}")
+    _out().print(f"[yellow]not implemented yet: lands with issue {issue}[/]")
     raise typer.Exit(EXIT_NOT_IMPLEMENTED)
 
 
@@ -171,8 +179,8 @@ def config_check(
 ) -> None:
     """Check config.json and its datasets file; print what they set up. Exit code 2 on problems."""
     loaded = _load(config, set_, check_files=paths)
-    out.print(config_summary(loaded))
-    out.print("[bold green]config OK[/]" + ("" if paths else " (files and directories not checked)"))
+    _out().print(config_summary(loaded))
+    _out().print("[bold green]config OK[/]" + ("" if paths else " (files and directories not checked)"))
 
 
 @config_app.command("init")
@@ -190,8 +198,8 @@ def config_init(
             for p in error.paths
         ]))
     for path in written:
-        out.print(f"wrote {path}")
-    out.print(f"next: edit them, then [bold]longcat config check --config {written[0]}[/]")
+        _out().print(f"wrote {path}")
+    _out().print(f"next: edit them, then [bold]longcat config check --config {written[0]}[/]")
 
 
 @data_app.command("check")

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pydantic_core import PydanticCustomError
+
 from longcat_train.config.rules import check_frame_interval, check_frames
 
 DEFAULT_FPS = 15.0  # LongCat-Video is trained and sampled at 15 fps (not 30, as one guide says).
@@ -125,7 +127,9 @@ class DatasetConfig(BaseModel):
     @classmethod
     def _positive_fps(cls, value: float | str) -> float | str:
         if value != "source" and value <= 0:
-            raise ValueError("fps must be positive or \"source\"")
+            raise PydanticCustomError(
+                "fps", "fps must be positive or \"source\"", {"fix": 'use 15 (the model\'s rate) or "source"'}
+            )
         return value
 
     @model_validator(mode="after")

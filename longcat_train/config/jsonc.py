@@ -56,7 +56,8 @@ def strip_comments(text: str) -> str:
             if ch in "}]" and pending_comma is not None:
                 out[pending_comma] = " "
             if ch == ",":
-                pending_comma = len(out)
+                # Two commas in a row are an error for `json` to point at, not a trailing comma.
+                pending_comma = len(out) if pending_comma is None else None
             elif not ch.isspace():
                 pending_comma = None
             out.append(ch)

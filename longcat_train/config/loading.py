@@ -138,14 +138,12 @@ def load_config(
     problems = ProblemList()
     parsed_overrides = parse_overrides(tuple(overrides), problems)
     raw_training = _read_json_file(config_path, FILE_KEY, None, problems)
-    if raw_training is None and not problems.errors:
-        problems.add(config_path, FILE_KEY, None, "the file is empty (null)", "write a JSON object of settings")
-    if raw_training is not None and not isinstance(raw_training, dict):
-        problems.add(config_path, FILE_KEY, type(raw_training).__name__, "config.json must hold one JSON object",
-                     'write {"model_family": "longcat_video", ...}')
-    if problems.errors:
+    if not isinstance(raw_training, dict):
+        # Without the settings nothing else can be checked; report what is known so far.
+        if raw_training is not None or config_path not in {p.file for p in problems.problems}:
+            problems.add(config_path, FILE_KEY, raw_training, "config.json must hold one JSON object",
+                         'write {"model_family": "longcat_video", ...}')
         raise ConfigError(problems.problems)
-    assert isinstance(raw_training, dict)
 
     overridden: set[str] = set()
     dataset_overrides: list[Override] = []

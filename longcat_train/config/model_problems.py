@@ -28,6 +28,18 @@ _BOUNDS = {
 }
 
 
+_TYPE_WORDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "text in double quotes",
+    "list": "a JSON list [ ... ]",
+    "model": "a JSON object { ... }",
+    "dict": "a JSON object { ... }",
+    "path": "a path in double quotes",
+}
+
+
 def accepted_keys(model: type[BaseModel]) -> list[str]:
     """Field names and their alternative names (aliases) that a table of `model` accepts."""
     keys: list[str] = []
@@ -105,7 +117,8 @@ def _problem_text(error: dict[str, Any], info: FieldInfo | None) -> tuple[str, s
     if kind == "missing":
         return "required key is missing", "add it (see docs/config.md)"
     if kind.endswith(("_type", "_parsing")):
-        return f"wrong type: {error['msg']}", f"write a value of the right type{_example(info)}"
+        expected = next((words for prefix, words in _TYPE_WORDS.items() if kind.startswith(prefix)), "a value of the right type")
+        return f"wrong type: {error['msg']}", f"write {expected}{_example(info)}"
     return error["msg"], f"see docs/config.md for what this key accepts{_example(info)}"
 
 

@@ -1,0 +1,150 @@
+"""The `longcat` CLI: help renders, exit codes, config check/init, no tracebacks on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from longcat_train.cli import EXIT_CONFIG_ERROR, EXIT_NOT_IMPLEMENTED, app
+from tests.config_factory import base_datasets, base_training, write_pair
+
+RUNNER = CliRunner()
+WIDE = {"COLUMNS": "250"}
+
+
+def _command_paths() -> list[list[str]]:
+    root = get_command(app)
+    paths: list[list[str]] = []
+    for name, command in root.commands.items():  # type: ignore[attr-defined]
+        paths.append([name])
+        for sub in getattr(command, "commands", {}):
+            paths.append([name, sub])
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGCAT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_every_command_exists() -> None:
+    expected = {
+        ("train",), ("validate",), ("cache",), ("config", "check"), ("config", "init"), ("data", "check"),
+        ("export-lora",), ("plan",), ("bench",), ("demo",),
+    }
+    assert expected <= {tuple(p) for p in _command_paths()}
+
+
+def test_top_level_help() -> None:
+    result = RUNNER.invoke(app, ["--help"], env=WIDE)
+    assert result.exit_code == 0
+    for name in ("train", "validate", "cache", "config", "data", "export-lora", "plan", "bench", "demo"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=lambda p: " ".join(p))
+def test_subcommand_help_renders(path: list[str]) -> None:
+    result = RUNNER.invoke(app, [*path, "--help"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_config_check_accepts_a_good_config(tmp_path: Path) -> None:
+    config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
+    result = RUNNER.invoke(app, ["config", "check", "--config", str(config)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "config OK" in result.output and "clips-val" in result.output
+
+
+def test_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
+    training = base_training(tmp_path)
+    training["lerning_rate"] = 1e-4
+    config = write_pair(tmp_path, training, base_datasets())
+    result = RUNNER.invoke(
+        app, ["train", "--config", str(config), "--set", "datasets[clips].video.num_frames=90"], env=WIDE
+    )
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped ConfigError
+    assert "lerning_rate" in result.output and '"learning_rate"' in result.output
+    assert "datasets[0].video.num_frames" in result.output and "89 or 93" in result.output
+
+
+def test_broken_json_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text('{"lora_rank": 8,, }')
+    result = RUNNER.invoke(app, ["config", "check", "--config", str(config)], env=WIDE)
+    assert result.exit_code == EXIT_CONFIG_ERROR and "line 1, column 17" in result.output
+
+
+def test_config_init_writes_examples_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["config", "init", "project"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "project" / "config.json"
+    assert config.is_file() and (tmp_path / "project" / "multidatabackend.json").is_file()
+    checked = RUNNER.invoke(app, ["config", "check", "--config", str(config), "--no-paths"], env=WIDE)
+    assert checked.exit_code == 0, checked.output
+
+    config.write_text("{}")
+    again = RUNNER.invoke(app, ["config", "init", "project"], env=WIDE)
+    assert again.exit_code == EXIT_CONFIG_ERROR and "--force" in again.output
+    assert config.read_text() == "{}"
+    forced = RUNNER.invoke(app, ["config", "init", "project", "--force", "--t2v"], env=WIDE)
+    assert forced.exit_code == 0 and "validation_prompt" in config.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "issue"),
+    [
+        (["train"], 5),
+        (["cache"], 4),
+        (["data", "check"], 4),
+        (["plan", "--gpu-memory", "24"], 7),
+        (["validate", "--frames", "33", "--resolution", "256x448", "--prompt", "123"], 6),
+    ],
+)
+def test_pending_commands_check_config_then_exit_3(tmp_path: Path, args: list[str], issue: int) -> None:
+    config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
+    result = RUNNER.invoke(app, [*args, "--config", str(config)], env=WIDE)
+    assert result.exit_code == EXIT_NOT_IMPLEMENTED, result.output
+    assert f"not implemented yet: lands with issue {issue}" in result.output
+
+
+def test_validate_options_go_through_config_rules(tmp_path: Path) -> None:
+    config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
+    result = RUNNER.invoke(
+        app, ["validate", "--config", str(config), "--frames", "90", "--lora", "missing.safetensors:0.8"], env=WIDE
+    )
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert "validation_num_video_frames" in result.output and "89 or 93" in result.output
+    assert "--lora" in result.output and "does not exist" in result.output
+
+
+def test_commands_without_config(tmp_path: Path) -> None:
+    lora = tmp_path / "in.safetensors"
+    lora.write_bytes(b"")
+    exported = RUNNER.invoke(app, ["export-lora", str(lora), "out.safetensors", "--format", "official"], env=WIDE)
+    assert exported.exit_code == EXIT_NOT_IMPLEMENTED and "issue 5" in exported.output
+    bad_format = RUNNER.invoke(app, ["export-lora", str(lora), "out.safetensors", "--format", "kohya"], env=WIDE)
+    assert bad_format.exit_code == EXIT_CONFIG_ERROR
+    bench = RUNNER.invoke(app, ["bench", "--resolution", "480x830", "--frames", "92"], env=WIDE)
+    assert bench.exit_code == EXIT_CONFIG_ERROR and "816 or 832" in bench.output and "89 or 93" in bench.output
+    assert RUNNER.invoke(app, ["bench"], env=WIDE).exit_code == EXIT_NOT_IMPLEMENTED
+    assert RUNNER.invoke(app, ["demo", "--output-dir", "d"], env=WIDE).exit_code == EXIT_NOT_IMPLEMENTED
+
+
+def test_set_value_is_json_when_it_parses(tmp_path: Path) -> None:
+    config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
+    as_list = RUNNER.invoke(
+        app, ["config", "check", "--config", str(config), "--set", 'lora_target_modules=["attn.qkv"]'], env=WIDE
+    )
+    assert as_list.exit_code == 0, as_list.output
+    # Not JSON, so taken as the string "attn.qkv": a string is not a list.
+    as_text = RUNNER.invoke(
+        app, ["config", "check", "--config", str(config), "--set", "lora_target_modules=attn.qkv"], env=WIDE
+    )
+    assert as_text.exit_code == EXIT_CONFIG_ERROR and "lora_target_modules" in as_text.output

@@ -1,0 +1,188 @@
+"""Loading: commented JSON, overrides, aliases, path resolution, the guides' and our examples,
+the generated reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from longcat_train.config import ConfigError, TrainingConfig, load_config
+from longcat_train.config.jsonc import JsoncSyntaxError, loads_jsonc
+from longcat_train.config.reference_doc import default_output, render_reference
+from tests.config_factory import base_datasets, base_training, write_checkpoint, write_pair
+
+REPO = Path(__file__).resolve().parents[1]
+GUIDES = REPO / "tests" / "data" / "guide_examples"
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGCAT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_jsonc_comments_trailing_commas_and_strings() -> None:
+    text = '{\n "a": "x // not a comment", /* block\n comment */ "b": [1, 2,], // end\n "c": "q\\"/*",\n}'
+    assert loads_jsonc(text) == {"a": "x // not a comment", "b": [1, 2], "c": 'q"/*'}
+
+
+def test_jsonc_error_position_counts_comment_lines() -> None:
+    with pytest.raises(JsoncSyntaxError) as caught:
+        loads_jsonc('/* one\ntwo */\n{"a": 1 "b": 2}')
+    assert (caught.value.line, caught.value.column) == (3, 9)
+
+
+def test_overrides_reach_training_and_datasets(tmp_path: Path) -> None:
+    config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
+    loaded = load_config(
+        config,
+        [
+            "learning_rate=2e-4",
+            "validation_prompt=a cat on a fence",
+            "datasets[clips].video.num_frames=33",
+            "datasets[2].i2v_probability=0.5",
+        ],
+    )
+    assert loaded.training.learning_rate == 2e-4
+    assert loaded.training.validation_prompt == "a cat on a fence"
+    assert loaded.dataset("clips").num_frames == 33
+    assert loaded.dataset("clips-val").i2v_probability == 0.5
+
+
+def test_bad_override_is_a_problem(tmp_path: Path) -> None:
+    config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, ["learning_rate", "datasets[nope].repeats=1", "validation_num_video_frames=90"])
+    keys = {p.key for p in caught.value.errors}
+    assert {"learning_rate", "datasets[nope].repeats", "validation_num_video_frames"} <= keys
+
+
+def test_simpletuner_aliases() -> None:
+    config = TrainingConfig.model_validate(
+        {"validation_steps": 50, "checkpointing_steps": 20, "attention_mechanism": "sdpa"}
+    )
+    assert config.validation_step_interval == 50
+    assert config.checkpoint_step_interval == 20
+    assert config.attention_implementation == "sdpa"
+
+
+def test_is_i2v_under_video_and_i2v_probability_default(tmp_path: Path) -> None:
+    datasets = base_datasets()
+    del datasets[0]["is_i2v"]
+    datasets[0]["video"]["is_i2v"] = True
+    datasets[2]["is_i2v"] = False
+    datasets[2].pop("conditioning_data")
+    loaded = load_config(write_pair(tmp_path, base_training(tmp_path), datasets))
+    assert loaded.dataset("clips").is_i2v and loaded.dataset("clips").i2v_probability == 1.0
+    assert not loaded.dataset("clips-val").is_i2v and loaded.dataset("clips-val").i2v_probability == 0.0
+
+
+def test_paths_resolve_against_their_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    config = write_pair(root, base_training(root), base_datasets())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_config(config, ["pretrained_model_name_or_path=../project/ckpt"])
+    assert loaded.training.output_dir == root / "out"
+    assert loaded.backend_path == root / "multidatabackend.json"
+    assert loaded.dataset("clips").instance_data_dir == root / "data" / "clips"
+    assert loaded.dataset("clips").cache_dir_vae == root / "out" / "cache" / "vae" / "clips"
+    assert loaded.checkpoint_dir == root / "ckpt"  # a --set path starts at the current directory
+
+
+def test_simpletuner_style_cwd_relative_backend(tmp_path: Path) -> None:
+    # SimpleTuner configs say "config/multidatabackend.json", relative to where it runs.
+    (tmp_path / "config").mkdir()
+    training = base_training(tmp_path)
+    training["data_backend_config"] = "config/multidatabackend.json"
+    write_pair(tmp_path / "config", training, base_datasets())
+    loaded = load_config("config/config.json", check_files=False)
+    assert loaded.backend_path == tmp_path / "config" / "multidatabackend.json"
+
+
+def test_null_checkpoint_resolves_to_longcat_home(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "home" / "models" / "LongCat-Video")
+    training = base_training(tmp_path)
+    training["pretrained_model_name_or_path"] = None
+    loaded = load_config(write_pair(tmp_path, training, base_datasets()))
+    assert loaded.checkpoint_dir == tmp_path / "home" / "models" / "LongCat-Video"
+
+
+def test_text_embeds_and_disabled_entries(tmp_path: Path) -> None:
+    datasets = base_datasets()
+    datasets.append({"id": "te", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "te"})
+    datasets.append({"id": "old", "dataset_type": "video", "instance_data_dir": "gone", "disabled": True})
+    loaded = load_config(write_pair(tmp_path, base_training(tmp_path), datasets))
+    assert loaded.text_embeds is not None and loaded.text_embeds.cache_dir == tmp_path / "te"
+    assert [d.id for d in loaded.disabled_datasets] == ["old"]
+    assert "old" not in [d.id for d in loaded.datasets]
+
+
+def test_guide_configs_accepted_verbatim() -> None:
+    # The base guide's config with the edit guide's datasets file (the only one the guides give).
+    loaded = load_config(GUIDES / "longcat_video_config.json", check_files=False)
+    assert loaded.training.validation_size == (480, 832)
+    assert loaded.dataset("longcat-video-train").conditioning_data == ["longcat-video-cond"]
+    assert loaded.dataset("longcat-video-train").is_i2v
+    # 480 with the default alignment 64 is rounded: reported, not refused.
+    assert {p.key for p in loaded.warnings} == {"datasets[0].resolution", "datasets[1].resolution"}
+
+
+def test_edit_guide_config_needs_the_validation_split_it_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(GUIDES / "longcat_video_edit_config.json", check_files=False)
+    assert [p.key for p in caught.value.errors] == ["eval_dataset_id"]
+    # With the split the guide tells you to add, beside its entries verbatim, it is accepted.
+    shutil.copy(GUIDES / "longcat_video_edit_config.json", tmp_path / "config.json")
+    entries = loads_jsonc((GUIDES / "multidatabackend.json").read_text())
+    val = dict(entries[0], id="longcat-video-val", instance_data_dir="/data/val-clips", cache_dir_vae="/cache/val")
+    (tmp_path / "multidatabackend.json").write_text(json.dumps([*entries, val]))
+    loaded = load_config(tmp_path / "config.json", check_files=False)
+    assert loaded.eval_dataset is not None and loaded.eval_dataset.id == "longcat-video-val"
+    assert [d.id for d in loaded.training_datasets] == ["longcat-video-train"]
+
+
+@pytest.mark.parametrize(
+    ("config_name", "backend_name"),
+    [
+        ("config.json.example", "multidatabackend.json.example"),
+        ("config.t2v.json.example", "multidatabackend.t2v.json.example"),
+        ("tiers/80gb.json", "multidatabackend.json.example"),
+        ("tiers/48gb.json", "multidatabackend.json.example"),
+        ("tiers/24gb.json", "multidatabackend.json.example"),
+    ],
+)
+def test_examples_accepted_with_real_folders(tmp_path: Path, config_name: str, backend_name: str) -> None:
+    shutil.copy(REPO / "configs" / config_name, tmp_path / "config.json")
+    shutil.copy(REPO / "configs" / backend_name, tmp_path / "multidatabackend.json")
+    for folder in ("data/clips", "data/start_frames", "data/val/clips", "data/val/start_frames"):
+        (tmp_path / folder).mkdir(parents=True)
+    write_checkpoint(tmp_path / "home" / "models" / "LongCat-Video")
+    loaded = load_config(tmp_path / "config.json")
+    assert loaded.warnings == []
+    assert [d.id for d in loaded.training_datasets] == ["clips"]
+
+
+def test_packaged_examples_match_configs() -> None:
+    packaged = sorted((REPO / "longcat_train" / "examples").glob("*.example"))
+    assert [p.name for p in packaged] == sorted(p.name for p in (REPO / "configs").glob("*.example"))
+    for path in packaged:
+        assert path.read_bytes() == (REPO / "configs" / path.name).read_bytes(), path.name
+
+
+def test_reference_doc_is_current() -> None:
+    assert default_output().read_text(encoding="utf-8") == render_reference(), (
+        "docs/config.md is stale: run `python -m longcat_train.config.reference_doc`"
+    )
+
+
+def test_reference_doc_lists_every_key() -> None:
+    text = render_reference()
+    for key in TrainingConfig.model_fields:
+        assert f"| `{key}`" in text
+    assert "umT5-XXL" in text and "15 fps" in text
