@@ -242,6 +242,7 @@ def main() -> int:
     import triton
 
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 references must really be float32
     dense, dense_backend = dense_sdpa_backend()
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
