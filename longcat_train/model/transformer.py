@@ -315,6 +315,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.attention = AttentionDispatcher("auto", use_bsa=enable_bsa, bsa=BsaSettings.from_params(bsa_params))
         self.gradient_checkpointing = False
         self.checkpoint_mode = "full"
+        self.selective_blocks = depth
 
     # ----- runtime settings -------------------------------------------------------------------
     def set_attention_implementation(self, implementation: str, use_bsa: bool | None = None) -> None:
@@ -323,13 +324,16 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             implementation, use_bsa=use_bsa, bsa=BsaSettings.from_params(self.config.bsa_params)
         )
 
-    def set_activation_checkpointing(self, mode: str) -> None:
+    def set_activation_checkpointing(self, mode: str, selective_blocks: int | None = None) -> None:
         """`none`, `full` (recompute each block) or `selective` (recompute each block but keep the
-        attention outputs and log-sum-exp, so attention never runs twice)."""
+        attention outputs and log-sum-exp, so attention never runs twice). `selective_blocks` limits
+        the kept attention outputs to the first N blocks (the rest recompute fully) to fit a memory
+        budget; None means all blocks."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"activation checkpointing mode {mode!r}: choose one of {CHECKPOINT_MODES}")
         self.gradient_checkpointing = mode != "none"
         self.checkpoint_mode = mode if mode != "none" else "full"
+        self.selective_blocks = len(self.blocks) if selective_blocks is None else selective_blocks
 
     # ----- loading ----------------------------------------------------------------------------
     @classmethod
@@ -348,10 +352,10 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ----- forward ----------------------------------------------------------------------------
-    def _run_block(self, block, *args):
+    def _run_block(self, index: int, block, *args):
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(*args)
-        if self.checkpoint_mode == "selective":
+        if self.checkpoint_mode == "selective" and index < self.selective_blocks:
             context = functools.partial(create_selective_checkpoint_contexts, _save_attention_policy)
             return checkpoint(block, *args, use_reentrant=False, context_fn=context)
         return checkpoint(block, *args, use_reentrant=False)
@@ -384,8 +388,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             else:
                 text_mask = encoder_attention_mask.bool()[:, None, None, :]
 
-        for block in self.blocks:
-            x = self._run_block(block, x, t_emb, text, text_mask, grid, num_cond_latents, self.rope, self.attention)
+        for index, block in enumerate(self.blocks):
+            x = self._run_block(index, block, x, t_emb, text, text_mask, grid, num_cond_latents, self.rope, self.attention)
 
         out = self.final_layer(x, t_emb, T)  # [B, N, p_h*p_w*C_out] fp32
         _, ph, pw = self.patch_size

@@ -1,0 +1,171 @@
+"""`longcat bench`: full-size LongCat-Video with random weights built on the GPU, timed on the same
+code path as `train` (strategy, loss, backward, optimizer) or as renders (`denoise`)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .model import LongCatVideoTransformer3DModel
+from .model.flops import transformer_flops
+
+RELEASE_DIT_CONFIG = dict(
+    in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
+    mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2],
+    text_tokens_zero_pad=True, enable_bsa=False,
+    bsa_params={"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]},
+    enable_flashattn2=True, enable_flashattn3=False, cp_split_hw=None,
+)
+# dense bf16 peak without sparsity, per the vendor's datasheets (SXM parts)
+DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
+
+
+@dataclass
+class BenchSettings:
+    mode: str = "train"
+    resolution: str = "480x832"
+    frames: int = 93
+    rank: int = 32
+    steps: int = 4
+    warmup: int = 2
+    attention: str = "auto"
+    checkpointing: str = "selective"
+    selective_blocks: int | None = None
+    compile: bool = False
+    depth: int = 48
+    text_tokens: int = 512
+    render_steps: int = 50
+    seed: int = 0
+
+
+def random_transformer(device: str, dtype: torch.dtype, depth: int = 48, seed: int = 0, **overrides):
+    """The release architecture with random weights allocated directly on `device` in `dtype`
+    (built on the meta device first, so host RAM never holds it)."""
+    config = dict(RELEASE_DIT_CONFIG, depth=depth, **overrides)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = LongCatVideoTransformer3DModel(**config)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("_norm.weight"):
+                p.fill_(1.0)
+            elif p.ndim == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def _latent_shape(settings: BenchSettings):
+    h, w = (int(v) for v in settings.resolution.lower().split("x"))
+    return 1 + (settings.frames - 1) // 4, h // 8, w // 8
+
+
+def _peak_flops() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
+
+
+def bench_train(settings: BenchSettings, device: str = "cuda") -> dict:
+    from .lora import add_lora
+    from .training.flow import sample_sigmas
+    from .training.step import flow_matching_loss
+    from .training.strategy import ImageToVideo
+
+    torch.manual_seed(settings.seed)
+    model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed)
+    model.set_attention_implementation(settings.attention)
+    model.set_activation_checkpointing(settings.checkpointing, settings.selective_blocks)
+    add_lora(model, rank=settings.rank)
+    model.train()
+    if settings.compile:
+        for block in model.blocks:
+            block.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    T, H, W = _latent_shape(settings)
+    g = torch.Generator().manual_seed(settings.seed)
+    x0 = torch.randn(1, 16, T, H, W, generator=g).to(device)
+    text = torch.randn(1, 1, settings.text_tokens, 4096, generator=g).to(device, torch.bfloat16)
+    mask = torch.ones(1, settings.text_tokens, dtype=torch.long, device=device)
+    mask[:, 200:] = 0
+    strategy = ImageToVideo()
+    times, losses = [], []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(settings.warmup + settings.steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        loss, _ = flow_matching_loss(model, x0, noise, sample_sigmas(1, g), text, mask, strategy)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= settings.warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    s_per_step = statistics.median(times)
+    flops = transformer_flops(RELEASE_DIT_CONFIG | {"depth": settings.depth}, 1, T, H, W,
+                              settings.text_tokens, num_cond_latents=1)
+    peak = _peak_flops()
+    tokens = T * (H // 2) * (W // 2)
+    return {
+        "mode": "train",
+        "device": torch.cuda.get_device_name(),
+        "s_per_step": round(s_per_step, 3),
+        "tokens_per_s": round(tokens / s_per_step, 1),
+        "model_tflop_per_step": round(flops.total / 1e12, 1),
+        "mfu": None if peak is None else round(flops.total / s_per_step / peak, 3),
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "losses": [round(v, 5) for v in losses],
+        "settings": asdict(settings),
+    }
+
+
+def bench_render(settings: BenchSettings, device: str = "cuda") -> dict:
+    """Times `settings.steps` CFG sampler steps (batch 2: negative + positive) and reports the
+    per-step time and the 50-step render figure it implies (VAE decode not included)."""
+    from .validation import denoise
+
+    model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed).eval()
+    model.set_attention_implementation(settings.attention)
+    T, H, W = _latent_shape(settings)
+    g = torch.Generator().manual_seed(settings.seed)
+    latents = torch.randn(1, 16, T, H, W, generator=g).to(device)
+    text = torch.randn(1, 1, settings.text_tokens, 4096, generator=g).to(device, torch.bfloat16)
+    mask = torch.ones(1, settings.text_tokens, dtype=torch.long, device=device)
+    denoise(model, latents, text, mask, text, mask, 1, 4.0, num_cond_latents=1)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    denoise(model, latents, text, mask, text, mask, settings.steps, 4.0, num_cond_latents=1)
+    torch.cuda.synchronize()
+    per_step = (time.perf_counter() - start) / settings.steps
+    return {
+        "mode": "render",
+        "device": torch.cuda.get_device_name(),
+        "s_per_sampler_step": round(per_step, 3),
+        "s_per_render_dit": round(per_step * settings.render_steps, 1),
+        "measured_steps": settings.steps,
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "settings": asdict(settings),
+    }
+
+
+def run_bench(settings: BenchSettings) -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("longcat bench needs a CUDA GPU (it builds the full 13.6B model on it)")
+    result = {"train": bench_train, "render": bench_render}[settings.mode](settings)
+    print(json.dumps(result), flush=True)
+    return result
