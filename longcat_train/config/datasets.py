@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from pydantic_core import PydanticCustomError
 
 from longcat_train.config.rules import check_frame_interval, check_frames
