@@ -1,0 +1,164 @@
+"""Checkpoints that survive a kill at any moment and resume exactly.
+
+A checkpoint is a directory `checkpoint-<step>/` holding the LoRA (ComfyUI format and any other
+configured formats), `training_state.safetensors` (optimizer tensors, every RNG state) and
+`training_state.json` (step, epoch, sampler position, optimizer hyper-parameters, LR scheduler,
+resolved config). It is written under a temporary name and renamed in one step, so a kill during a
+save leaves the previous checkpoint untouched and never a half-written one under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..lora import LoraWeights, read_lora, write_lora
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LORA_FILE = "lora.safetensors"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of `epoch` this rank has consumed
+    nan_skipped: int = 0
+
+
+def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    tensors = {"rng.torch_cpu": torch.get_rng_state(), "rng.trainer": generator.get_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    return tensors
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(
+    output_dir: Path,
+    state: TrainState,
+    lora: LoraWeights,
+    lora_metadata: dict,
+    export_formats: list[str],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    generator: torch.Generator,
+    resolved_config: dict,
+) -> Path:
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{state.step}"
+    tmp = output_dir / f".checkpoint-{state.step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_lora(tmp / LORA_FILE, lora, "comfyui", lora_metadata)
+    for fmt in export_formats:
+        if fmt != "comfyui":
+            write_lora(tmp / f"lora.{fmt}.safetensors", lora, fmt, lora_metadata)
+    opt_tensors, opt_json = _optimizer_tensors(optimizer)
+    save_file({**opt_tensors, **_rng_tensors(generator)}, str(tmp / STATE_TENSORS))
+    np_state = np.random.get_state()
+    (tmp / STATE_JSON).write_text(json.dumps({
+        "state": asdict(state),
+        "optimizer": opt_json,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "python_random": random.getstate()[1],
+        "numpy_random": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "config": resolved_config,
+    }, indent=1, default=str))
+    for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():  # a re-save of the same step (e.g. the end of a resumed run)
+        old = output_dir / f".checkpoint-{state.step}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = CHECKPOINT_RE.match(path.name)
+        if match and (path / STATE_JSON).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
+    if not keep:
+        return []
+    removed = list_checkpoints(output_dir)[:-keep]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """`latest` → the newest complete checkpoint in output_dir (None when there is none yet)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_JSON).is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint={resume}: {path / STATE_JSON} not found; "
+                                "point it at a checkpoint-<step> directory or use \"latest\"")
+    return path
+
+
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, lr_scheduler, generator: torch.Generator):
+    """Restore optimizer, scheduler and every RNG; returns (TrainState, LoraWeights)."""
+    path = Path(path)
+    meta = json.loads((path / STATE_JSON).read_text())
+    tensors = load_file(str(path / STATE_TENSORS))
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    for index, scalars in meta["optimizer"]["scalars"].items():
+        opt_state.setdefault(int(index), {}).update(scalars)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    generator.set_state(tensors["rng.trainer"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    random.setstate((3, tuple(meta["python_random"]), None))
+    np_meta = meta["numpy_random"]
+    np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), np_meta["pos"],
+                         np_meta["has_gauss"], np_meta["cached_gaussian"]))
+    return TrainState(**meta["state"]), read_lora(path / LORA_FILE).weights

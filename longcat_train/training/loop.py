@@ -1,0 +1,261 @@
+"""`longcat train`: the LoRA training loop on Accelerate.
+
+Read top to bottom: prepare data (caches) → load the frozen transformer → attach LoRA → optimizer
+and schedule → resume → for each batch: latents, text, conditioning strategy, flow-matching loss,
+backward, step → log, checkpoint, validate. Every random draw of the loop comes from one
+`torch.Generator` whose state is checkpointed, and batches come from a plan that depends only on
+(seed, epoch), so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from rich.console import Console
+
+from ..cache import collate_text
+from ..config import LoadedConfig
+from ..data import BucketBatchSampler, ClipItem
+from ..lora import add_lora, lora_state
+from ..lora.adapters import load_lora_into_adapter
+from ..model import LongCatVideoTransformer3DModel
+from ..model.flops import transformer_flops
+from .checkpoint import TrainState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .flow import sample_sigmas
+from .prepare import PreparedData, prepare_data
+from .progress import RunLog, peak_vram_gib, progress_bar, startup_table
+from .step import flow_matching_loss
+from .strategy import choose_strategy
+
+MAX_CONSECUTIVE_NONFINITE = 3
+NOT_YET_PRECISIONS = {"int8-quanto", "int4-quanto", "fp8-torchao"}
+
+
+class TrainingStopped(RuntimeError):
+    """A run that stopped on purpose (non-finite losses, out of memory) with its advice."""
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    lora_path: Path
+    losses: list[tuple[int, float]]
+
+
+def _weight_dtype(precision: str, stored: torch.dtype) -> torch.dtype:
+    if precision in NOT_YET_PRECISIONS:
+        raise TrainingStopped(
+            f"base_model_precision={precision!r} is not available yet (quantized training lands with the "
+            "memory issue); use \"bf16\" or \"no_change\""
+        )
+    return torch.bfloat16 if precision == "bf16" else stored
+
+
+def load_transformer(loaded: LoadedConfig) -> LongCatVideoTransformer3DModel:
+    cfg = loaded.training
+    root = Path(cfg.pretrained_model_name_or_path)
+    # the release (and our tiny checkpoints) store fp32; `no_change` keeps that
+    dtype = _weight_dtype(cfg.base_model_precision, torch.float32)
+    transformer = LongCatVideoTransformer3DModel.from_pretrained(root, subfolder="dit", torch_dtype=dtype)
+    transformer.set_attention_implementation(cfg.attention_implementation)
+    transformer.set_activation_checkpointing("full" if cfg.gradient_checkpointing else "none")
+    return transformer
+
+
+def max_steps(cfg, batches_per_epoch: int) -> int:
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    return cfg.num_train_epochs * math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+
+
+def assemble_batch(items: list[ClipItem], data: PreparedData, generator: torch.Generator, text_len: int | None):
+    """Draws, in a fixed order from `generator`: the conditioning mode, caption dropout per item,
+    then each clip latent from its cached posterior."""
+    i2v_probability = sum(i.i2v_probability if i.is_i2v else 0.0 for i in items) / len(items)
+    strategy = choose_strategy(i2v_probability, generator)
+    texts = []
+    for item in items:
+        dropped = torch.rand((), generator=generator).item() < item.caption_dropout_probability
+        texts.append(data.text("" if dropped else item.caption))
+    x0 = torch.stack([data.clip_latent(item).sample(generator) for item in items])
+    start = None
+    if strategy.num_cond_latents:
+        starts = [data.start_latent(item) for item in items]
+        if all(s is not None for s in starts):
+            start = torch.stack([s.mean for s in starts])
+    embeds, mask = collate_text(texts, max_len=text_len)
+    return strategy, x0, start, embeds, mask
+
+
+def _set_seeds(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def run_training(loaded: LoadedConfig, console: Console | None = None, validator_factory=None) -> TrainResult:
+    console = console or Console()
+    cfg = loaded.training
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    )
+    _weight_dtype(cfg.base_model_precision, torch.float32)  # refuse unsupported modes before heavy work
+
+    with accelerator.main_process_first():
+        data = prepare_data(loaded, accelerator.device, console)
+    if not data.items:
+        raise TrainingStopped("no usable training items: see the skipped files above (`longcat data check` lists them)")
+
+    generator = _set_seeds(cfg.seed + accelerator.process_index)
+    transformer = load_transformer(loaded)
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
+    add_lora(transformer, cfg.lora_rank, alpha, cfg.lora_target_modules, cfg.lora_dropout,
+             "gaussian" if cfg.lora_init == "gaussian" else True)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon, fused=accelerator.device.type == "cuda",
+    )
+    sampler = BucketBatchSampler(
+        data.items, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index,
+        probabilities={d.id: d.probability for d in loaded.datasets},
+    )
+    total_steps = max_steps(cfg, len(sampler.epoch_batches(0)))
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=total_steps)
+
+    state = TrainState()
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        state, weights = load_checkpoint(resume, optimizer, lr_scheduler, generator)
+        load_lora_into_adapter(transformer, weights)
+        console.print(f"resumed from {resume} at step {state.step}")
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    model = accelerator.unwrap_model(transformer)
+    model.train()
+    text_len = 512 if model.config.text_tokens_zero_pad else None
+    validator = validator_factory(loaded, data) if validator_factory else None
+
+    writer = None
+    if accelerator.is_main_process and cfg.report_to in ("tensorboard", "all"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(output_dir / "logs"))
+    log = RunLog(writer=writer)
+    console.print(startup_table({
+        "model": f"{cfg.model_family}/{cfg.model_flavour} at {cfg.pretrained_model_name_or_path}",
+        "precision": f"weights {next(model.parameters()).dtype}, autocast {cfg.mixed_precision}",
+        "trainable parameters": f"{sum(p.numel() for p in params):,} (LoRA rank {cfg.lora_rank}, alpha {alpha})",
+        "datasets": ", ".join(f"{i}: {len(s.items)} items, {len(s.skipped)} skipped" for i, s in data.scans.items()),
+        "buckets": ", ".join(sorted({i.bucket.label for i in data.items})),
+        "steps": f"{state.step} → {total_steps} (batch {cfg.train_batch_size} × accumulation {cfg.gradient_accumulation_steps} × {accelerator.num_processes} processes)",
+        "memory": f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, attention {cfg.attention_implementation}",
+    }))
+
+    config_hash = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+    def checkpoint() -> Path | None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        weights = lora_state(accelerator.unwrap_model(transformer), alpha)
+        meta = {"rank": cfg.lora_rank, "alpha": alpha, "targets": list(cfg.lora_target_modules),
+                "base_model": str(cfg.pretrained_model_name_or_path), "steps": state.step,
+                "config_hash": config_hash}
+        path = save_checkpoint(output_dir, state, weights, meta, list(cfg.lora_export_formats), optimizer,
+                               lr_scheduler, generator, cfg.model_dump(mode="json"))
+        prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
+        log.write_loss_curve(output_dir / "loss.png")
+        return path
+
+    nonfinite_in_row = 0
+    with progress_bar(console) as bar:
+        task = bar.add_task("train", total=total_steps, completed=state.step, status="")
+        while state.step < total_steps:
+            batches = sampler.epoch_batches(state.epoch)
+            if state.batches_in_epoch >= len(batches):
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                continue
+            indices = batches[state.batches_in_epoch]
+            state.batches_in_epoch += 1
+            items = [data.items[i] for i in indices]
+            strategy, x0, start, embeds, mask = assemble_batch(items, data, generator, text_len)
+            noise = torch.randn(x0.shape, generator=generator)
+            sigmas = sample_sigmas(len(items), generator, cfg.flow_sigma_sampling, cfg.flow_schedule_shift or 12.0)
+            device = accelerator.device
+            with accelerator.accumulate(transformer):
+                try:
+                    with accelerator.autocast():
+                        loss, _ = flow_matching_loss(
+                            transformer, x0.to(device), noise.to(device), sigmas, embeds.to(device), mask.to(device),
+                            strategy, None if start is None else start.to(device),
+                        )
+                except torch.cuda.OutOfMemoryError as error:
+                    raise TrainingStopped(
+                        f"out of memory at step {state.step} (bucket {items[0].bucket.label}): {error}. The last "
+                        "checkpoint is intact. Try gradient_checkpointing: true, a smaller resolution or fewer "
+                        "frames, or musubi_blocks_to_swap."
+                    ) from error
+                if not torch.isfinite(loss):
+                    nonfinite_in_row += 1
+                    state.nan_skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    console.print(f"[yellow]step {state.step}: loss is {loss.item()}, step skipped[/]")
+                    if nonfinite_in_row >= MAX_CONSECUTIVE_NONFINITE:
+                        path = checkpoint()
+                        raise TrainingStopped(
+                            f"{nonfinite_in_row} non-finite losses in a row; saved {path}. Try a lower "
+                            "learning_rate, max_grad_norm 1.0, or base_model_precision bf16 instead of fp8."
+                        )
+                    continue
+                nonfinite_in_row = 0
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            T, H, W = x0.shape[2:]
+            seconds = log.record(state.step, loss.item(), lr_scheduler.get_last_lr()[0], grad_norm, {
+                "perf/peak_vram_gib": peak_vram_gib(),
+                "perf/tflop_per_step": transformer_flops(dict(model.config), len(items), T, H, W,
+                                                         embeds.shape[2], strategy.num_cond_latents).total / 1e12,
+            })
+            bar.update(task, completed=state.step, status=f"loss {log.ema:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
+                       f"{seconds:.2f} s/step VRAM {peak_vram_gib():.1f} GiB")
+            if state.step % cfg.checkpoint_step_interval == 0 or state.step == total_steps:
+                checkpoint()
+            if validator is not None and cfg.validation_step_interval and state.step % cfg.validation_step_interval == 0:
+                validator.run(model, state.step, writer)
+                accelerator.wait_for_everyone()
+
+    lora_path = output_dir / "lora.safetensors"
+    if accelerator.is_main_process:
+        final = output_dir / f"checkpoint-{state.step}"
+        if not final.is_dir():
+            checkpoint()
+        shutil.copyfile(final / "lora.safetensors", lora_path)
+        console.print(f"done: {state.step} steps, final loss EMA {log.ema:.4f}, "
+                      f"{state.nan_skipped} non-finite steps skipped; LoRA at {lora_path}")
+    if writer is not None:
+        writer.close()
+    return TrainResult(state=state, lora_path=lora_path, losses=log.losses)

@@ -1,0 +1,85 @@
+"""What the user sees during a run: the startup table, the progress line, TensorBoard scalars, the
+loss curve PNG and the closing summary."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def startup_table(rows: dict[str, object]) -> Table:
+    table = Table(title="longcat train", show_header=False)
+    table.add_column("setting", style="bold")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    return table
+
+
+@dataclass
+class RunLog:
+    """Loss history and timing; writes TensorBoard scalars when a writer is given."""
+
+    writer: object | None = None
+    ema_decay: float = 0.9
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    ema: float | None = None
+    step_times: list[float] = field(default_factory=list)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def record(self, step: int, loss: float, lr: float, grad_norm: float | None, extra: dict[str, float]) -> float:
+        now = time.perf_counter()
+        seconds = now - self._last
+        self._last = now
+        self.step_times.append(seconds)
+        self.losses.append((step, loss))
+        self.ema = loss if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * loss
+        if self.writer is not None:
+            scalars = {"train/loss": loss, "train/loss_ema": self.ema, "train/lr": lr, "perf/s_per_step": seconds, **extra}
+            if grad_norm is not None:
+                scalars["train/grad_norm"] = grad_norm
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+        return seconds
+
+    def write_loss_curve(self, path: Path, width: int = 640, height: int = 320) -> Path:
+        """A plain line plot of loss per step (PIL, so no plotting stack is needed)."""
+        image = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(image)
+        if len(self.losses) >= 2:
+            steps = [s for s, _ in self.losses]
+            values = [v for _, v in self.losses]
+            lo, hi = min(values), max(values)
+            span_s, span_v = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-12)
+            pad = 24
+            points = [
+                (pad + (s - steps[0]) / span_s * (width - 2 * pad), height - pad - (v - lo) / span_v * (height - 2 * pad))
+                for s, v in zip(steps, values)
+            ]
+            draw.line(points, fill=(30, 90, 200), width=2)
+            draw.text((pad, 4), f"loss {values[-1]:.4f} (min {lo:.4f}, max {hi:.4f}) at step {steps[-1]}", fill="black")
+        image.save(path)
+        return path
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+
+
+def peak_vram_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
