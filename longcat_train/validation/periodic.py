@@ -1,0 +1,242 @@
+"""Validation during training: preview renders, first-frame fidelity and a held-out loss.
+
+The training loop builds one `Validator` before the first step and calls `run` every
+`validation_step_interval` steps. A run leaves the training state as it found it: torch's CPU and
+CUDA RNG states (forked), every module's train/eval flag (saved and restored one by one), no
+autograd graph (no_grad), and no VAE left in memory (loaded per run, freed after).
+
+Several processes: `run` renders on the calling process only and has no collective operations,
+so call it on the main process and let the others wait at the caller's barrier::
+
+    if accelerator.is_main_process:
+        metrics = validator.run(accelerator.unwrap_model(transformer), step, writer)
+    accelerator.wait_for_everyone()
+
+This needs the whole model on the main process (DDP replicas, not sharded parameters).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from longcat_train.cache import CachedLatent, clean_prompt, collate_text
+from longcat_train.components import load_scheduler
+from longcat_train.config import LoadedConfig, TrainingConfig
+from longcat_train.data import ClipItem, load_start_frame_pixels
+from longcat_train.training.flow import shift_sigmas
+from longcat_train.training.step import flow_matching_loss
+from longcat_train.training.strategy import STRATEGIES
+
+from .outputs import contact_sheet, render_stem, write_render
+from .render import RenderSettings, fit_pixels, render_video
+
+# The padded text length of the release (`text_tokens_zero_pad`: padding is attended as zeros).
+TEXT_LENGTH = 512
+HELDOUT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Renders are the slow part of a validation; an eval split of hundreds of clips renders its first few.
+MAX_DATASET_RENDERS = 4
+
+logger = logging.getLogger(__name__)
+
+
+class ScalarImageWriter(Protocol):
+    """The part of TensorBoard's SummaryWriter that validation uses."""
+
+    def add_scalar(self, tag: str, value: float, global_step: int) -> Any: ...
+
+    def add_image(self, tag: str, img: np.ndarray, global_step: int, dataformats: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    """One render: its file stem, prompt and start frame (`[3, 1, H, W]`, None for text-to-video)."""
+
+    stem: str
+    prompt: str
+    start_pixels: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class HeldOutLatents:
+    """Cached latents of one eval item: the clip, and its start frame when it is image-to-video."""
+
+    clip: CachedLatent
+    start: CachedLatent | None = None
+
+
+def validation_cases(
+    training: TrainingConfig, eval_items: Sequence[ClipItem], max_dataset_renders: int = MAX_DATASET_RENDERS
+) -> list[ValidationCase]:
+    """With `validation_using_datasets`, the start frames and captions of the first eval clips
+    (one window per file), resized to the render size; else `validation_prompt` as text-to-video;
+    else nothing. A start frame that cannot be read is skipped and logged."""
+    height, width = training.validation_size
+    if not training.validation_using_datasets:
+        prompt = training.validation_prompt
+        return [] if prompt is None else [ValidationCase(render_stem(0, prompt), prompt, None)]
+    cases: list[ValidationCase] = []
+    seen: set[Path] = set()
+    for item in eval_items:
+        if len(cases) >= max_dataset_renders:
+            break
+        if item.path in seen:
+            continue
+        seen.add(item.path)
+        start = None
+        if item.is_i2v:
+            try:
+                start = fit_pixels(load_start_frame_pixels(item), height, width)
+            except Exception as error:  # noqa: BLE001 - one bad clip is skipped and reported, never a crash
+                logger.warning("validation skips %s: cannot read its start frame (%s)", item.path, error)
+                continue
+        cases.append(ValidationCase(render_stem(len(cases), item.caption), item.caption, start))
+    return cases
+
+
+def sigma_quantiles(scheme: str, shift: float, quantiles: Sequence[float] = HELDOUT_QUANTILES) -> torch.Tensor:
+    """The σ at fixed quantiles of the training σ distribution (unit logit-normal or uniform, then
+    shifted), so the held-out loss is comparable across validations and runs."""
+    q = torch.tensor(quantiles, dtype=torch.float64)
+    u = q if scheme == "uniform" else torch.sigmoid(torch.special.ndtri(q))
+    return shift_sigmas(u, shift).float()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Validator:
+    """Renders and held-out loss of one training run; see the module notes for the contract.
+
+    `text_features` maps prompts (raw or cleaned) to unpadded `(embeds [L, C], mask [L])` as the
+    text cache returns them; it must hold every prompt of `required_prompts`. `vae_loader()` returns
+    the VAE on the render device; it is called once per run and the VAE freed after.
+    `eval_latents`, aligned with `eval_items`, enables the held-out loss.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        text_features: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        vae_loader: Callable[[], AutoencoderKLWan],
+        eval_items: Sequence[ClipItem] = (),
+        eval_latents: Sequence[HeldOutLatents] | None = None,
+        max_dataset_renders: int = MAX_DATASET_RENDERS,
+    ) -> None:
+        training = loaded.training
+        if eval_latents is not None and len(eval_latents) != len(eval_items):
+            raise ValueError(f"eval_latents has {len(eval_latents)} entries for {len(eval_items)} eval_items")
+        self.output_root = Path(training.output_dir) / "validation"
+        self.vae_loader = vae_loader
+        scheduler_shift = float(load_scheduler(loaded.checkpoint_dir).config.shift)
+        self.settings = RenderSettings.from_training(training, shift=scheduler_shift)
+        self.cases = validation_cases(training, eval_items, max_dataset_renders)
+        self.heldout_items = list(eval_items) if eval_latents is not None else []
+        self.heldout_latents = list(eval_latents or [])
+        self.heldout_sigmas = sigma_quantiles(
+            training.flow_sigma_sampling, training.flow_schedule_shift or scheduler_shift
+        )
+        self.heldout_seed = self.settings.seed
+        features = {clean_prompt(prompt): value for prompt, value in text_features.items()}
+        needed = [
+            training.validation_negative_prompt or "",
+            *(case.prompt for case in self.cases),
+            *(item.caption for item in self.heldout_items),
+        ]
+        missing = sorted({clean_prompt(p) for p in needed} - features.keys())
+        if missing:
+            raise KeyError(
+                f"text features missing for {len(missing)} validation prompt(s), e.g. {missing[:3]}. "
+                "Fix: encode Validator.required_prompts(...) with the TextCache and pass them all."
+            )
+        self._text = {p: collate_text([features[clean_prompt(p)]], max_len=TEXT_LENGTH) for p in needed}
+        self.negative = self._text[needed[0]]
+        self.last_files: list[Path] = []
+
+    @staticmethod
+    def required_prompts(loaded: LoadedConfig, eval_items: Sequence[ClipItem] = ()) -> list[str]:
+        """Every prompt whose text features the validator needs (empty/negative prompt included)."""
+        training = loaded.training
+        prompts = [training.validation_negative_prompt or "", training.validation_prompt or ""]
+        return list(dict.fromkeys([*prompts, *(item.caption for item in eval_items)]))
+
+    def run(self, transformer: torch.nn.Module, step: int, writer: ScalarImageWriter | None = None) -> dict[str, float]:
+        """Render every case into `output_dir/validation/step_<step>/`, compute first-frame PSNR and
+        the held-out loss, log them to `writer`, and return the metrics."""
+        modes = [(module, module.training) for module in transformer.modules()]
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        metrics: dict[str, float] = {}
+        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
+            transformer.eval()
+            try:
+                if self.cases:
+                    metrics.update(self._render(transformer, step, writer))
+                if self.heldout_items:
+                    metrics.update(self._heldout_loss(transformer))
+            finally:
+                for module, mode in modes:
+                    module.training = mode
+        if writer is not None:
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, step)
+        return metrics
+
+    def _render(self, transformer: torch.nn.Module, step: int, writer: ScalarImageWriter | None) -> dict[str, float]:
+        directory = self.output_root / f"step_{step}"
+        self.last_files = []
+        fidelity: list[float] = []
+        vae = self.vae_loader()
+        try:
+            for case in self.cases:
+                embeds, mask = self._text[case.prompt]
+                result = render_video(
+                    transformer, vae, embeds, mask, *self.negative,
+                    start_pixels=case.start_pixels, **self.settings.as_kwargs(),
+                )
+                self.last_files.extend(write_render(directory, case.stem, result.frames).paths())
+                if result.first_frame_psnr is not None:
+                    fidelity.append(result.first_frame_psnr)
+                if writer is not None:
+                    sheet = np.asarray(contact_sheet(result.frames))
+                    writer.add_image(f"validation/{case.stem}", sheet, step, dataformats="HWC")
+        finally:
+            del vae
+            _free_memory()
+        return {"validation/first_frame_psnr": float(np.mean(fidelity))} if fidelity else {}
+
+    def _heldout_loss(self, transformer: torch.nn.Module) -> dict[str, float]:
+        """Flow-matching loss of each eval item at each σ quantile, with the posterior mean as x0
+        and noise from a fixed seed: the same inputs every validation."""
+        device = next(transformer.parameters()).device
+        generator = torch.Generator("cpu").manual_seed(self.heldout_seed)
+        totals = torch.zeros(len(self.heldout_sigmas), dtype=torch.float64)
+        for item, latents in zip(self.heldout_items, self.heldout_latents, strict=True):
+            x0 = latents.clip.mean[None].float()
+            # i2v needs a noisy frame after the clean one; a one-latent clip trains text-to-video
+            strategy = STRATEGIES["i2v" if item.is_i2v and x0.shape[2] > 1 else "t2v"]
+            start = None if latents.start is None else latents.start.mean[None].to(device)
+            embeds, mask = (t.to(device) for t in self._text[item.caption])
+            for index, sigma in enumerate(self.heldout_sigmas):
+                noise = torch.randn(x0.shape, generator=generator)
+                loss, _ = flow_matching_loss(
+                    transformer, x0.to(device), noise.to(device), sigma.view(1), embeds, mask, strategy, start
+                )
+                totals[index] += loss.item()
+        per_sigma = totals / len(self.heldout_items)
+        metrics = {
+            f"validation/heldout_loss_q{round(q * 100):02d}": float(v)
+            for q, v in zip(HELDOUT_QUANTILES, per_sigma, strict=True)
+        }
+        metrics["validation/heldout_loss"] = float(per_sigma.mean())
+        return metrics

@@ -1,0 +1,189 @@
+"""One render: start image → VAE latent → `denoise` → VAE decode → uint8 frames.
+
+Shared by periodic validation and `longcat validate`. The initial noise comes from a CPU
+generator, so a seed gives the same render on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from PIL import Image
+
+from longcat_train.components import LATENT_CHANNELS, denormalize_latents, normalize_latents, vae_latent_stats
+from longcat_train.config import TrainingConfig
+
+from .sampler import denoise
+
+# Image-to-video conditions on exactly one clean latent frame, the start image's.
+I2V_COND_LATENTS = 1
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """The keyword arguments of `render_video` that stay fixed across one set of renders."""
+
+    height: int
+    width: int
+    num_frames: int
+    steps: int
+    guidance: float
+    seed: int
+    distilled: bool = False
+    shift: float = 12.0
+    tiling: bool = False
+
+    @classmethod
+    def from_training(cls, training: TrainingConfig, shift: float = 12.0) -> RenderSettings:
+        """The `validation_*` keys (seed: `validation_seed`, else `seed`; tiling: `vae_enable_tiling`)."""
+        height, width = training.validation_size
+        seed = training.seed if training.validation_seed is None else training.validation_seed
+        return cls(height, width, training.validation_num_video_frames, training.validation_num_inference_steps,
+                   training.validation_guidance, seed, shift=shift, tiling=training.vae_enable_tiling)
+
+    def as_kwargs(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    latents: torch.Tensor  # denoised, normalised [1, 16, T_lat, H/8, W/8] float32 on the CPU
+    first_frame_psnr: float | None  # decoded frame 0 vs the start image (dB); None for text-to-video
+
+
+def fit_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize `[3, F, h, w]` to cover `height`×`width` and centre-crop it there."""
+    h, w = pixels.shape[-2:]
+    if (h, w) == (height, width):
+        return pixels
+    scale = max(height / h, width / w)
+    size = (max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale)))
+    frames = pixels.permute(1, 0, 2, 3)  # interpolate wants [N, C, h, w]
+    frames = F.interpolate(frames.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return frames[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3).clamp(-1, 1).contiguous()
+
+
+def load_start_image(path: Path, height: int, width: int) -> torch.Tensor:
+    """An image file as `[3, 1, height, width]` float32 in [-1, 1] (cover-resized, centre-cropped)."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read start image {path}: {error}. Fix: give a PNG or JPEG file.") from error
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[:, None] / 127.5 - 1.0
+    return fit_pixels(pixels, height, width)
+
+
+def _vae_factors(vae: AutoencoderKLWan) -> tuple[int, int]:
+    return int(vae.config.scale_factor_temporal), int(vae.config.scale_factor_spatial)
+
+
+def latent_shape(vae: AutoencoderKLWan, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+    """`[1, 16, T_lat, H/8, W/8]` of a render, with the size rules checked and named."""
+    temporal, spatial = _vae_factors(vae)
+    if (num_frames - 1) % temporal:
+        raise ValueError(f"{num_frames} frames: renders need 1 + {temporal}·k frames (e.g. 93)")
+    # The DiT patchifies latents 2×2, so pixels must be multiples of 2·spatial.
+    if height % (2 * spatial) or width % (2 * spatial):
+        raise ValueError(f"render size {height}x{width}: height and width must be multiples of {2 * spatial}")
+    return (1, LATENT_CHANNELS, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+
+def _vae_place(vae: AutoencoderKLWan) -> tuple[torch.device, torch.dtype]:
+    parameter = next(vae.parameters())
+    return parameter.device, parameter.dtype
+
+
+@torch.no_grad()
+def encode_start_latent(vae: AutoencoderKLWan, start_pixels: torch.Tensor) -> torch.Tensor:
+    """The start image's normalised latent `[1, 16, 1, H/8, W/8]` float32: the posterior mean (its
+    argmax), as the official pipeline conditions on it."""
+    device, dtype = _vae_place(vae)
+    posterior = vae.encode(start_pixels[None].to(device=device, dtype=dtype)).latent_dist
+    mean, std = vae_latent_stats(vae)
+    return normalize_latents(posterior.mode().float(), mean, std)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents `[1, 16, T, h, w]` → pixels `[3, F, H, W]` float32 in [-1, 1] on the CPU."""
+    device, dtype = _vae_place(vae)
+    mean, std = vae_latent_stats(vae)
+    z = denormalize_latents(latents.to(device=device, dtype=torch.float32), mean, std)
+    video = vae.decode(z.to(dtype), return_dict=False)[0]
+    return video[0].float().clamp(-1, 1).cpu()
+
+
+def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
+    """`[3, F, H, W]` in [-1, 1] → uint8 `[F, H, W, 3]`."""
+    scaled = ((pixels.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return scaled.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def psnr(reference: torch.Tensor, image: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio (dB) of two images in [-1, 1], measured on the [0, 1] scale."""
+    mse = ((reference.float().cpu() - image.float().cpu()) / 2).square().mean().item()
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU so a seed means the same render on every device."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+@torch.no_grad()
+def render_video(
+    transformer: torch.nn.Module,
+    vae: AutoencoderKLWan,
+    prompt_embeds: torch.Tensor,
+    prompt_mask: Optional[torch.Tensor],
+    negative_embeds: Optional[torch.Tensor],
+    negative_mask: Optional[torch.Tensor],
+    *,
+    height: int,
+    width: int,
+    num_frames: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    start_pixels: Optional[torch.Tensor] = None,
+    distilled: bool = False,
+    shift: float = 12.0,
+    tiling: bool = False,
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> RenderResult:
+    """Render one video. Text features are `[1, 1, L, C]` / `[1, L]` (pad to 512 with
+    `collate_text(..., max_len=512)` to match the release). `start_pixels` `[3, 1, H, W]` in [-1, 1]
+    makes it image-to-video (its latent is frame 0, never changed); None makes it text-to-video.
+    `tiling` decodes (and encodes) with the VAE in tiles, for large renders."""
+    shape = latent_shape(vae, height, width, num_frames)
+    vae.enable_tiling() if tiling else vae.disable_tiling()
+    device = next(transformer.parameters()).device
+    latents = initial_noise(shape, seed)
+    num_cond = 0
+    if start_pixels is not None:
+        if tuple(start_pixels.shape) != (3, 1, height, width):
+            raise ValueError(f"start_pixels must be [3, 1, {height}, {width}], got {list(start_pixels.shape)}")
+        latents[:, :, :I2V_COND_LATENTS] = encode_start_latent(vae, start_pixels).cpu()
+        num_cond = I2V_COND_LATENTS
+
+    def place(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if tensor is None else tensor.to(device)
+
+    latents = denoise(
+        transformer, latents.to(device), place(prompt_embeds), place(prompt_mask),
+        place(negative_embeds), place(negative_mask), steps, guidance,
+        num_cond_latents=num_cond, shift=shift, distilled=distilled, on_step=on_step,
+    ).cpu()
+    pixels = decode_latents(vae, latents)
+    fidelity = None if start_pixels is None else psnr(start_pixels[:, 0], pixels[:, 0])
+    return RenderResult(frames=to_uint8_frames(pixels), latents=latents, first_frame_psnr=fidelity)
