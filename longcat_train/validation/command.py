@@ -1,0 +1,170 @@
+"""`longcat validate`: one-off renders with the validation settings, optional start image and LoRAs."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from longcat_train.cache import TextCache, clean_prompt, collate_text
+from longcat_train.components import load_scheduler, load_text_encoder, load_tokenizer, load_vae
+from longcat_train.config import LoadedConfig, TrainingConfig, parse_resolution
+from longcat_train.data import ClipItem, DataSpec, scan_dataset
+from longcat_train.lora import apply_loras, read_lora
+from longcat_train.model import LongCatVideoTransformer3DModel
+
+from .outputs import render_stem, write_render
+from .periodic import TEXT_LENGTH, ValidationCase, validation_cases
+from .render import RenderSettings, load_start_image, render_video
+
+# The cfg_step LoRA was distilled for 16 steps without CFG (the official pipeline's defaults for it).
+DISTILLED_STEPS = 16
+DISTILLED_GUIDANCE = 1.0
+
+
+def _render_training(
+    training: TrainingConfig,
+    prompt: str | None,
+    resolution: str | tuple[int, int] | None,
+    frames: int | None,
+    steps: int | None,
+    guidance: float | None,
+    seed: int | None,
+    distilled: bool,
+) -> TrainingConfig:
+    """The training settings with the command's render options laid over the `validation_*` keys."""
+    update: dict[str, object] = {}
+    if resolution is not None:
+        height, width = parse_resolution(resolution) if isinstance(resolution, str) else resolution
+        update["validation_resolution"] = f"{height}x{width}"
+    steps = steps if steps is not None or not distilled else DISTILLED_STEPS
+    guidance = guidance if guidance is not None or not distilled else DISTILLED_GUIDANCE
+    for key, value in (("validation_prompt", prompt), ("validation_num_video_frames", frames),
+                       ("validation_num_inference_steps", steps), ("validation_guidance", guidance),
+                       ("validation_seed", seed)):
+        if value is not None:
+            update[key] = value
+    return training.model_copy(update=update)
+
+
+def _eval_items(loaded: LoadedConfig) -> list[ClipItem]:
+    training = loaded.training
+    if not training.validation_using_datasets or loaded.eval_dataset is None:
+        return []
+    alignment = training.aspect_bucket_alignment
+    specs = {d.id: DataSpec.from_dataset_config(d, alignment=alignment) for d in loaded.datasets}
+    conditioning = {i: s for i, s in specs.items() if s.dataset_type == "conditioning"}
+    return scan_dataset(specs[loaded.eval_dataset.id], conditioning, seed=training.seed).items
+
+
+def _cases(loaded: LoadedConfig, training: TrainingConfig, image: Path | None, prompt: str | None) -> list[ValidationCase]:
+    height, width = training.validation_size
+    if image is not None:
+        text = prompt if prompt is not None else training.validation_prompt
+        if text is None:
+            raise ValueError(f"--image {image} needs a prompt: pass --prompt TEXT or set validation_prompt")
+        return [ValidationCase(render_stem(0, text), text, load_start_image(image, height, width))]
+    if prompt is not None:
+        return [ValidationCase(render_stem(0, prompt), prompt, None)]
+    cases = validation_cases(training, _eval_items(loaded))
+    if not cases:
+        raise ValueError(
+            f"nothing to render from {loaded.config_path}: pass --prompt (and --image for image-to-video), "
+            "set validation_prompt, or set validation_using_datasets with an eval_dataset_id that has clips"
+        )
+    return cases
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _encode_prompts(root: Path, prompts: Sequence[str], device: torch.device, dtype: torch.dtype):
+    """Padded `(embeds [1, 1, 512, C], mask [1, 512])` per prompt, tokenized and encoded exactly as
+    the official pipeline does (cleaning, padding to 512, truncation)."""
+    tokenizer = load_tokenizer(root)
+    encoder = load_text_encoder(root, dtype=dtype, device=device)
+    try:
+        # only `encode` is used, which writes nothing: a one-off render leaves no cache entries
+        encoder_cache = TextCache(root, tokenizer, encoder)
+        unique = list(dict.fromkeys(prompts))
+        features = encoder_cache.encode([clean_prompt(p) for p in unique])
+    finally:
+        del encoder
+        _free(device)
+    return {
+        prompt: collate_text([(embeds, torch.ones(embeds.shape[0], dtype=torch.long))], max_len=TEXT_LENGTH)
+        for prompt, embeds in zip(unique, features, strict=True)
+    }
+
+
+def run_validate(
+    loaded: LoadedConfig,
+    loras: Sequence[tuple[Path, float]] = (),
+    image: Path | None = None,
+    prompt: str | None = None,
+    resolution: str | tuple[int, int] | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    distilled: bool = False,
+    output: Path | None = None,
+    device: str | torch.device | None = None,
+    console: Console | None = None,
+) -> list[Path]:
+    """Render and write mp4 + contact sheet per video; returns the written paths (mp4, png, ...).
+
+    Options left None come from the `validation_*` keys (`--distilled`: 16 steps, guidance 1
+    unless given). With `image` it renders image-to-video from it with `prompt` (or
+    `validation_prompt`); with only `prompt`, text-to-video; with neither, what periodic
+    validation renders. LoRAs apply as forward hooks with their strengths (0 = no effect).
+    Output goes to `output`, default `output_dir/validation/validate_<time>/`.
+    """
+    console = console or Console()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    root = loaded.checkpoint_dir
+    training = _render_training(loaded.training, prompt, resolution, frames, steps, guidance, seed, distilled)
+    cases = _cases(loaded, training, image, prompt)
+    settings = replace(
+        RenderSettings.from_training(training, shift=float(load_scheduler(root).config.shift)), distilled=distilled
+    )
+    negative_prompt = training.validation_negative_prompt or ""
+    text = _encode_prompts(root, [negative_prompt, *(case.prompt for case in cases)], device,
+                           torch.bfloat16 if on_cuda else torch.float32)
+
+    # bf16 on CUDA as the release runs; on the CPU the checkpoint's own dtype
+    transformer = LongCatVideoTransformer3DModel.from_pretrained(
+        root, subfolder="dit", **({"torch_dtype": torch.bfloat16} if on_cuda else {})
+    )
+    transformer.set_attention_implementation(training.attention_implementation)
+    transformer.to(device).eval().requires_grad_(False)
+    apply_loras(transformer, [(read_lora(path).weights, strength) for path, strength in loras])
+    vae = load_vae(root, dtype=torch.bfloat16 if on_cuda else torch.float32, device=device)
+
+    directory = output or Path(training.output_dir) / "validation" / time.strftime("validate_%Y%m%d-%H%M%S")
+    written: list[Path] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=not console.is_terminal) as progress:
+        for case in cases:
+            task = progress.add_task(f"render {case.stem}", total=settings.steps)
+            result = render_video(
+                transformer, vae, *text[case.prompt], *text[negative_prompt],
+                start_pixels=case.start_pixels,
+                on_step=lambda done, _total, task=task: progress.update(task, completed=done),
+                **settings.as_kwargs(),
+            )
+            files = write_render(directory, case.stem, result.frames)
+            written.extend(files.paths())
+            fidelity = "" if result.first_frame_psnr is None else f" (first-frame PSNR {result.first_frame_psnr:.2f} dB)"
+            progress.console.print(f"wrote {files.video} and {files.sheet}{fidelity}")
+    return written
