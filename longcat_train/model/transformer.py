@@ -8,6 +8,7 @@ is computed in fp32 with adjacent-pair rotation. The network predicts x0 − ε.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -22,8 +23,10 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .activation_offload import HostOffload
 from .attention import SDPA_OPS, AttentionDispatcher, BsaSettings
 from .checkpoint_keys import verify_checkpoint_keys
+from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, rope_eager, swiglu
 
 CHECKPOINT_MODES = ("none", "full", "selective")
 
@@ -48,13 +51,6 @@ def linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), linear.weight.float(), bias)
 
 
-def layer_norm_fp32(x: torch.Tensor, norm: nn.LayerNorm | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm computed in fp32; returns fp32."""
-    if norm is None:
-        return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the head dim: normalise in fp32, cast back, multiply the weight in the input dtype."""
 
@@ -64,9 +60,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm_rope(x, self.weight, self.eps)
 
 
 class PatchEmbed3D(nn.Module):
@@ -127,12 +121,13 @@ class FeedForwardSwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class Rope3D:
     """3D rotary embedding: head dims split t | h | w (44 | 42 | 42 at head_dim 128), base 10000,
-    each angle shared by an adjacent pair of dims. Tables are cached per grid and device."""
+    each angle shared by an adjacent pair of dims (rotation: `fused_ops.rope_eager`, or fused with
+    RMSNorm in `fused_ops.rms_norm_rope`). Tables are cached per grid and device."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         self.dim_h = self.dim_w = 2 * (head_dim // 6)
@@ -155,14 +150,6 @@ class Rope3D:
             self._cache[key] = (angles.cos(), angles.sin())
         return self._cache[key]
 
-    def apply(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """x: [B, heads, N, D] → rotated, same dtype (computed in fp32)."""
-        cos, sin = self.cos_sin(grid, x.device)
-        xf = x.float().unflatten(-1, (-1, 2))
-        x0, x1 = xf[..., 0], xf[..., 1]
-        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-        return out.flatten(-2).type_as(x)
-
 
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
@@ -177,7 +164,10 @@ class SelfAttention(nn.Module):
     def forward(self, x, grid, num_cond_latents: int, rope: Rope3D, attention: AttentionDispatcher):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = rope.apply(self.q_norm(q), grid), rope.apply(self.k_norm(k), grid)
+        cos, sin = rope.cos_sin(grid, x.device)
+        # RMSNorm + RoPE in one fused pass (same numerics as rope.apply(self.q_norm(q), grid))
+        q = rms_norm_rope(q, self.q_norm.weight, self.q_norm.eps, cos, sin)
+        k = rms_norm_rope(k, self.k_norm.weight, self.k_norm.eps, cos, sin)
         if num_cond_latents > 0:
             # Condition tokens see only condition tokens; noisy tokens see everything.
             n_cond = num_cond_latents * (N // grid[0])
@@ -230,24 +220,14 @@ class LongCatBlock(nn.Module):
         """x: [B, N, C] in the weight dtype; t_emb: [B, T, C_t] fp32 (one modulation per latent frame)."""
         B, N, C = x.shape
         T = grid[0]
-        dtype = x.dtype
         mod = linear_fp32(self.adaLN_modulation[1], F.silu(t_emb)).unsqueeze(2)  # [B, T, 1, 6C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-
-        def modulated(h, shift, scale):
-            h = layer_norm_fp32(h.view(B, T, -1, C))
-            return (h * (1 + scale) + shift).to(dtype).view(B, N, C)
-
-        def gated_residual(h, residual, gate):
-            return (h.view(B, T, -1, C) + gate * residual.view(B, T, -1, C)).to(dtype).view(B, N, C)
-
-        a = self.attn(modulated(x, shift_msa, scale_msa), grid, num_cond_latents, rope, attention)
+        # fp32 LayerNorm/modulation/gating, each one fused pass (see fused_ops for the numerics)
+        a = self.attn(modulate(x, shift_msa, scale_msa), grid, num_cond_latents, rope, attention)
         x = gated_residual(x, a, gate_msa)
         n_cond_tokens = num_cond_latents * (N // T)
-        x = x + self.cross_attn(
-            layer_norm_fp32(x, self.pre_crs_attn_norm).to(dtype), text, text_mask, n_cond_tokens, attention
-        )
-        f = self.ffn(modulated(x, shift_mlp, scale_mlp))
+        x = x + self.cross_attn(layer_norm_affine(x, self.pre_crs_attn_norm), text, text_mask, n_cond_tokens, attention)
+        f = self.ffn(modulate(x, shift_mlp, scale_mlp))
         return gated_residual(x, f, gate_mlp)
 
 
@@ -257,12 +237,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, num_patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, T: int) -> torch.Tensor:
-        B, N, C = x.shape
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         shift, scale = linear_fp32(self.adaLN_modulation[1], F.silu(t_emb)).unsqueeze(2).chunk(2, dim=-1)
-        h = layer_norm_fp32(x.view(B, T, -1, C)) * (1 + scale) + shift
         # the official code casts the modulated input back to the weight dtype before the fp32 linear
-        return linear_fp32(self.linear, h.to(x.dtype).view(B, N, C))
+        return linear_fp32(self.linear, modulate(x, shift, scale))
 
 
 def _save_attention_policy(ctx, op, *args, **kwargs):
@@ -316,6 +294,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.gradient_checkpointing = False
         self.checkpoint_mode = "full"
         self.selective_blocks = depth
+        self.offload_block_inputs = False
 
     # ----- runtime settings -------------------------------------------------------------------
     def set_attention_implementation(self, implementation: str, use_bsa: bool | None = None) -> None:
@@ -324,16 +303,20 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             implementation, use_bsa=use_bsa, bsa=BsaSettings.from_params(self.config.bsa_params)
         )
 
-    def set_activation_checkpointing(self, mode: str, selective_blocks: int | None = None) -> None:
+    def set_activation_checkpointing(
+        self, mode: str, selective_blocks: int | None = None, offload_block_inputs: bool = False
+    ) -> None:
         """`none`, `full` (recompute each block) or `selective` (recompute each block but keep the
         attention outputs and log-sum-exp, so attention never runs twice). `selective_blocks` limits
         the kept attention outputs to the first N blocks (the rest recompute fully) to fit a memory
-        budget; None means all blocks."""
+        budget; None means all blocks. `offload_block_inputs` keeps the checkpointed block inputs in
+        pinned host memory (copied asynchronously, fetched back one block ahead) on CUDA."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"activation checkpointing mode {mode!r}: choose one of {CHECKPOINT_MODES}")
         self.gradient_checkpointing = mode != "none"
         self.checkpoint_mode = mode if mode != "none" else "full"
         self.selective_blocks = len(self.blocks) if selective_blocks is None else selective_blocks
+        self.offload_block_inputs = offload_block_inputs and mode != "none"
 
     # ----- loading ----------------------------------------------------------------------------
     @classmethod
@@ -388,10 +371,12 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             else:
                 text_mask = encoder_attention_mask.bool()[:, None, None, :]
 
-        for index, block in enumerate(self.blocks):
-            x = self._run_block(index, block, x, t_emb, text, text_mask, grid, num_cond_latents, self.rope, self.attention)
+        offload = self.offload_block_inputs and x.is_cuda and torch.is_grad_enabled()
+        with HostOffload() if offload else contextlib.nullcontext():
+            for index, block in enumerate(self.blocks):
+                x = self._run_block(index, block, x, t_emb, text, text_mask, grid, num_cond_latents, self.rope, self.attention)
 
-        out = self.final_layer(x, t_emb, T)  # [B, N, p_h*p_w*C_out] fp32
+        out = self.final_layer(x, t_emb)  # [B, N, p_h*p_w*C_out] fp32
         _, ph, pw = self.patch_size
         out = out.view(B, T, grid[1], grid[2], ph, pw, self.out_channels)
         out = out.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, self.out_channels, T, grid[1] * ph, grid[2] * pw)
