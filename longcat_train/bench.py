@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .model import LongCatVideoTransformer3DModel
+from .model.fused_ops import use_fused_kernels
 from .model.flops import transformer_flops
 
 RELEASE_DIT_CONFIG = dict(
@@ -35,6 +36,9 @@ class BenchSettings:
     attention: str = "auto"
     checkpointing: str = "selective"
     selective_blocks: int | None = None
+    offload_block_inputs: bool = True
+    autocast: bool = True  # bf16 autocast, as Accelerate's mixed precision runs `train`
+    fused_kernels: bool = True
     compile: bool = False
     depth: int = 48
     text_tokens: int = 512
@@ -83,10 +87,17 @@ def bench_train(settings: BenchSettings, device: str = "cuda") -> dict:
     from .training.strategy import ImageToVideo
 
     torch.manual_seed(settings.seed)
+    use_fused_kernels(settings.fused_kernels)
     model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed)
     model.set_attention_implementation(settings.attention)
-    model.set_activation_checkpointing(settings.checkpointing, settings.selective_blocks)
+    model.set_activation_checkpointing(settings.checkpointing, settings.selective_blocks, settings.offload_block_inputs)
     add_lora(model, rank=settings.rank)
+    if settings.autocast:
+        # PEFT would otherwise copy every LoRA input to fp32 (the adapter's dtype) before autocast
+        # casts it back to bf16 for the matmul: two memory-bound passes per adapter, same result
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     model.train()
     if settings.compile:
         for block in model.blocks:
@@ -106,7 +117,8 @@ def bench_train(settings: BenchSettings, device: str = "cuda") -> dict:
         torch.cuda.synchronize()
         start = time.perf_counter()
         noise = torch.randn(x0.shape, generator=g).to(device)
-        loss, _ = flow_matching_loss(model, x0, noise, sample_sigmas(1, g), text, mask, strategy)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.autocast):
+            loss, _ = flow_matching_loss(model, x0, noise, sample_sigmas(1, g), text, mask, strategy)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -138,6 +150,7 @@ def bench_render(settings: BenchSettings, device: str = "cuda") -> dict:
     per-step time and the 50-step render figure it implies (VAE decode not included)."""
     from .validation import denoise
 
+    use_fused_kernels(settings.fused_kernels)
     model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed).eval()
     model.set_attention_implementation(settings.attention)
     T, H, W = _latent_shape(settings)

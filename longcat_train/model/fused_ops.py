@@ -40,8 +40,17 @@ def _interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+_enabled = True
+
+
+def use_fused_kernels(enabled: bool) -> None:
+    """Switch the fused kernels off (eager reference everywhere), e.g. to measure what they save."""
+    global _enabled
+    _enabled = enabled
+
+
 def _fusable(x: torch.Tensor, *small: torch.Tensor | None) -> bool:
-    if triton is None or not (x.is_cuda or _interpreting()):
+    if not _enabled or triton is None or not (x.is_cuda or _interpreting()):
         return False
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
