@@ -23,6 +23,7 @@ from longcat_train.config.summary import config_summary
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NOT_IMPLEMENTED = 3
+EXIT_STOPPED = 1
 
 app = typer.Typer(
     name="longcat",
@@ -86,6 +87,12 @@ def _not_yet(command: str, issue: int, plan: str, loaded: LoadedConfig | None = 
     raise typer.Exit(EXIT_NOT_IMPLEMENTED)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _argument_problem(option: str, value: object, rule: str, fix: str) -> ConfigProblem:
     return ConfigProblem("command line", option, value, rule, fix)
 
@@ -94,12 +101,17 @@ def _argument_problem(option: str, value: object, rule: str, fix: str) -> Config
 def train(config: ConfigOption, set_: SetOption = None) -> None:
     """Train a LoRA: cache latents and text embeddings, then train, checkpoint and validate."""
     loaded = _load(config, set_)
-    _not_yet(
-        "train", 5,
-        "encode missing latents and captions, train the LoRA with Accelerate, checkpoint every "
-        "checkpoint_step_interval steps and validate every validation_step_interval steps",
-        loaded,
-    )
+    _run_training(loaded)
+
+
+def _run_training(loaded: LoadedConfig):
+    from longcat_train.training.loop import TrainingStopped, run_training
+
+    try:
+        return run_training(loaded, _out())
+    except TrainingStopped as stopped:
+        _err().print(f"[bold red]training stopped:[/] {stopped}")
+        raise typer.Exit(EXIT_STOPPED) from None
 
 
 def _lora_specs(values: list[str]) -> tuple[list[tuple[Path, float]], list[ConfigProblem]]:
@@ -168,7 +180,11 @@ def validate(
 def cache(config: ConfigOption, set_: SetOption = None) -> None:
     """Encode every missing latent (VAE) and caption embedding (umT5) into the caches."""
     loaded = _load(config, set_)
-    _not_yet("cache", 4, "encode missing clip and start-frame latents and caption embeddings", loaded)
+    from longcat_train.training.prepare import prepare_data
+
+    data = prepare_data(loaded, "cuda" if _cuda_available() else "cpu", _out())
+    _out().print(f"cached {len(data.items)} training items, {len(data.eval_items)} eval items, "
+                 f"{len(data.text_features)} prompts; {len(data.failed)} failed")
 
 
 @config_app.command("check")
@@ -206,7 +222,10 @@ def config_init(
 def data_check(config: ConfigOption, set_: SetOption = None) -> None:
     """Scan the datasets: usable items, skipped files with reasons, buckets, pairing (no GPU, no model)."""
     loaded = _load(config, set_, check_checkpoint=False)
-    _not_yet("data check", 4, "scan every dataset and report items, skips, buckets and start-frame pairing", loaded)
+    from longcat_train.data import data_check_report
+    from longcat_train.training.prepare import data_specs
+
+    data_check_report(list(data_specs(loaded).values()), seed=loaded.training.seed).render(_out())
 
 
 @app.command("export-lora")
@@ -218,7 +237,15 @@ def export_lora(
     """Convert a LoRA file between the ComfyUI, official LongCat and diffusers formats."""
     if format_ not in ("comfyui", "official", "diffusers"):
         _fail(ConfigError([_argument_problem("--format", format_, "unknown LoRA format", "use comfyui, official or diffusers")]))
-    _not_yet("export-lora", 5, f"convert {source} to the {format_} format at {target}")
+    from longcat_train.lora import read_lora, write_lora
+
+    try:
+        lora = read_lora(source)
+    except Exception as error:  # unreadable or foreign file: say which and why, no traceback
+        _fail(ConfigError([_argument_problem("SOURCE", str(source), f"not a readable LoRA file ({error})",
+                                             "give a .safetensors LoRA in ComfyUI, official LongCat or diffusers format")]))
+    write_lora(target, lora.weights, format_, lora.metadata)
+    _out().print(f"wrote {target} ({format_}, {len(lora.weights.modules)} modules, read as {lora.format})")
 
 
 @app.command()
@@ -252,7 +279,15 @@ def bench(
         problems.append(_argument_problem("--mode", mode, "unknown mode", "use train, render or vae"))
     if problems:
         _fail(ConfigError(problems))
-    _not_yet("bench", 8, f"time {steps} {mode} steps at {resolution}x{frames} (LoRA rank {rank}) and print one JSON line")
+    if mode == "vae":
+        _not_yet("bench", 8, f"time VAE encodes of {resolution}x{frames} clips and print one JSON line")
+    from longcat_train.bench import BenchSettings, run_bench
+
+    try:
+        run_bench(BenchSettings(mode=mode, resolution=resolution, frames=frames, rank=rank, steps=steps))
+    except RuntimeError as error:
+        _err().print(f"[bold red]bench:[/] {error}")
+        raise typer.Exit(EXIT_STOPPED) from None
 
 
 @app.command()
@@ -260,7 +295,15 @@ def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the tiny model, data and run go.")] = Path("demo_run"),
 ) -> None:
     """Make a tiny random LongCat-Video and a synthetic paired dataset, then train on the CPU."""
-    _not_yet("demo", 5, f"write a tiny model and data under {output_dir} and run cache, train and validate on them")
+    from longcat_train.demo.synthetic import write_demo
+
+    config_path = write_demo(output_dir)
+    _out().print(f"wrote a tiny random LongCat-Video, synthetic paired clips and {config_path}")
+    result = _run_training(_load(config_path, None))
+    losses = [loss for _, loss in result.losses]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    _out().print(f"[bold green]demo done[/]: loss {first:.4f} (first 10 steps) → {last:.4f} (last 10), "
+                 f"{100 * (1 - last / first):.0f}% lower; outputs in {output_dir / 'output'}")
 
 
 if __name__ == "__main__":
