@@ -15,14 +15,9 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
-# Each subfolder of the release and a file whose presence shows it is really there.
-_REQUIRED_FILES: dict[str, tuple[str, ...]] = {
-    "dit": ("config.json",),
-    "vae": ("config.json",),
-    "text_encoder": ("config.json",),
-    "tokenizer": ("tokenizer.json", "spiece.model", "tokenizer_config.json"),
-    "scheduler": ("scheduler_config.json",),
-}
+from .config.model_paths import CHECKPOINT_MARKERS as _REQUIRED_FILES
+from .config.model_paths import is_umt5_config
+
 SUBFOLDERS: tuple[str, ...] = tuple(_REQUIRED_FILES)
 LATENT_CHANNELS = 16
 
@@ -97,10 +92,6 @@ def load_vae(
     return vae.to(device).eval().requires_grad_(False)
 
 
-def _is_umt5(config: dict[str, Any]) -> bool:
-    return config.get("model_type") == "umt5" or "UMT5EncoderModel" in (config.get("architectures") or [])
-
-
 def load_text_encoder(
     root: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> UMT5EncoderModel:
@@ -113,7 +104,7 @@ def load_text_encoder(
     layout.validate(("text_encoder",))
     config_path = layout.text_encoder / "config.json"
     config = _read_json(config_path)
-    if not _is_umt5(config):
+    if not is_umt5_config(config):
         raise CheckpointError(
             f"{config_path} describes model_type {config.get('model_type')!r} "
             f"(architectures {config.get('architectures')}), not umT5. LongCat-Video's DiT takes the "
