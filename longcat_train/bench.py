@@ -37,6 +37,7 @@ class BenchSettings:
     checkpointing: str = "selective"
     selective_blocks: int | None = None
     offload_block_inputs: bool = True
+    keep_cross_attention: bool = False
     autocast: bool = True  # bf16 autocast, as Accelerate's mixed precision runs `train`
     fused_kernels: bool = True
     compile: bool = False
@@ -90,7 +91,8 @@ def bench_train(settings: BenchSettings, device: str = "cuda") -> dict:
     use_fused_kernels(settings.fused_kernels)
     model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed)
     model.set_attention_implementation(settings.attention)
-    model.set_activation_checkpointing(settings.checkpointing, settings.selective_blocks, settings.offload_block_inputs)
+    model.set_activation_checkpointing(settings.checkpointing, settings.selective_blocks,
+                                       settings.offload_block_inputs, settings.keep_cross_attention)
     add_lora(model, rank=settings.rank)
     if settings.autocast:
         # PEFT would otherwise copy every LoRA input to fp32 (the adapter's dtype) before autocast

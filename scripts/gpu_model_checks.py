@@ -74,14 +74,18 @@ def offload_matches(depth=2, tokens_grid=(24, 30, 52)):
     text = torch.randn(1, 1, 512, 4096, device="cuda", generator=g).to(torch.bfloat16)
     ts = torch.full((1, T), 500.0, device="cuda")
     grads = {}
-    for offload in (False, True):
-        model.set_activation_checkpointing("selective", offload_block_inputs=offload)
+    for offload in (False, True, "again"):  # "again": without offload, for run-to-run determinism
+        model.set_activation_checkpointing("selective", offload_block_inputs=offload is True)
         torch.cuda.reset_peak_memory_stats()
         model(x, ts, text, None, num_cond_latents=1).pow(2).mean().backward()
         grads[offload] = ([p.grad.clone() for p in trainable], torch.cuda.max_memory_allocated() / 2**30)
         for p in trainable:
             p.grad = None
-    return {"check": "offload_block_inputs", "grads_bit_equal": all(torch.equal(a, b) for a, b in zip(grads[False][0], grads[True][0])),
+    def diff(a, b):
+        return max(_rel(x, y) for x, y in zip(grads[a][0], grads[b][0]))
+
+    return {"check": "offload_block_inputs", "rel_l2_grads_offload_vs_not": diff(True, False),
+            "rel_l2_grads_rerun_without_offload": diff("again", False),
             "peak_gib_without": round(grads[False][1], 2), "peak_gib_with": round(grads[True][1], 2)}
 
 

@@ -26,18 +26,16 @@ class _Offloaded:
         self.index = index
 
 
-class HostOffload(torch.autograd.graph.saved_tensors_hooks):
-    """Context manager: CUDA tensors of at least `min_bytes` saved for backward inside it live in
-    pinned host memory until backward needs them; smaller ones (timestep and text states shared by
-    every block) stay where they are."""
+class _OffloadState:
+    """What the hooks share. It holds no reference to the hooks, so no reference cycle keeps the
+    pinned copies alive (and un-reusable by the host cache) after backward has freed the graph."""
 
-    def __init__(self, min_bytes: int = 32 * 2**20):
+    def __init__(self, min_bytes: int):
         self.min_bytes = min_bytes
         self.saved: list[_Offloaded] = []
         self.stream: torch.cuda.Stream | None = None
-        super().__init__(self._pack, self._unpack)
 
-    def _pack(self, tensor: torch.Tensor):
+    def pack(self, tensor: torch.Tensor):
         if not tensor.is_cuda or tensor.numel() * tensor.element_size() < self.min_bytes or not tensor.is_contiguous():
             return tensor
         if self.stream is None:
@@ -53,7 +51,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         self.saved.append(handle)
         return handle
 
-    def _fetch(self, handle: _Offloaded) -> None:
+    def fetch(self, handle: _Offloaded) -> None:
         if handle.on_device is not None:
             return
         with torch.cuda.stream(self.stream):
@@ -62,15 +60,23 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
             handle.copied_in = torch.cuda.Event()
             handle.copied_in.record(self.stream)
 
-    def _unpack(self, packed):
+    def unpack(self, packed):
         if not isinstance(packed, _Offloaded):
             return packed
-        self._fetch(packed)
+        self.fetch(packed)
         if packed.index > 0:
-            self._fetch(self.saved[packed.index - 1])  # the block whose backward comes next
+            self.fetch(self.saved[packed.index - 1])  # the block whose backward comes next
         current = torch.cuda.current_stream(packed.device)
         current.wait_event(packed.copied_in)
         tensor = packed.on_device
         tensor.record_stream(current)
         packed.on_device = None  # a second unpack (retain_graph) fetches again from the host copy
         return tensor
+
+
+def host_offload(min_bytes: int = 32 * 2**20) -> torch.autograd.graph.saved_tensors_hooks:
+    """Context manager: CUDA tensors of at least `min_bytes` saved for backward inside it live in
+    pinned host memory until backward needs them; smaller ones (timestep and text states shared by
+    every block) stay where they are."""
+    state = _OffloadState(min_bytes)
+    return torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack)
