@@ -167,13 +167,12 @@ def validate(
         _fail(ConfigError([*error.problems, *problems]))
     if problems:
         _fail(ConfigError(problems))
-    mode = "image-to-video from the start image" if image is not None else "from validation_prompt or the eval split"
-    _not_yet(
-        "validate", 6,
-        f"render {mode} with {len(loras)} LoRA(s){' (distilled, 16 steps)' if distilled else ''} "
-        f"into {loaded.training.output_dir / 'validation'}",
-        loaded,
-    )
+    from longcat_train.validation.command import run_validate
+
+    try:
+        run_validate(loaded, loras, image, prompt, resolution, frames, steps, guidance, seed, distilled)
+    except ValueError as error:
+        _fail(ConfigError([_argument_problem("validate", None, str(error), "see `longcat validate --help`")]))
 
 
 @app.command()

@@ -101,7 +101,6 @@ def test_config_init_writes_examples_and_refuses_to_overwrite(tmp_path: Path) ->
     ("args", "issue"),
     [
         (["plan", "--gpu-memory", "24"], 7),
-        (["validate", "--frames", "33", "--resolution", "256x448", "--prompt", "123"], 6),
     ],
 )
 def test_pending_commands_check_config_then_exit_3(tmp_path: Path, args: list[str], issue: int) -> None:

@@ -147,3 +147,15 @@ def test_non_finite_losses_stop_with_a_checkpoint(demo_root, tmp_path):
     with pytest.raises(TrainingStopped, match="non-finite"):
         run_training(loaded)
     assert list(out.glob("checkpoint-*"))
+
+
+def test_validation_during_training_leaves_the_loss_trajectory_identical(demo_root, tmp_path):
+    config = demo_root / "config.json"
+    common = ("max_train_steps=12", "checkpoint_step_interval=12")
+    plain = run_training(load_config(config, (*common, "validation_steps=null", f"output_dir={tmp_path / 'a'}")))
+    validated = run_training(load_config(config, (*common, "validation_steps=4", "validation_on_startup=true",
+                                                  f"output_dir={tmp_path / 'b'}")))
+    assert [v for _, v in plain.losses] == [v for _, v in validated.losses]
+    renders = sorted(p.name for p in (tmp_path / "b" / "validation").iterdir())
+    assert renders == ["step_0", "step_12", "step_4", "step_8"]
+    assert list((tmp_path / "b" / "validation" / "step_4").glob("*.mp4"))

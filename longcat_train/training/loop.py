@@ -24,12 +24,14 @@ from diffusers.optimization import get_scheduler
 from rich.console import Console
 
 from ..cache import collate_text
+from ..components import load_vae
 from ..config import LoadedConfig
 from ..data import BucketBatchSampler, ClipItem
 from ..lora import add_lora, lora_state
 from ..lora.adapters import load_lora_into_adapter
 from ..model import LongCatVideoTransformer3DModel
 from ..model.flops import transformer_flops
+from ..validation.periodic import HeldOutLatents, Validator
 from .checkpoint import TrainState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .flow import sample_sigmas
 from .prepare import PreparedData, prepare_data
@@ -97,6 +99,19 @@ def assemble_batch(items: list[ClipItem], data: PreparedData, generator: torch.G
     return strategy, x0, start, embeds, mask
 
 
+def build_validator(loaded: LoadedConfig, data: PreparedData, device: torch.device):
+    """The periodic validator, or None when nothing is to be validated. Only the main process
+    renders; the others wait at the barrier after `run`."""
+    cfg = loaded.training
+    if not cfg.validation_step_interval or not (cfg.validation_prompt or data.eval_items):
+        return None
+    root = Path(cfg.pretrained_model_name_or_path)
+    vae_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    heldout = [HeldOutLatents(data.clip_latent(i), data.start_latent(i)) for i in data.eval_items]
+    return Validator(loaded, data.text_features, lambda: load_vae(root, dtype=vae_dtype, device=device),
+                     data.eval_items, heldout)
+
+
 def _set_seeds(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -104,7 +119,7 @@ def _set_seeds(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def run_training(loaded: LoadedConfig, console: Console | None = None, validator_factory=None) -> TrainResult:
+def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainResult:
     console = console or Console()
     cfg = loaded.training
     output_dir = Path(cfg.output_dir)
@@ -148,7 +163,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None, validator
     model = accelerator.unwrap_model(transformer)
     model.train()
     text_len = 512 if model.config.text_tokens_zero_pad else None
-    validator = validator_factory(loaded, data) if validator_factory else None
+    validator = build_validator(loaded, data, accelerator.device) if accelerator.is_main_process else None
 
     writer = None
     if accelerator.is_main_process and cfg.report_to in ("tensorboard", "all"):
@@ -182,6 +197,15 @@ def run_training(loaded: LoadedConfig, console: Console | None = None, validator
         log.write_loss_curve(output_dir / "loss.png")
         return path
 
+    def validate() -> None:
+        if validator is not None:
+            metrics = validator.run(model, state.step, writer)
+            console.print("validation at step {}: {}".format(
+                state.step, ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())))
+        accelerator.wait_for_everyone()
+
+    if cfg.validation_on_startup and state.step == 0:
+        validate()
     nonfinite_in_row = 0
     with progress_bar(console) as bar:
         task = bar.add_task("train", total=total_steps, completed=state.step, status="")
@@ -244,9 +268,8 @@ def run_training(loaded: LoadedConfig, console: Console | None = None, validator
                        f"{seconds:.2f} s/step VRAM {peak_vram_gib():.1f} GiB")
             if state.step % cfg.checkpoint_step_interval == 0 or state.step == total_steps:
                 checkpoint()
-            if validator is not None and cfg.validation_step_interval and state.step % cfg.validation_step_interval == 0:
-                validator.run(model, state.step, writer)
-                accelerator.wait_for_everyone()
+            if cfg.validation_step_interval and state.step % cfg.validation_step_interval == 0:
+                validate()
 
     lora_path = output_dir / "lora.safetensors"
     if accelerator.is_main_process:
