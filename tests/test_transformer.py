@@ -6,18 +6,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from longcat_train.bench import RELEASE_DIT_CONFIG
 from longcat_train.model import CheckpointKeyError, LongCatVideoTransformer3DModel
 from longcat_train.model.flops import transformer_flops
 
 from .reference import REFERENCE_PATH, load_reference, reference_model, rel_l2
 
-RELEASE_CONFIG = dict(
-    in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
-    mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2],
-    text_tokens_zero_pad=True, enable_bsa=False,
-    bsa_params={"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]},
-    enable_flashattn2=True, enable_flashattn3=False, cp_split_hw=None,
-)
+RELEASE_CONFIG = RELEASE_DIT_CONFIG
 
 
 def test_reference_state_dict_loads_strictly():

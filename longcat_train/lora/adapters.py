@@ -8,19 +8,9 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..config.training import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # module names relative to each block
 from .formats import LoraWeights
 
-# module names relative to each block, as released
-DEFAULT_TARGETS = (
-    "attn.qkv",
-    "attn.proj",
-    "cross_attn.q_linear",
-    "cross_attn.kv_linear",
-    "cross_attn.proj",
-    "ffn.w1",
-    "ffn.w2",
-    "ffn.w3",
-)
 ADAPTER = "default"
 
 
