@@ -87,12 +87,6 @@ def _not_yet(command: str, issue: int, plan: str, loaded: LoadedConfig | None = 
     raise typer.Exit(EXIT_NOT_IMPLEMENTED)
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _argument_problem(option: str, value: object, rule: str, fix: str) -> ConfigProblem:
     return ConfigProblem("command line", option, value, rule, fix)
 
@@ -179,9 +173,14 @@ def validate(
 def cache(config: ConfigOption, set_: SetOption = None) -> None:
     """Encode every missing latent (VAE) and caption embedding (umT5) into the caches."""
     loaded = _load(config, set_)
-    from longcat_train.training.prepare import prepare_data
+    from accelerate import PartialState
 
-    data = prepare_data(loaded, "cuda" if _cuda_available() else "cpu", _out())
+    from longcat_train.training.prepare import Shard, prepare_data
+
+    # under `accelerate launch`, each process encodes its share of the missing entries
+    state = PartialState()
+    shard = Shard(state.process_index, state.num_processes, state.wait_for_everyone)
+    data = prepare_data(loaded, state.device, _out(), shard)
     _out().print(f"cached {len(data.items)} training items, {len(data.eval_items)} eval items, "
                  f"{len(data.text_features)} prompts; {len(data.failed)} failed")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -74,7 +75,20 @@ def validation_prompts(loaded: LoadedConfig) -> list[str]:
     return [p for p in (cfg.validation_prompt, cfg.validation_negative_prompt) if p]
 
 
-def _cache_latents(loaded, scans, root, device, console, failed) -> dict[str, LatentCache]:
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the encoding work: job i belongs to rank i % world. Entries are
+    content-keyed and written atomically, so ranks never collide; `barrier` waits for all."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    def take(self, jobs: list) -> list:
+        return jobs[self.rank :: self.world]
+
+
+def _cache_latents(loaded, scans, root, device, console, failed, shard: Shard) -> dict[str, LatentCache]:
     cfg = loaded.training
     vae_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     vae = load_vae(root, dtype=vae_dtype, device=device)
@@ -95,13 +109,16 @@ def _cache_latents(loaded, scans, root, device, console, failed) -> dict[str, La
                     jobs[(item.key, "start")] = LatentJob(
                         start, lambda item=item: load_start_frame_pixels(item), "start_frame", item.key
                     )
-            summary = cache.encode_many(jobs.values(), progress=console.is_terminal)
+            summary = cache.encode_many(shard.take(list(jobs.values())), progress=console.is_terminal)
             console.print(summary.as_table())
             if summary.failed or summary.rebuilt:
                 console.print(summary.issues_table())
-            bad = {issue.label: issue.reason for issue in summary.failed}
-            failed.extend(bad.items())
-            scan.items = [item for item in scan.items if item.key not in bad]
+            failed.extend((issue.label, issue.reason) for issue in summary.failed)
+            shard.barrier()
+            # every rank drops the items whose entries some rank failed to write
+            present = {key for key, job in jobs.items() if cache.path_for(job.fingerprint, job.kind).is_file()}
+            scan.items = [i for i in scan.items if (i.key, "clip") in present
+                          and ((i.key, "start") in present or (i.key, "start") not in jobs)]
             caches[dataset_id] = LatentCache(cache_dir, None, identity=cache.identity)
     finally:
         del vae
@@ -109,23 +126,24 @@ def _cache_latents(loaded, scans, root, device, console, failed) -> dict[str, La
     return caches
 
 
-def _cache_text(loaded, prompts, root, device, console, failed) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _cache_text(loaded, prompts, root, device, console, failed, shard: Shard) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     encoder_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     tokenizer = load_tokenizer(root)
     encoder = load_text_encoder(root, dtype=encoder_dtype, device=device)
     try:
         cache = TextCache(text_cache_dir(loaded), tokenizer, encoder)
-        summary = cache.encode_many(prompts, progress=console.is_terminal)
+        summary = cache.encode_many(shard.take(list(dict.fromkeys(prompts))), progress=console.is_terminal)
         console.print(summary.as_table())
         if summary.failed:
             console.print(summary.issues_table())
             failed.extend((issue.label, issue.reason) for issue in summary.failed)
-        reader = TextCache(cache.cache_dir, tokenizer, None, identity=cache.identity)
+        shard.barrier()
+        # the encoder is still loaded: anything another rank failed to write is encoded here
         features = {}
         for prompt in ["", *prompts]:
             cleaned = clean_prompt(prompt)
             if cleaned not in features:
-                features[cleaned] = reader.get(cleaned)
+                features[cleaned] = cache.get(cleaned)
     finally:
         del encoder
         _free(device)
@@ -138,7 +156,9 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def prepare_data(loaded: LoadedConfig, device: str | torch.device = "cpu", console: Console | None = None) -> PreparedData:
+def prepare_data(
+    loaded: LoadedConfig, device: str | torch.device = "cpu", console: Console | None = None, shard: Shard = Shard()
+) -> PreparedData:
     """Scan every dataset, cache every missing latent and caption, and return what training reads.
     Bad clips are skipped and reported; nothing here raises for a single bad file."""
     console = console or Console()
@@ -148,9 +168,9 @@ def prepare_data(loaded: LoadedConfig, device: str | torch.device = "cpu", conso
         for skipped in scan.skipped:
             console.print(f"[yellow]skipped[/] {skipped.path}: {skipped.reason}")
     failed: list[tuple[str, str]] = []
-    caches = _cache_latents(loaded, scans, root, device, console, failed)
+    caches = _cache_latents(loaded, scans, root, device, console, failed, shard)
     captions = [item.caption for scan in scans.values() for item in scan.items]
-    text = _cache_text(loaded, [*captions, *validation_prompts(loaded)], root, device, console, failed)
+    text = _cache_text(loaded, [*captions, *validation_prompts(loaded)], root, device, console, failed, shard)
     eval_id = loaded.training.eval_dataset_id
     train_ids = {d.id for d in loaded.training_datasets}
     return PreparedData(
