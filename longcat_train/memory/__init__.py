@@ -1,0 +1,29 @@
+"""Fitting the 13.6B DiT into GPU memory: quantized base weights, block swapping, diffusers group
+offloading, and a planner that predicts peak VRAM and host RAM per bucket."""
+
+from .block_swap import BlockSwap, enable_block_swap
+from .group_offload import GroupOffloadConflict, enable_group_offload
+from .planner import MemoryPlan, MemorySettings, PlanRefusal, plan_memory
+from .quantize import (
+    QUANTIZED_PRECISIONS,
+    QuantizationError,
+    load_quantized_transformer,
+    quantize_block,
+    quantize_transformer,
+)
+
+__all__ = [
+    "BlockSwap",
+    "GroupOffloadConflict",
+    "MemoryPlan",
+    "MemorySettings",
+    "PlanRefusal",
+    "QUANTIZED_PRECISIONS",
+    "QuantizationError",
+    "enable_block_swap",
+    "enable_group_offload",
+    "load_quantized_transformer",
+    "plan_memory",
+    "quantize_block",
+    "quantize_transformer",
+]

@@ -1,0 +1,327 @@
+"""Predict peak VRAM and host RAM of a LoRA training step per bucket, and pick settings that fit.
+
+The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
+  weights      frozen parameters × bytes of their storage, minus the blocks that live on the host
+               (block swap keeps two blocks in flight; group offload its groups)
+  LoRA state   trainable parameters × 16 (fp32 weight, grad, two Adam moments)
+  activations  checkpointed block inputs B·N·C·2 per block (none on the GPU with activation
+               offload, which keeps two in flight), kept attention outputs B·N·C·2 per selective
+               block (two with cross-attention kept), plus one block's working set
+               `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
+  workspace    `WORKSPACE_GIB` (cuBLAS/cuDNN workspaces, allocator slack, loss and embedders)
+
+The working-set constant is calibrated on docs/benchmarks.md: full checkpointing, 480x832x93
+(37,440 tokens), LoRA r32, bf16 weights, measured peak 57.73 GiB on an H200. With 12 selective
+blocks keeping both attention outputs the model then predicts 64.6 GiB against 64.5 measured.
+Without checkpointing every block keeps its working set (`depth` × the per-block figure); that row
+is not calibrated.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import torch
+
+from ..bench import RELEASE_DIT_CONFIG
+from ..config.training import DEFAULT_LORA_TARGETS
+from ..model import LongCatVideoTransformer3DModel
+from .quantize import QUANTIZED_PRECISIONS
+
+GIB = 2**30
+# calibration point (docs/benchmarks.md, 2026-11-21, H200): full checkpointing, 37,440 tokens
+MEASURED_PEAK_GIB = 57.73
+MEASURED_TOKENS = 37_440
+WORKSPACE_GIB = 0.75
+HOST_BASE_GIB = 6.0  # Python, CUDA context, torch/cuDNN libraries, the data pipeline
+# bytes per parameter of quantized linears: payload + scales (per output row, or per 128-group for int4)
+STORAGE_BYTES = {"bf16": 2.0, "no_change": 2.0, "int8-quanto": 1.0 + 2 / 4096, "int4-quanto": 0.5 + 4 / 128,
+                 "fp8-torchao": 1.0 + 4 / 4096}
+IN_FLIGHT_BLOCKS = 2  # block swap: the running block and the prefetched one
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    per_block_quantizable: int  # the block linears' weights (quantized modes store these compactly)
+    per_block_other: int  # adaLN, norms, biases
+    outside_blocks: int
+    depth: int
+    hidden: int
+    lora_per_rank: int  # LoRA parameters per unit of rank over all blocks
+
+
+@functools.lru_cache(maxsize=4)
+def _counts(config_items: tuple) -> ParameterCounts:
+    config = dict(config_items)
+    with torch.device("meta"):
+        model = LongCatVideoTransformer3DModel(**dict(config, depth=1))
+    block = model.blocks[0]
+    quantizable = lora = 0
+    for name in DEFAULT_LORA_TARGETS:
+        linear = block.get_submodule(name)
+        quantizable += linear.weight.numel()
+        lora += linear.in_features + linear.out_features
+    block_total = sum(p.numel() for p in block.parameters())
+    outside = sum(p.numel() for p in model.parameters()) - block_total
+    return ParameterCounts(quantizable, block_total - quantizable, outside, config["depth"], config["hidden_size"],
+                           lora * config["depth"])
+
+
+def parameter_counts(dit_config: dict | None = None) -> ParameterCounts:
+    config = dict(RELEASE_DIT_CONFIG if dit_config is None else dit_config)
+    return _counts(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()
+                                if not isinstance(v, dict))))
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The memory-relevant training settings (the config's keys, plus the model's checkpointing
+    mode that the config does not expose yet)."""
+
+    base_model_precision: str = "bf16"
+    blocks_to_swap: int = 0
+    gradient_checkpointing: bool = True
+    checkpoint_mode: str = "full"  # "full" | "selective" (with gradient_checkpointing)
+    selective_blocks: int | None = None  # None: every block
+    keep_cross_attention: bool = False
+    offload_block_inputs: bool = False
+    group_offload: bool = False
+    group_offload_type: str = "block_level"
+    group_offload_blocks_per_group: int = 1
+    group_offload_use_stream: bool = False
+    lora_rank: int = 32
+    batch_size: int = 1
+
+    @classmethod
+    def from_config(cls, cfg) -> "MemorySettings":
+        """From a `TrainingConfig` (or anything with its attribute names)."""
+        return cls(
+            base_model_precision=cfg.base_model_precision,
+            blocks_to_swap=cfg.musubi_blocks_to_swap,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            checkpoint_mode=getattr(cfg, "checkpoint_mode", "full"),
+            selective_blocks=getattr(cfg, "selective_blocks", None),
+            keep_cross_attention=getattr(cfg, "keep_cross_attention", False),
+            offload_block_inputs=getattr(cfg, "offload_block_inputs", False),
+            group_offload=cfg.enable_group_offload,
+            group_offload_type=cfg.group_offload_type,
+            group_offload_blocks_per_group=cfg.group_offload_blocks_per_group,
+            group_offload_use_stream=cfg.group_offload_use_stream,
+            lora_rank=cfg.lora_rank,
+            batch_size=cfg.train_batch_size,
+        )
+
+    def describe(self) -> str:
+        parts = [self.base_model_precision]
+        if not self.gradient_checkpointing:
+            parts.append("no checkpointing")
+        elif self.checkpoint_mode == "selective":
+            parts.append(f"selective checkpointing ({self.selective_blocks or 'all'} blocks)")
+        else:
+            parts.append("full checkpointing")
+        if self.offload_block_inputs:
+            parts.append("block inputs offloaded")
+        if self.blocks_to_swap:
+            parts.append(f"swap {self.blocks_to_swap} blocks")
+        if self.group_offload:
+            parts.append(f"group offload ({self.group_offload_type})")
+        return ", ".join(parts)
+
+
+def bucket_tokens(height: int, width: int, frames: int, patch: int = 2, vae_stride: int = 8) -> int:
+    """Transformer tokens of one (H, W, F) clip: latent frames × (H/16) × (W/16)."""
+    latent_frames = 1 + (frames - 1) // 4
+    return latent_frames * (height // (vae_stride * patch)) * (width // (vae_stride * patch))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: float
+    lora_state: float
+    activations: float
+    workspace: float
+    host: float
+
+    @property
+    def vram(self) -> float:
+        return self.weights + self.lora_state + self.activations + self.workspace
+
+
+def _block_bytes(counts: ParameterCounts, precision: str) -> float:
+    return counts.per_block_quantizable * STORAGE_BYTES[precision] + counts.per_block_other * 2
+
+
+def _weight_bytes(counts: ParameterCounts, s: MemorySettings) -> tuple[float, float]:
+    """(bytes on the GPU, bytes held on the host for swapping/offloading)."""
+    block = _block_bytes(counts, s.base_model_precision)
+    outside = counts.outside_blocks * 2
+    if s.group_offload:
+        # only the running group (and the prefetched one with streams) is on the GPU
+        per_group = block * (s.group_offload_blocks_per_group if s.group_offload_type == "block_level" else 1 / 8)
+        in_flight = per_group * (2 if s.group_offload_use_stream else 1)
+        return outside + in_flight, block * counts.depth
+    swapped = min(s.blocks_to_swap, counts.depth)
+    in_flight = min(swapped, IN_FLIGHT_BLOCKS)
+    return outside + block * (counts.depth - swapped + in_flight), block * swapped
+
+
+def _per_token_working_set(counts: ParameterCounts) -> float:
+    """Calibrated so the measured configuration is reproduced exactly (see the module docstring)."""
+    reference = MemorySettings(lora_rank=32)
+    weights, _ = _weight_bytes(counts, reference)
+    checkpointed = counts.depth * MEASURED_TOKENS * counts.hidden * 2
+    rest = MEASURED_PEAK_GIB * GIB - weights - _lora_bytes(counts, 32) - checkpointed - WORKSPACE_GIB * GIB
+    return rest / MEASURED_TOKENS
+
+
+def _lora_bytes(counts: ParameterCounts, rank: int) -> float:
+    return counts.lora_per_rank * rank * 16
+
+
+def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimate:
+    """Peak memory (GiB) of one training step over `tokens` tokens per sample."""
+    n = s.batch_size * tokens
+    hidden_state = n * counts.hidden * 2  # one bf16 [B, N, C] tensor
+    working_set = _per_token_working_set(counts) * n
+    if not s.gradient_checkpointing:
+        activations = working_set * counts.depth
+        offloaded = 0.0
+    else:
+        kept_inputs = IN_FLIGHT_BLOCKS if s.offload_block_inputs else counts.depth
+        offloaded = (counts.depth - kept_inputs) * hidden_state if s.offload_block_inputs else 0.0
+        activations = kept_inputs * hidden_state + working_set
+        if s.checkpoint_mode == "selective":
+            selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
+            activations += selective * hidden_state * (2 if s.keep_cross_attention else 1)
+    gpu_weights, host_weights = _weight_bytes(counts, s)
+    # bf16 loads through diffusers hold the whole model on the host once; quantized loads stream
+    full_bf16 = (counts.outside_blocks + counts.depth * (counts.per_block_quantizable + counts.per_block_other)) * 2
+    load_peak = 0.0 if s.base_model_precision in QUANTIZED_PRECISIONS else full_bf16
+    host = HOST_BASE_GIB * GIB + max(load_peak, host_weights + offloaded)
+    return Estimate(gpu_weights / GIB, _lora_bytes(counts, s.lora_rank) / GIB, activations / GIB, WORKSPACE_GIB,
+                    host / GIB)
+
+
+class PlanRefusal(RuntimeError):
+    """A run predicted to run out of GPU memory; the message names the bucket and the advice."""
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    bucket: tuple[int, int, int]
+    tokens: int
+    estimate: Estimate
+    fits: bool
+
+
+@dataclass
+class MemoryPlan:
+    settings: MemorySettings
+    gpu_memory_gib: float
+    buckets: list[BucketPlan]
+    recommendation: MemorySettings | None
+    recommendation_estimate: Estimate | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(b.fits for b in self.buckets)
+
+    @property
+    def largest_fitting_bucket(self) -> tuple[int, int, int] | None:
+        fitting = [b for b in self.buckets if b.fits]
+        return max(fitting, key=lambda b: b.tokens).bucket if fitting else None
+
+    def advice(self) -> str:
+        if self.recommendation is None:
+            return ("nothing this planner knows fits the largest bucket; lower the resolution or frame count, "
+                    "or use a GPU with more memory")
+        r = self.recommendation
+        keys = [f"base_model_precision={r.base_model_precision!r}", f"musubi_blocks_to_swap={r.blocks_to_swap}",
+                f"gradient_checkpointing={str(r.gradient_checkpointing).lower()}"]
+        if r.checkpoint_mode == "selective":
+            keys.append(f"selective checkpointing on {r.selective_blocks or 'all'} blocks")
+        if r.offload_block_inputs:
+            keys.append("checkpointed block inputs offloaded to the host")
+        return f"fastest settings predicted to fit: {r.describe()} ({', '.join(keys)})"
+
+    def raise_if_oom(self) -> None:
+        """Raise `PlanRefusal` when any bucket is predicted not to fit."""
+        over = [b for b in self.buckets if not b.fits]
+        if not over:
+            return
+        worst = max(over, key=lambda b: b.estimate.vram)
+        h, w, f = worst.bucket
+        raise PlanRefusal(
+            f"predicted out of GPU memory: bucket {h}x{w}x{f} needs {worst.estimate.vram:.1f} GiB with "
+            f"{self.settings.describe()}, the GPU has {self.gpu_memory_gib:.1f} GiB ({len(over)} of "
+            f"{len(self.buckets)} buckets over). {self.advice()}. Start anyway with the override flag."
+        )
+
+    def render(self, console) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"memory plan: {self.settings.describe()} on {self.gpu_memory_gib:.0f} GiB")
+        for column in ("bucket", "tokens", "weights", "LoRA+Adam", "activations", "peak VRAM", "host RAM", "fits"):
+            table.add_column(column, justify="right")
+        for b in self.buckets:
+            e = b.estimate
+            table.add_row("x".join(map(str, b.bucket)), f"{b.tokens:,}", f"{e.weights:.1f}", f"{e.lora_state:.1f}",
+                          f"{e.activations:.1f}", f"{e.vram:.1f}", f"{e.host:.1f}",
+                          "[green]yes[/]" if b.fits else "[red]no[/]")
+        console.print(table)
+        largest = self.largest_fitting_bucket
+        console.print(f"largest bucket that fits: {'x'.join(map(str, largest)) if largest else 'none'}")
+        if self.recommendation_estimate is not None:
+            console.print(f"{self.advice()}; predicted peak {self.recommendation_estimate.vram:.1f} GiB")
+        else:
+            console.print(self.advice())
+        for note in self.notes:
+            console.print(f"[yellow]{note}[/]")
+
+
+def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySettings]:
+    """Settings from fastest to slowest: bf16 without swap (selective, then full checkpointing),
+    then per precision (bf16, int8, int4) k swapped blocks (k growing) with the checkpointed block
+    inputs on the GPU, then the same with them offloaded to the host (needed at long clips)."""
+    plain = replace(base, group_offload=False, blocks_to_swap=0, gradient_checkpointing=True,
+                    offload_block_inputs=False, base_model_precision="bf16")
+    for selective in (depth, 36, 24, 12):
+        yield replace(plain, checkpoint_mode="selective", selective_blocks=selective)
+    full = replace(plain, checkpoint_mode="full", selective_blocks=None)
+    for precision in ("bf16", "int8-quanto", "int4-quanto"):
+        for offload_inputs in (False, True):
+            for swap in range(0, depth):
+                yield replace(full, base_model_precision=precision, blocks_to_swap=swap,
+                              offload_block_inputs=offload_inputs)
+
+
+def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
+                dit_config: dict | None = None) -> MemoryPlan:
+    """Predict every bucket (H, W, F) under `config` (a TrainingConfig or MemorySettings) on a GPU
+    with `gpu_memory_gib`, and recommend the fastest settings that fit the largest bucket."""
+    if not buckets:
+        raise ValueError("plan_memory needs at least one (height, width, frames) bucket")
+    settings = config if isinstance(config, MemorySettings) else MemorySettings.from_config(config)
+    counts = parameter_counts(dit_config)
+    rows = []
+    for bucket in buckets:
+        tokens = bucket_tokens(*bucket)
+        e = estimate(counts, settings, tokens)
+        rows.append(BucketPlan(tuple(bucket), tokens, e, e.vram <= gpu_memory_gib))
+    largest_tokens = max(r.tokens for r in rows)
+    recommendation = recommendation_estimate = None
+    for candidate in candidate_settings(settings, counts.depth):
+        e = estimate(counts, candidate, largest_tokens)
+        if e.vram <= gpu_memory_gib:
+            recommendation, recommendation_estimate = candidate, e
+            break
+    notes = []
+    if settings.blocks_to_swap and not settings.gradient_checkpointing:
+        notes.append("block swap saves no memory without gradient_checkpointing (autograd keeps every block's weights)")
+    if not math.isfinite(gpu_memory_gib) or gpu_memory_gib <= 0:
+        raise ValueError(f"gpu_memory_gib={gpu_memory_gib}: give the GPU's memory in GiB")
+    return MemoryPlan(settings, gpu_memory_gib, rows, recommendation, recommendation_estimate, notes)

@@ -1,0 +1,147 @@
+"""Quantized storage for the frozen DiT weights: int8/int4 (optimum-quanto) and fp8 (torchao).
+
+Only the big linears inside each block are quantized (attn.qkv, attn.proj, cross_attn.*, ffn.*):
+they hold 95 % of the weights. Norms, embedders, the adaLN modulation and the final layer stay in
+bf16 — they are small and sit on the fp32 numerics path of the release.
+
+Order matters for LoRA: quantize first, then `add_lora`. PEFT wraps a quanto `QLinear` as an ordinary
+`nn.Linear` (it is a subclass) and torchao tensors through its own `TorchaoLoraLinear`; quantizing
+after LoRA would hand quanto trainable base weights, whose backward path fails.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from ..config.training import DEFAULT_LORA_TARGETS
+from ..model import LongCatVideoTransformer3DModel
+from ..model.checkpoint_keys import checkpoint_shapes, verify_checkpoint_keys
+
+QUANTIZED_PRECISIONS = ("int8-quanto", "int4-quanto", "fp8-torchao")
+UNQUANTIZED_PRECISIONS = ("bf16", "no_change")
+# the linears of a block that get quantized: the LoRA targets, i.e. every big matmul of a block
+QUANTIZED_LINEARS: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+
+class QuantizationError(ValueError):
+    pass
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in QUANTIZED_PRECISIONS:
+        raise QuantizationError(
+            f"base_model_precision={precision!r} is not a quantized mode; choose one of {QUANTIZED_PRECISIONS} "
+            f"(or {UNQUANTIZED_PRECISIONS} for unquantized weights)"
+        )
+
+
+def quantize_block(block: nn.Module, precision: str) -> None:
+    """Quantize one block's big linears in place (on whatever device the block is on) and freeze them."""
+    _check_precision(precision)
+    if precision == "fp8-torchao":
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+        # weight-only: activations stay bf16, so LoRA's input and the fp32 islands are untouched
+        quantize_(block, Float8WeightOnlyConfig(),
+                  filter_fn=lambda module, name: isinstance(module, nn.Linear) and name in QUANTIZED_LINEARS)
+    else:
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        quantize(block, weights=qint8 if precision == "int8-quanto" else qint4, include=list(QUANTIZED_LINEARS))
+        freeze(block)
+    block.requires_grad_(False)  # quanto's backward would otherwise compute weight gradients
+
+
+def quantize_transformer(model: LongCatVideoTransformer3DModel, precision: str) -> LongCatVideoTransformer3DModel:
+    """Quantize an already loaded transformer block by block. Host/GPU memory peaks at the loaded
+    model plus one block's quantized copy; use `load_quantized_transformer` to never hold the full
+    bf16 model."""
+    _check_precision(precision)
+    for block in model.blocks:
+        quantize_block(block, precision)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when any parameter is a quantized tensor subclass (quanto or torchao)."""
+    return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
+
+
+def _checkpoint_files(folder: Path) -> dict[str, str]:
+    return {key: file for key, (_shape, file) in checkpoint_shapes(folder).items()}
+
+
+def _read_tensors(folder: Path, keys: list[str], files: dict[str, str], dtype: torch.dtype, device) -> dict:
+    tensors = {}
+    for file in sorted({files[k] for k in keys}):
+        with safe_open(folder / file, framework="pt") as f:
+            for key in keys:
+                if files[key] == file:
+                    tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    return tensors
+
+
+def load_quantized_transformer(
+    dit_folder: str | Path,
+    precision: str,
+    device: str | torch.device = "cpu",
+    quantize_device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> LongCatVideoTransformer3DModel:
+    """Build the transformer on the meta device and fill it block by block from the safetensors
+    files: each block is read in `dtype` onto `quantize_device` (default `device`), quantized there,
+    then moved to `device`. Host RAM therefore never holds more than one block unquantized (the
+    release stores fp32: one block is ~1.1 GiB while read). int4 packs its weights for the device
+    it is quantized on, so quantize on the GPU that will train (`quantize_device="cuda"`) even when
+    `device="cpu"` (weights that block swapping will place)."""
+    _check_precision(precision)
+    folder = Path(dit_folder)
+    config = json.loads((folder / "config.json").read_text())
+    with torch.device("meta"):
+        model = LongCatVideoTransformer3DModel.from_config(config)
+    verify_checkpoint_keys(folder, model.state_dict())
+    files = _checkpoint_files(folder)
+    work_device = torch.device(quantize_device if quantize_device is not None else device)
+
+    block_prefix = "blocks."
+    outside = [k for k in files if not k.startswith(block_prefix)]
+    model.load_state_dict(_read_tensors(folder, outside, files, dtype, device), strict=False, assign=True)
+    for index, block in enumerate(model.blocks):
+        prefix = f"{block_prefix}{index}."
+        keys = [k for k in files if k.startswith(prefix)]
+        tensors = _read_tensors(folder, keys, files, dtype, work_device)
+        block.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True, assign=True)
+        del tensors
+        quantize_block(block, precision)
+        block.to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def relative_block_error(precision: str, device: str = "cuda", tokens_grid: tuple[int, int, int] = (24, 30, 52),
+                         text_tokens: int = 512, seed: int = 0) -> float:
+    """Relative L2 error of one full-size block's output with `precision` weights against the same
+    block in bf16 (random release-shaped weights, I2V with one condition frame, 37,440 tokens by
+    default: the 480x832x93 bucket). For the GPU benchmark."""
+    from ..bench import random_transformer
+
+    model = random_transformer(device, torch.bfloat16, depth=1, seed=seed)
+    model.set_attention_implementation("auto")
+    block = model.blocks[0]
+    g = torch.Generator(device=device).manual_seed(seed)
+    T, H, W = tokens_grid
+    C = model.config.hidden_size
+    x = torch.randn(1, T * H * W, C, generator=g, device=device, dtype=torch.bfloat16)
+    t_emb = torch.randn(1, T, model.config.adaln_tembed_dim, generator=g, device=device)
+    text = torch.randn(1, text_tokens, C, generator=g, device=device, dtype=torch.bfloat16)
+    args = (t_emb, text, None, tokens_grid, 1, model.rope, model.attention)
+    with torch.no_grad():
+        reference = block(x, *args).float()
+        quantize_block(block, precision)
+        quantized = block(x, *args).float()
+    return ((quantized - reference).norm() / reference.norm()).item()
