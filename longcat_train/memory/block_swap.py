@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 
 def _map_tensor(tensor: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -123,9 +124,21 @@ class BlockSwap:
         return torch._C._current_graph_task_id() != -1
 
     def _before(self, index: int) -> None:
+        # The hooks run inside the block's checkpointed region. Selective checkpointing records every
+        # op there and expects the same ops when it recomputes; weight copies differ between forward
+        # and backward order, so they run with the dispatch modes (the recorder) switched off.
+        with _disable_current_modes():
+            self._before_unrecorded(index)
+
+    def _before_unrecorded(self, index: int) -> None:
+        step = -1 if self._in_backward() else 1
+        # Checkpointing's recompute stops as soon as it has what backward needs, so a recomputed
+        # block's post-hook may never run: drop every other block's copies here instead.
+        for other, entry in self.swapped.items():
+            if other not in (index, index + step) and entry.on_device is not None:
+                self._drop(other)
         if index in self.swapped:
             self._install(index)
-        step = -1 if self._in_backward() else 1
         if 0 <= index + step < self.num_blocks:
             self.prefetch(index + step)
 
@@ -135,7 +148,8 @@ class BlockSwap:
         last_in_forward = index == self.num_blocks - 1
         if last_in_forward and torch.is_grad_enabled() and not self._in_backward():
             return  # backward recomputes this block first: keep it instead of fetching it again
-        self._drop(index)
+        with _disable_current_modes():
+            self._drop(index)
 
     def remove(self) -> None:
         """Remove the hooks and put every swapped block's weights back on `device`."""

@@ -64,6 +64,7 @@ def quantize_transformer(model: LongCatVideoTransformer3DModel, precision: str) 
     _check_precision(precision)
     for block in model.blocks:
         quantize_block(block, precision)
+    model.requires_grad_(False)  # the base model is frozen; LoRA (added after) is what trains
     return model
 
 
