@@ -1,0 +1,86 @@
+"""The VRAM planner: calibrated on the measured H200 step, monotone in what saves memory, and
+refusing (with advice) what will not fit."""
+
+import pytest
+from rich.console import Console
+
+from longcat_train.config.training import TrainingConfig
+from longcat_train.memory import MemorySettings, PlanRefusal, plan_memory
+from longcat_train.memory.planner import bucket_tokens
+
+BUCKET = (480, 832, 93)
+
+
+def _peak(settings: MemorySettings, gpu: float = 200.0) -> float:
+    return plan_memory(settings, [BUCKET], gpu).buckets[0].estimate.vram
+
+
+def test_the_bucket_has_the_measured_token_count():
+    assert bucket_tokens(*BUCKET) == 37_440
+
+
+def test_prediction_matches_the_measured_steps():
+    # docs/benchmarks.md, H200: full checkpointing 57.7 GiB; selective on 12 blocks (both attention outputs kept) 64.5 GiB
+    assert _peak(MemorySettings(lora_rank=32)) == pytest.approx(57.73, rel=0.15)
+    selective = MemorySettings(lora_rank=32, checkpoint_mode="selective", selective_blocks=12, keep_cross_attention=True)
+    assert _peak(selective) == pytest.approx(64.5, rel=0.15)
+
+
+def test_more_swapped_blocks_predict_less_vram_and_more_host_ram():
+    for precision in ("bf16", "int8-quanto"):
+        plans = [plan_memory(MemorySettings(base_model_precision=precision, blocks_to_swap=k), [BUCKET], 200.0)
+                 .buckets[0].estimate for k in (0, 8, 16, 24, 40)]
+        vram = [e.vram for e in plans]
+        assert vram == sorted(vram, reverse=True) and len(set(vram)) == len(vram)
+    # a streamed quantized load never holds the bf16 model, so the pinned swapped blocks show
+    assert plans[-1].host > plans[1].host > plans[0].host
+
+
+def test_quantization_and_activation_offload_predict_less_vram():
+    bf16 = _peak(MemorySettings())
+    assert _peak(MemorySettings(base_model_precision="int8-quanto")) < bf16
+    assert _peak(MemorySettings(base_model_precision="int4-quanto")) < _peak(MemorySettings(base_model_precision="int8-quanto"))
+    assert _peak(MemorySettings(offload_block_inputs=True)) < bf16
+    assert _peak(MemorySettings(checkpoint_mode="selective")) > bf16
+
+
+def test_24_gib_gets_swapping_or_quantization_and_a_refusal_for_plain_bf16():
+    plan = plan_memory(TrainingConfig(lora_rank=32), [BUCKET, (480, 832, 45)], 24.0)
+    assert not plan.fits
+    with pytest.raises(PlanRefusal, match="480x832x93") as refusal:
+        plan.raise_if_oom()
+    r = plan.recommendation
+    assert r is not None and (r.blocks_to_swap > 0 or r.base_model_precision != "bf16")
+    assert plan.recommendation_estimate.vram <= 24.0
+    assert str(r.blocks_to_swap) in str(refusal.value)  # the advice is in the message
+    # what it recommends is itself predicted to fit every bucket
+    assert plan_memory(r, [BUCKET, (480, 832, 45)], 24.0).fits
+
+
+def test_a_large_gpu_runs_plain_bf16_and_prefers_faster_settings():
+    plan = plan_memory(TrainingConfig(lora_rank=32), [BUCKET], 80.0)
+    plan.raise_if_oom()
+    assert plan.largest_fitting_bucket == BUCKET
+    assert plan.recommendation.blocks_to_swap == 0 and plan.recommendation.base_model_precision == "bf16"
+
+
+def test_largest_fitting_bucket_is_named_and_rendered():
+    plan = plan_memory(TrainingConfig(lora_rank=32), [BUCKET, (480, 832, 45), (256, 256, 33)], 48.0)
+    assert plan.largest_fitting_bucket == (480, 832, 45)
+    console = Console(record=True, width=160)
+    plan.render(console)
+    text = console.export_text()
+    assert "480x832x93" in text and "largest bucket that fits: 480x832x45" in text
+
+
+def test_the_config_keys_reach_the_plan():
+    cfg = TrainingConfig(lora_rank=32, musubi_blocks_to_swap=16, base_model_precision="int8-quanto")
+    settings = plan_memory(cfg, [BUCKET], 48.0).settings
+    assert (settings.blocks_to_swap, settings.base_model_precision, settings.lora_rank) == (16, "int8-quanto", 32)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="bucket"):
+        plan_memory(MemorySettings(), [], 24.0)
+    with pytest.raises(ValueError, match="gpu_memory_gib"):
+        plan_memory(MemorySettings(), [BUCKET], 0)
