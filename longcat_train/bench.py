@@ -81,7 +81,9 @@ def _peak_flops() -> float | None:
     return next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
 
 
-def bench_train(settings: BenchSettings, device: str = "cuda") -> dict:
+def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None, after_lora=None) -> dict:
+    """`before_lora(model)` / `after_lora(model)`: optional setup steps (quantizing, block swap,
+    a memory cap) run around `add_lora`, before the timed steps (scripts/bench_memory.py)."""
     from .lora import add_lora
     from .training.flow import sample_sigmas
     from .training.step import flow_matching_loss
@@ -93,7 +95,11 @@ def bench_train(settings: BenchSettings, device: str = "cuda") -> dict:
     model.set_attention_implementation(settings.attention)
     model.set_activation_checkpointing(settings.checkpointing, settings.selective_blocks,
                                        settings.offload_block_inputs, settings.keep_cross_attention)
+    if before_lora is not None:
+        before_lora(model)
     add_lora(model, rank=settings.rank)
+    if after_lora is not None:
+        after_lora(model)
     if settings.autocast:
         # PEFT would otherwise copy every LoRA input to fp32 (the adapter's dtype) before autocast
         # casts it back to bf16 for the matmul: two memory-bound passes per adapter, same result
