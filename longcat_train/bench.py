@@ -85,6 +85,7 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     """`before_lora(model)` / `after_lora(model)`: optional setup steps (quantizing, block swap,
     a memory cap) run around `add_lora`, before the timed steps (scripts/bench_memory.py)."""
     from .lora import add_lora
+    from .lora.adapters import compute_lora_in_autocast_dtype
     from .training.flow import sample_sigmas
     from .training.step import flow_matching_loss
     from .training.strategy import ImageToVideo
@@ -101,11 +102,7 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     if after_lora is not None:
         after_lora(model)
     if settings.autocast:
-        # PEFT would otherwise copy every LoRA input to fp32 (the adapter's dtype) before autocast
-        # casts it back to bf16 for the matmul: two memory-bound passes per adapter, same result
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = False
+        compute_lora_in_autocast_dtype(model)
     model.train()
     if settings.compile:
         for block in model.blocks:

@@ -112,6 +112,19 @@ class TrainingConfig(BaseModel):
     train_batch_size: int = Field(1, ge=1, description="Clips per step per GPU (one bucket per batch).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward.")
+    gradient_checkpointing_mode: Literal["full", "selective"] = Field(
+        "selective",
+        description="`selective` keeps each block's self-attention output instead of recomputing it "
+        "(faster, +0.29 GiB per block at 480x832x93); `full` recomputes everything.",
+    )
+    selective_checkpointing_blocks: int | None = Field(
+        None, ge=0, description="With `selective`: keep attention outputs of only the first N blocks (null: all)."
+    )
+    activation_offload: bool = Field(
+        True,
+        description="On CUDA, keep checkpointed block inputs in pinned host memory and fetch them back "
+        "asynchronously for backward (13.7 GiB less at 480x832x93).",
+    )
     learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
         "constant", description="Learning-rate schedule after warmup."

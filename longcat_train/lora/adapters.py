@@ -57,3 +57,11 @@ def load_lora_into_adapter(transformer: torch.nn.Module, weights: LoraWeights) -
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise ValueError(f"LoRA keys that match no adapter module: {unexpected[:5]}")
+
+
+def compute_lora_in_autocast_dtype(model: torch.nn.Module) -> None:
+    """Under bf16 autocast, stop PEFT copying every LoRA input to fp32 (the adapter's dtype) before
+    autocast casts it back to bf16 for the matmul: two memory-bound passes per adapter, same result."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
