@@ -284,19 +284,21 @@ class MemoryPlan:
 
 
 def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySettings]:
-    """Settings from fastest to slowest: bf16 without swap (selective, then full checkpointing),
-    then per precision (bf16, int8, int4) k swapped blocks (k growing) with the checkpointed block
-    inputs on the GPU, then the same with them offloaded to the host (needed at long clips)."""
+    """Settings from fastest to slowest: bf16 without swap (selective checkpointing on fewer and
+    fewer blocks, then full), first with the checkpointed block inputs on the GPU, then offloaded
+    to the host (asynchronous, nearly free); then bf16 + k swapped blocks (k growing), int8, int8 +
+    k swapped blocks, int4 + k swapped blocks, all with the inputs offloaded."""
     plain = replace(base, group_offload=False, blocks_to_swap=0, gradient_checkpointing=True,
                     offload_block_inputs=False, base_model_precision="bf16")
-    for selective in (depth, 36, 24, 12):
-        yield replace(plain, checkpoint_mode="selective", selective_blocks=selective)
+    for offload_inputs in (False, True):
+        for selective in (depth, 36, 24, 12):
+            yield replace(plain, checkpoint_mode="selective", selective_blocks=selective,
+                          offload_block_inputs=offload_inputs)
     full = replace(plain, checkpoint_mode="full", selective_blocks=None)
+    yield full
     for precision in ("bf16", "int8-quanto", "int4-quanto"):
-        for offload_inputs in (False, True):
-            for swap in range(0, depth):
-                yield replace(full, base_model_precision=precision, blocks_to_swap=swap,
-                              offload_block_inputs=offload_inputs)
+        for swap in range(0, depth):
+            yield replace(full, base_model_precision=precision, blocks_to_swap=swap, offload_block_inputs=True)
 
 
 def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
