@@ -78,8 +78,8 @@ def parameter_counts(dit_config: dict | None = None) -> ParameterCounts:
 
 @dataclass(frozen=True)
 class MemorySettings:
-    """The memory-relevant training settings (the config's keys, plus the model's checkpointing
-    mode that the config does not expose yet)."""
+    """The memory-relevant training settings (the config's keys; `keep_cross_attention` is the
+    model's `set_activation_checkpointing` flag, off in `train` and `bench`)."""
 
     base_model_precision: str = "bf16"
     blocks_to_swap: int = 0
@@ -102,10 +102,9 @@ class MemorySettings:
             base_model_precision=cfg.base_model_precision,
             blocks_to_swap=cfg.musubi_blocks_to_swap,
             gradient_checkpointing=cfg.gradient_checkpointing,
-            checkpoint_mode=getattr(cfg, "checkpoint_mode", "full"),
-            selective_blocks=getattr(cfg, "selective_blocks", None),
-            keep_cross_attention=getattr(cfg, "keep_cross_attention", False),
-            offload_block_inputs=getattr(cfg, "offload_block_inputs", False),
+            checkpoint_mode=cfg.gradient_checkpointing_mode,
+            selective_blocks=cfg.selective_checkpointing_blocks,
+            offload_block_inputs=cfg.activation_offload,
             group_offload=cfg.enable_group_offload,
             group_offload_type=cfg.group_offload_type,
             group_offload_blocks_per_group=cfg.group_offload_blocks_per_group,
@@ -242,10 +241,10 @@ class MemoryPlan:
         r = self.recommendation
         keys = [f"base_model_precision={r.base_model_precision!r}", f"musubi_blocks_to_swap={r.blocks_to_swap}",
                 f"gradient_checkpointing={str(r.gradient_checkpointing).lower()}"]
+        keys.append(f"gradient_checkpointing_mode={r.checkpoint_mode!r}")
         if r.checkpoint_mode == "selective":
-            keys.append(f"selective checkpointing on {r.selective_blocks or 'all'} blocks")
-        if r.offload_block_inputs:
-            keys.append("checkpointed block inputs offloaded to the host")
+            keys.append(f"selective_checkpointing_blocks={r.selective_blocks}")
+        keys.append(f"activation_offload={str(r.offload_block_inputs).lower()}")
         return f"fastest settings predicted to fit: {r.describe()} ({', '.join(keys)})"
 
     def raise_if_oom(self) -> None:
