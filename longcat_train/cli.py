@@ -253,9 +253,26 @@ def plan(
     set_: SetOption = None,
 ) -> None:
     """Predict peak GPU and host memory per bucket and recommend settings that fit."""
-    loaded = _load(config, set_)
-    target = f"{gpu_memory:g} GiB" if gpu_memory is not None else "this GPU"
-    _not_yet("plan", 7, f"predict peak memory per bucket for {target} and recommend settings that fit", loaded)
+    loaded = _load(config, set_, check_checkpoint=False)
+    import torch
+
+    from longcat_train.memory import plan_memory
+    from longcat_train.training.prepare import scan_datasets
+
+    if gpu_memory is None:
+        if not torch.cuda.is_available():
+            _fail(ConfigError([_argument_problem("--gpu-memory", None, "no CUDA GPU here to read the memory of",
+                                                 "pass --gpu-memory GiB, e.g. --gpu-memory 24")]))
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    items = [item for scan in scan_datasets(loaded).values() for item in scan.items]
+    buckets = sorted({(i.bucket.height, i.bucket.width, i.bucket.num_frames) for i in items})
+    if not buckets:
+        _fail(ConfigError([_argument_problem("datasets", None, "no usable clips to plan for",
+                                             "run `longcat data check` to see why clips are skipped")]))
+    # the checkpoint's own architecture when it is there (the release's otherwise)
+    dit_config_path = Path(loaded.training.pretrained_model_name_or_path or "") / "dit" / "config.json"
+    dit_config = json.loads(dit_config_path.read_text()) if dit_config_path.is_file() else None
+    plan_memory(loaded.training, buckets, gpu_memory, dit_config).render(_out())
 
 
 @app.command()

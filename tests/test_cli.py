@@ -97,17 +97,13 @@ def test_config_init_writes_examples_and_refuses_to_overwrite(tmp_path: Path) ->
     assert forced.exit_code == 0 and "validation_prompt" in config.read_text()
 
 
-@pytest.mark.parametrize(
-    ("args", "issue"),
-    [
-        (["plan", "--gpu-memory", "24"], 7),
-    ],
-)
-def test_pending_commands_check_config_then_exit_3(tmp_path: Path, args: list[str], issue: int) -> None:
-    config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
-    result = RUNNER.invoke(app, [*args, "--config", str(config)], env=WIDE)
-    assert result.exit_code == EXIT_NOT_IMPLEMENTED, result.output
-    assert f"not implemented yet: lands with issue {issue}" in result.output
+def test_plan_predicts_memory_for_the_datasets_buckets(tmp_path: Path) -> None:
+    from longcat_train.demo.synthetic import write_demo
+
+    config = write_demo(tmp_path, steps=4)
+    result = RUNNER.invoke(app, ["plan", "--config", str(config), "--gpu-memory", "24"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "64x64x17" in result.output and "largest bucket that fits: 64x96x17" in result.output
 
 
 def test_validate_options_go_through_config_rules(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -29,6 +30,16 @@ from ..config import LoadedConfig
 from ..data import BucketBatchSampler, ClipItem
 from ..lora import add_lora, lora_state
 from ..lora.adapters import compute_lora_in_autocast_dtype, load_lora_into_adapter
+from ..memory import (
+    QUANTIZED_PRECISIONS,
+    GroupOffloadConflict,
+    MemoryPlan,
+    PlanRefusal,
+    enable_block_swap,
+    enable_group_offload,
+    load_quantized_transformer,
+    plan_memory,
+)
 from ..model import LongCatVideoTransformer3DModel
 from ..model.flops import transformer_flops
 from ..validation.periodic import HeldOutLatents, Validator
@@ -40,7 +51,6 @@ from .step import flow_matching_loss
 from .strategy import choose_strategy
 
 MAX_CONSECUTIVE_NONFINITE = 3
-NOT_YET_PRECISIONS = {"int8-quanto", "int4-quanto", "fp8-torchao"}
 
 
 class TrainingStopped(RuntimeError):
@@ -54,29 +64,58 @@ class TrainResult:
     losses: list[tuple[int, float]]
 
 
-def _weight_dtype(precision: str, stored: torch.dtype) -> torch.dtype:
-    if precision in NOT_YET_PRECISIONS:
-        raise TrainingStopped(
-            f"base_model_precision={precision!r} is not available yet (quantized training lands with the "
-            "memory issue); use \"bf16\" or \"no_change\""
-        )
-    return torch.bfloat16 if precision == "bf16" else stored
-
-
-def load_transformer(loaded: LoadedConfig) -> LongCatVideoTransformer3DModel:
+def load_transformer(loaded: LoadedConfig, device: torch.device) -> LongCatVideoTransformer3DModel:
+    """The frozen DiT: bf16 (or as stored, fp32, for `no_change`), or quantized block by block
+    while streaming from the shards so host RAM never holds a full bf16 copy."""
     cfg = loaded.training
     root = Path(cfg.pretrained_model_name_or_path)
-    # the release (and our tiny checkpoints) store fp32; `no_change` keeps that
-    dtype = _weight_dtype(cfg.base_model_precision, torch.float32)
-    transformer = LongCatVideoTransformer3DModel.from_pretrained(root, subfolder="dit", torch_dtype=dtype)
+    if cfg.base_model_precision in QUANTIZED_PRECISIONS:
+        transformer = load_quantized_transformer(root / "dit", cfg.base_model_precision, device="cpu",
+                                                 quantize_device=device)
+    else:
+        dtype = torch.bfloat16 if cfg.base_model_precision == "bf16" else torch.float32  # the release stores fp32
+        transformer = LongCatVideoTransformer3DModel.from_pretrained(root, subfolder="dit", torch_dtype=dtype)
     transformer.set_attention_implementation(cfg.attention_implementation)
     transformer.set_activation_checkpointing(
         cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "none",
         cfg.selective_checkpointing_blocks,
-        offload_block_inputs=cfg.activation_offload and torch.cuda.is_available(),
+        offload_block_inputs=cfg.activation_offload and device.type == "cuda",
         keep_cross_attention=False,  # recomputing the short text attention costs ~1 ms per block, saves 0.29 GiB
     )
     return transformer
+
+
+def place_for_memory(transformer, cfg, device: torch.device) -> bool:
+    """Block swap or group offload after LoRA exists; True when the model is placed already (so
+    Accelerate must not move it)."""
+    if cfg.musubi_blocks_to_swap:
+        enable_block_swap(transformer, cfg.musubi_blocks_to_swap, device=device, offload_device=cfg.musubi_block_swap_device)
+        return True
+    if cfg.enable_group_offload:
+        try:
+            enable_group_offload(transformer, device, "cpu", cfg.group_offload_type,
+                                 cfg.group_offload_blocks_per_group, cfg.group_offload_use_stream)
+        except GroupOffloadConflict as conflict:
+            raise TrainingStopped(str(conflict)) from conflict
+        return True
+    return False
+
+
+def check_memory_plan(loaded: LoadedConfig, data: PreparedData, console: Console, dit_config: dict) -> MemoryPlan | None:
+    """Predict peak VRAM per bucket before the first step; refuse a run predicted to run out of
+    memory unless `LONGCAT_IGNORE_MEMORY_PLAN=1`."""
+    if not torch.cuda.is_available():
+        return None
+    buckets = sorted({(i.bucket.height, i.bucket.width, i.bucket.num_frames) for i in data.items})
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    plan = plan_memory(loaded.training, buckets, gpu_gib, dit_config)
+    plan.render(console)
+    if os.environ.get("LONGCAT_IGNORE_MEMORY_PLAN") != "1":
+        try:
+            plan.raise_if_oom()
+        except PlanRefusal as refusal:
+            raise TrainingStopped(f"{refusal} (set LONGCAT_IGNORE_MEMORY_PLAN=1 to start anyway)") from refusal
+    return plan
 
 
 def max_steps(cfg, batches_per_epoch: int) -> int:
@@ -133,20 +172,20 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
-    _weight_dtype(cfg.base_model_precision, torch.float32)  # refuse unsupported modes before heavy work
-
     with accelerator.main_process_first():
         data = prepare_data(loaded, accelerator.device, console)
     if not data.items:
         raise TrainingStopped("no usable training items: see the skipped files above (`longcat data check` lists them)")
 
     generator = _set_seeds(cfg.seed + accelerator.process_index)
-    transformer = load_transformer(loaded)
+    transformer = load_transformer(loaded, accelerator.device)
+    plan = check_memory_plan(loaded, data, console, dict(transformer.config))
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
     add_lora(transformer, cfg.lora_rank, alpha, cfg.lora_target_modules, cfg.lora_dropout,
              "gaussian" if cfg.lora_init == "gaussian" else True)
     if accelerator.mixed_precision == "bf16":
         compute_lora_in_autocast_dtype(transformer)
+    placed = place_for_memory(transformer, cfg, accelerator.device)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
@@ -166,7 +205,9 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         state, weights = load_checkpoint(resume, optimizer, lr_scheduler, generator)
         load_lora_into_adapter(transformer, weights)
         console.print(f"resumed from {resume} at step {state.step}")
-    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, lr_scheduler, device_placement=[not placed, True, True]
+    )
     model = accelerator.unwrap_model(transformer)
     model.train()
     text_len = 512 if model.config.text_tokens_zero_pad else None
@@ -238,10 +279,10 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                             strategy, None if start is None else start.to(device),
                         )
                 except torch.cuda.OutOfMemoryError as error:
+                    advice = plan.advice() if plan is not None else "try musubi_blocks_to_swap or int8-quanto"
                     raise TrainingStopped(
                         f"out of memory at step {state.step} (bucket {items[0].bucket.label}): {error}. The last "
-                        "checkpoint is intact. Try gradient_checkpointing: true, a smaller resolution or fewer "
-                        "frames, or musubi_blocks_to_swap."
+                        f"checkpoint is intact. {advice}"
                     ) from error
                 if not torch.isfinite(loss):
                     nonfinite_in_row += 1
