@@ -12,7 +12,7 @@ import torch
 
 from .model import LongCatVideoTransformer3DModel
 from .model.fused_ops import use_fused_kernels
-from .model.flops import transformer_flops
+from .model.flops import dense_bf16_peak_flops, transformer_flops
 
 RELEASE_DIT_CONFIG = dict(
     in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
@@ -21,8 +21,6 @@ RELEASE_DIT_CONFIG = dict(
     bsa_params={"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]},
     enable_flashattn2=True, enable_flashattn3=False, cp_split_hw=None,
 )
-# dense bf16 peak without sparsity, per the vendor's datasheets (SXM parts)
-DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
 
 @dataclass
@@ -74,11 +72,6 @@ def random_transformer(device: str, dtype: torch.dtype, depth: int = 48, seed: i
 def _latent_shape(settings: BenchSettings):
     h, w = (int(v) for v in settings.resolution.lower().split("x"))
     return 1 + (settings.frames - 1) // 4, h // 8, w // 8
-
-
-def _peak_flops() -> float | None:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
 
 
 def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None, after_lora=None) -> dict:
@@ -135,7 +128,7 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     s_per_step = statistics.median(times)
     flops = transformer_flops(RELEASE_DIT_CONFIG | {"depth": settings.depth}, 1, T, H, W,
                               settings.text_tokens, num_cond_latents=1)
-    peak = _peak_flops()
+    peak = dense_bf16_peak_flops()
     tokens = T * (H // 2) * (W // 2)
     return {
         "mode": "train",

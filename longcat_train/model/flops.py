@@ -9,6 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+# dense bf16 peak without sparsity, per the vendors' datasheets (SXM parts)
+DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
+
+
+def dense_bf16_peak_flops() -> float | None:
+    """This GPU's dense bf16 peak (for MFU), or None when unknown or on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
+
 
 @dataclass(frozen=True)
 class StepFlops:

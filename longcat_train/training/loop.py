@@ -41,7 +41,7 @@ from ..memory import (
     plan_memory,
 )
 from ..model import LongCatVideoTransformer3DModel
-from ..model.flops import transformer_flops
+from ..model.flops import dense_bf16_peak_flops, transformer_flops
 from ..validation.periodic import HeldOutLatents, Validator
 from .checkpoint import TrainState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .flow import sample_sigmas
@@ -49,6 +49,7 @@ from .prepare import PreparedData, prepare_data
 from .progress import RunLog, peak_vram_gib, progress_bar, startup_table
 from .step import flow_matching_loss
 from .strategy import choose_strategy
+from .trackers import open_trackers
 
 MAX_CONSECUTIVE_NONFINITE = 3
 
@@ -214,10 +215,9 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
     validator = build_validator(loaded, data, accelerator.device) if accelerator.is_main_process else None
 
     writer = None
-    if accelerator.is_main_process and cfg.report_to in ("tensorboard", "all"):
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(output_dir / "logs"))
+    if accelerator.is_main_process:
+        writer = open_trackers(cfg.report_to, output_dir, cfg.tracker_project_name, cfg.tracker_run_name,
+                               cfg.model_dump(mode="json"))
     log = RunLog(writer=writer)
     console.print(startup_table({
         "model": f"{cfg.model_family}/{cfg.model_flavour} at {cfg.pretrained_model_name_or_path}",
@@ -255,6 +255,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
 
     if cfg.validation_on_startup and state.step == 0:
         validate()
+    gpu_peak = dense_bf16_peak_flops()
     nonfinite_in_row = 0
     with progress_bar(console) as bar:
         task = bar.add_task("train", total=total_steps, completed=state.step, status="")
@@ -308,10 +309,13 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                 continue
             state.step += 1
             T, H, W = x0.shape[2:]
+            step_flops = transformer_flops(dict(model.config), len(items), T, H, W, embeds.shape[2],
+                                           strategy.num_cond_latents).total * cfg.gradient_accumulation_steps
             seconds = log.record(state.step, loss.item(), lr_scheduler.get_last_lr()[0], grad_norm, {
                 "perf/peak_vram_gib": peak_vram_gib(),
-                "perf/tflop_per_step": transformer_flops(dict(model.config), len(items), T, H, W,
-                                                         embeds.shape[2], strategy.num_cond_latents).total / 1e12,
+                "perf/tflop_per_step": step_flops / 1e12,
+                "perf/tokens_per_s": len(items) * T * (H // 2) * (W // 2) * cfg.gradient_accumulation_steps / log.last_seconds,
+                **({"perf/mfu": step_flops / log.last_seconds / gpu_peak} if gpu_peak else {}),
             })
             bar.update(task, completed=state.step, status=f"loss {log.ema:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
                        f"{seconds:.2f} s/step VRAM {peak_vram_gib():.1f} GiB")

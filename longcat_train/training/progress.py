@@ -34,6 +34,11 @@ class RunLog:
     step_times: list[float] = field(default_factory=list)
     _last: float = field(default_factory=time.perf_counter)
 
+    @property
+    def last_seconds(self) -> float:
+        """Seconds since the previous step was recorded (the running step's time so far)."""
+        return time.perf_counter() - self._last
+
     def record(self, step: int, loss: float, lr: float, grad_norm: float | None, extra: dict[str, float]) -> float:
         now = time.perf_counter()
         seconds = now - self._last
