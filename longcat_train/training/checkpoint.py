@@ -48,6 +48,26 @@ def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def rank_rng_path(output_dir: Path, step: int, rank: int) -> Path:
+    return Path(output_dir) / f".rng-step{step}-rank{rank}.safetensors"
+
+
+def save_rank_rng(output_dir: Path, step: int, rank: int, generator: torch.Generator) -> Path:
+    """Each non-main rank's RNG states (its noise and σ differ from rank 0's), written before the
+    main process assembles the checkpoint and moved into it."""
+    path = rank_rng_path(output_dir, step, rank)
+    save_file(_rng_tensors(generator), str(path))
+    return path
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    generator.set_state(tensors["rng.trainer"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
     tensors = {}
@@ -71,7 +91,9 @@ def save_checkpoint(
     lr_scheduler,
     generator: torch.Generator,
     resolved_config: dict,
+    other_ranks: int = 0,
 ) -> Path:
+    """Called on the main process after every rank `r ≥ 1` of `other_ranks` saved `save_rank_rng`."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f".checkpoint-{state.step}.tmp-{os.getpid()}"
@@ -82,6 +104,8 @@ def save_checkpoint(
     for fmt in export_formats:
         if fmt != "comfyui":
             write_lora(tmp / f"lora.{fmt}.safetensors", lora, fmt, lora_metadata)
+    for rank in range(1, other_ranks + 1):
+        rank_rng_path(output_dir, state.step, rank).replace(tmp / f"rng.rank{rank}.safetensors")
     opt_tensors, opt_json = _optimizer_tensors(optimizer)
     save_file({**opt_tensors, **_rng_tensors(generator)}, str(tmp / STATE_TENSORS))
     np_state = np.random.get_state()
@@ -138,8 +162,9 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, lr_scheduler, generator: torch.Generator):
-    """Restore optimizer, scheduler and every RNG; returns (TrainState, LoraWeights)."""
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, lr_scheduler, generator: torch.Generator,
+                    rank: int = 0):
+    """Restore optimizer, scheduler and this rank's RNGs; returns (TrainState, LoraWeights)."""
     path = Path(path)
     meta = json.loads((path / STATE_JSON).read_text())
     tensors = load_file(str(path / STATE_TENSORS))
@@ -152,11 +177,8 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, lr_scheduler, 
         opt_state.setdefault(int(index), {}).update(scalars)
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    generator.set_state(tensors["rng.trainer"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    rank_file = path / f"rng.rank{rank}.safetensors"
+    _restore_rng(load_file(str(rank_file)) if rank and rank_file.is_file() else tensors, generator)
     random.setstate((3, tuple(meta["python_random"]), None))
     np_meta = meta["numpy_random"]
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), np_meta["pos"],

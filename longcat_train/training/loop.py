@@ -43,7 +43,14 @@ from ..memory import (
 from ..model import LongCatVideoTransformer3DModel
 from ..model.flops import dense_bf16_peak_flops, transformer_flops
 from ..validation.periodic import HeldOutLatents, Validator
-from .checkpoint import TrainState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .checkpoint import (
+    TrainState,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    save_rank_rng,
+)
 from .flow import sample_sigmas
 from .prepare import PreparedData, prepare_data
 from .progress import RunLog, peak_vram_gib, progress_bar, startup_table
@@ -203,7 +210,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
     state = TrainState()
     resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     if resume is not None:
-        state, weights = load_checkpoint(resume, optimizer, lr_scheduler, generator)
+        state, weights = load_checkpoint(resume, optimizer, lr_scheduler, generator, accelerator.process_index)
         load_lora_into_adapter(transformer, weights)
         console.print(f"resumed from {resume} at step {state.step}")
     transformer, optimizer, lr_scheduler = accelerator.prepare(
@@ -233,6 +240,8 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
     config_hash = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
     def checkpoint() -> Path | None:
+        if not accelerator.is_main_process:
+            save_rank_rng(output_dir, state.step, accelerator.process_index, generator)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None
@@ -241,7 +250,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                 "base_model": str(cfg.pretrained_model_name_or_path), "steps": state.step,
                 "config_hash": config_hash}
         path = save_checkpoint(output_dir, state, weights, meta, list(cfg.lora_export_formats), optimizer,
-                               lr_scheduler, generator, cfg.model_dump(mode="json"))
+                               lr_scheduler, generator, cfg.model_dump(mode="json"), accelerator.num_processes - 1)
         prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
         log.write_loss_curve(output_dir / "loss.png")
         return path

@@ -1,0 +1,53 @@
+"""Checkpoint files: atomic publication, pruning, and per-rank RNG for multi-process resume."""
+
+import torch
+
+from longcat_train.lora import LoraWeights
+from longcat_train.lora.formats import LoraModule
+from longcat_train.training.checkpoint import (
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    save_rank_rng,
+)
+
+
+def _parts():
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    weights = LoraWeights({"blocks.0.attn.proj": LoraModule(torch.randn(2, 8), torch.randn(8, 2), 2.0)})
+    return optimizer, scheduler, weights
+
+
+def test_each_rank_resumes_its_own_random_stream(tmp_path):
+    optimizer, scheduler, weights = _parts()
+    main, other = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    save_rank_rng(tmp_path, 5, 1, other)
+    path = save_checkpoint(tmp_path, TrainState(step=5), weights, {}, ["official"], optimizer, scheduler, main, {}, 1)
+    expected_main, expected_other = torch.rand(3, generator=main), torch.rand(3, generator=other)
+
+    for rank, expected in ((0, expected_main), (1, expected_other)):
+        generator = torch.Generator().manual_seed(99)
+        state, loaded = load_checkpoint(path, optimizer, scheduler, generator, rank)
+        assert state.step == 5
+        assert torch.equal(torch.rand(3, generator=generator), expected)
+    assert torch.equal(loaded.modules["blocks.0.attn.proj"].down, weights.modules["blocks.0.attn.proj"].down)
+    assert (path / "lora.official.safetensors").is_file()
+
+
+def test_only_published_checkpoints_count_and_pruning_keeps_the_newest(tmp_path):
+    optimizer, scheduler, weights = _parts()
+    generator = torch.Generator().manual_seed(0)
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, TrainState(step=step), weights, {}, [], optimizer, scheduler, generator, {})
+    (tmp_path / ".checkpoint-8.tmp-123").mkdir()  # what a kill during a save leaves behind
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert resolve_resume(tmp_path, "latest").name == "checkpoint-6"
+    prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
