@@ -10,6 +10,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..config.training import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # module names relative to each block
 from .formats import LoraWeights
+from .fused_linear import use_fused_lora_linears
 
 ADAPTER = "default"
 
@@ -61,7 +62,10 @@ def load_lora_into_adapter(transformer: torch.nn.Module, weights: LoraWeights) -
 
 def compute_lora_in_autocast_dtype(model: torch.nn.Module) -> None:
     """Under bf16 autocast, stop PEFT copying every LoRA input to fp32 (the adapter's dtype) before
-    autocast casts it back to bf16 for the matmul: two memory-bound passes per adapter, same result."""
+    autocast casts it back to bf16 for the matmul: two memory-bound passes per adapter, same result.
+    Also fuse each LoRA linear's epilogue into its GEMMs on CUDA (`fused_linear`; PEFT's forward
+    runs wherever that does not apply)."""
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
+    use_fused_lora_linears(model)

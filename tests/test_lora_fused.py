@@ -1,0 +1,138 @@
+"""The fused LoRA linear (`longcat_train.lora.fused_linear`) against PEFT's own forward.
+
+On CUDA the fused path runs under autocast only; here it is exercised under CPU bf16 autocast by
+adding "cpu" to FUSED_DEVICE_TYPES, and its autograd function is checked exactly in float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+
+from longcat_train.lora import add_lora, lora_state
+from longcat_train.lora import fused_linear
+from longcat_train.lora.adapters import compute_lora_in_autocast_dtype, load_lora_into_adapter
+from longcat_train.lora.fused_linear import FusedLoraLinear, _LoraLinearFunction, use_fused_lora_linears
+
+from .reference import load_reference, rel_l2
+
+
+def test_function_equals_lora_math_in_float32():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
+    w, b = torch.randn(10, 12, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    a, up = torch.randn(3, 12, generator=g, dtype=torch.float64), torch.randn(10, 3, generator=g, dtype=torch.float64)
+    dy = torch.randn(2, 7, 10, generator=g, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        xs, As, Bs = (t.float().requires_grad_(True) for t in (x, a, up))
+        if fused:
+            y = _LoraLinearFunction.apply(xs, w.float(), b.float(), As, Bs, 2.5)
+        else:
+            y = torch.nn.functional.linear(xs, w.float(), b.float()) + (xs @ As.t() @ Bs.t()) * 2.5
+        y.backward(dy.float())
+        results.append([y, xs.grad, As.grad, Bs.grad])
+    for fused_t, eager_t in zip(*results):
+        assert rel_l2(fused_t, eager_t) < 1e-6
+
+
+def _model(dropout: float = 0.0, dtype: torch.dtype = torch.bfloat16):
+    tensors, config = load_reference()
+    from longcat_train.model import LongCatVideoTransformer3DModel
+
+    model = LongCatVideoTransformer3DModel(**config)
+    model.load_state_dict({k.removeprefix("dit."): v for k, v in tensors.items() if k.startswith("dit.")})
+    model.to(dtype)
+    add_lora(model, rank=4, alpha=8.0, dropout=dropout)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.set_activation_checkpointing("selective")
+    return model, tensors
+
+
+def _loss_and_grads(model, tensors, autocast: bool = True):
+    inputs = (tensors["inputs.hidden_states"], tensors["i2v.timestep"], tensors["inputs.encoder_hidden_states"],
+              tensors["inputs.encoder_attention_mask"])
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(*inputs, num_cond_latents=1).float().pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _fused_calls(model, tensors, autocast: bool = True) -> int:
+    calls = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: calls.append(type(out.grad_fn).__name__))
+             for m in model.modules() if isinstance(m, LoraLayer)]
+    _loss_and_grads(model, tensors, autocast)
+    for h in hooks:
+        h.remove()
+    assert calls
+    return sum("LoraLinearFunction" in name for name in calls)
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    monkeypatch.setattr(fused_linear, "FUSED_DEVICE_TYPES", ("cpu",))
+
+
+def test_fused_model_matches_peft_under_bf16_autocast(fused_on_cpu):
+    model, tensors = _model()
+    eager_loss, eager_grads = _loss_and_grads(model, tensors)
+    compute_lora_in_autocast_dtype(model)
+    assert _fused_calls(model, tensors) > 0
+    fused_loss, fused_grads = _loss_and_grads(model, tensors)
+    assert abs(fused_loss - eager_loss) / eager_loss < 1e-2
+    assert fused_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        assert fused_grads[name].dtype == torch.float32
+        assert rel_l2(fused_grads[name], eager_grads[name]) < 3e-2, name
+
+
+def test_fused_path_only_where_it_matches_peft(fused_on_cpu):
+    model, tensors = _model(dropout=0.1)
+    use_fused_lora_linears(model)
+    assert _fused_calls(model, tensors) == 0  # dropout on the LoRA branch: PEFT's forward
+
+    model, tensors = _model()
+    use_fused_lora_linears(model)
+    assert _fused_calls(model, tensors, autocast=False) == 0  # no autocast
+
+    model, tensors = _model(dtype=torch.float32)
+    use_fused_lora_linears(model)
+    assert _fused_calls(model, tensors) == 0  # base weights not in the autocast dtype
+
+
+def test_cpu_runs_peft_forward_unchanged():
+    model, tensors = _model()
+    eager_loss, eager_grads = _loss_and_grads(model, tensors)
+    compute_lora_in_autocast_dtype(model)
+    assert _fused_calls(model, tensors) == 0
+    loss, grads = _loss_and_grads(model, tensors)
+    assert torch.equal(loss, eager_loss)
+    assert all(torch.equal(grads[n], eager_grads[n]) for n in eager_grads)
+
+
+def test_swapped_modules_stay_peft_layers_with_the_same_state():
+    model, _ = _model()
+    before = get_peft_model_state_dict(model, adapter_name="default")
+    weights = lora_state(model, alpha=8.0)
+    swapped = use_fused_lora_linears(model)
+    assert swapped == len(weights.modules) > 0
+    lora_modules = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert all(type(m) is FusedLoraLinear for m in lora_modules)
+    after = get_peft_model_state_dict(model, adapter_name="default")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.zero_()
+    load_lora_into_adapter(model, weights)
+    reloaded = get_peft_model_state_dict(model, adapter_name="default")
+    assert all(torch.equal(before[k], reloaded[k]) for k in before)
