@@ -154,34 +154,27 @@ if triton is not None:
     @triton.jit
     def _rms_rope_fwd(X, W, COS, SIN, Y, rows, heads, tokens, s_b, s_h, s_n, eps,
                       D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
-        # rows of X [B, heads, N, D] (any strides, unit stride on D) → contiguous Y; even/odd
-        # halves are handled separately because RoPE rotates adjacent pairs
+        # rows of X [B, heads, N, D] (any strides, unit stride on D) → contiguous Y. Rows are read
+        # and written whole (vectorised); RoPE's adjacent pairs are split apart in registers
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < rows
         n = r % tokens
         bh = r // tokens
         src = (bh // heads) * s_b + (bh % heads) * s_h + n * s_n
-        j = tl.arange(0, D // 2)
+        d = tl.arange(0, D)
         m2 = rmask[:, None]
-        x0 = tl.load(X + src[:, None] + 2 * j[None, :], mask=m2, other=0.0).to(tl.float32)
-        x1 = tl.load(X + src[:, None] + 2 * j[None, :] + 1, mask=m2, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt((tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / D + eps)
-        w0 = tl.load(W + 2 * j).to(tl.float32)
-        w1 = tl.load(W + 2 * j + 1).to(tl.float32)
+        x = tl.load(X + src[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        w = tl.load(W + d).to(tl.float32)
         dt = Y.dtype.element_ty
-        r0 = ((x0 * rstd[:, None]).to(dt).to(tl.float32) * w0[None, :]).to(dt).to(tl.float32)
-        r1 = ((x1 * rstd[:, None]).to(dt).to(tl.float32) * w1[None, :]).to(dt).to(tl.float32)
+        y = ((x * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]).to(dt).to(tl.float32)
         if HAS_ROPE:
+            j = tl.arange(0, D // 2)
             c = tl.load(COS + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
             s = tl.load(SIN + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
-            y0 = r0 * c - r1 * s
-            y1 = r1 * c + r0 * s
-        else:
-            y0 = r0
-            y1 = r1
-        dst = r[:, None] * D + 2 * j[None, :]
-        tl.store(Y + dst, y0.to(dt), mask=m2)
-        tl.store(Y + dst + 1, y1.to(dt), mask=m2)
+            y0, y1 = tl.split(tl.reshape(y, (BLOCK_R, D // 2, 2)))
+            y = tl.reshape(tl.join(y0 * c - y1 * s, y1 * c + y0 * s), (BLOCK_R, D))
+        tl.store(Y + r[:, None] * D + d[None, :], y.to(dt), mask=m2)
 
     @triton.jit
     def _rms_rope_bwd(X, W, COS, SIN, DY, DX, rows, heads, tokens, s_b, s_h, s_n, eps,
@@ -191,35 +184,26 @@ if triton is not None:
         n = r % tokens
         bh = r // tokens
         src = (bh // heads) * s_b + (bh % heads) * s_h + n * s_n
-        j = tl.arange(0, D // 2)
+        d = tl.arange(0, D)
         m2 = rmask[:, None]
         dt = DX.dtype.element_ty
-        dst = r[:, None] * D + 2 * j[None, :]
-        g0 = tl.load(DY + dst, mask=m2, other=0.0).to(tl.float32)
-        g1 = tl.load(DY + dst + 1, mask=m2, other=0.0).to(tl.float32)
+        dst = r[:, None] * D + d[None, :]
+        g = tl.load(DY + dst, mask=m2, other=0.0).to(tl.float32)
         if HAS_ROPE:
+            j = tl.arange(0, D // 2)
             c = tl.load(COS + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
             s = tl.load(SIN + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
-            d0 = g0 * c + g1 * s
-            d1 = g1 * c - g0 * s
-        else:
-            d0 = g0
-            d1 = g1
+            g0, g1 = tl.split(tl.reshape(g, (BLOCK_R, D // 2, 2)))
+            g = tl.reshape(tl.join(g0 * c + g1 * s, g1 * c - g0 * s), (BLOCK_R, D))
         # the eager graph rounds the gradient to the input dtype at each cast and bf16 multiply
-        w0 = tl.load(W + 2 * j).to(tl.float32)
-        w1 = tl.load(W + 2 * j + 1).to(tl.float32)
-        dn0 = (d0.to(dt).to(tl.float32) * w0[None, :]).to(dt).to(tl.float32)
-        dn1 = (d1.to(dt).to(tl.float32) * w1[None, :]).to(dt).to(tl.float32)
-        x0 = tl.load(X + src[:, None] + 2 * j[None, :], mask=m2, other=0.0).to(tl.float32)
-        x1 = tl.load(X + src[:, None] + 2 * j[None, :] + 1, mask=m2, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt((tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / D + eps)
-        h0 = x0 * rstd[:, None]
-        h1 = x1 * rstd[:, None]
-        dot = (tl.sum(dn0 * h0, axis=1) + tl.sum(dn1 * h1, axis=1)) / D
-        dx0 = (dn0 - h0 * dot[:, None]) * rstd[:, None]
-        dx1 = (dn1 - h1 * dot[:, None]) * rstd[:, None]
-        tl.store(DX + dst, dx0.to(dt), mask=m2)
-        tl.store(DX + dst + 1, dx1.to(dt), mask=m2)
+        w = tl.load(W + d).to(tl.float32)
+        dn = (g.to(dt).to(tl.float32) * w[None, :]).to(dt).to(tl.float32)
+        x = tl.load(X + src[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        h = x * rstd[:, None]
+        dot = tl.sum(dn * h, axis=1) / D
+        dx = (dn - h * dot[:, None]) * rstd[:, None]
+        tl.store(DX + dst, dx.to(dt), mask=m2)
 
     @triton.jit
     def _swiglu_fwd(A, B, OUT, numel, BLOCK: tl.constexpr):
