@@ -45,6 +45,10 @@ def test_fused_within_bf16_tolerance(interpreter_errors, op):
     assert max(interpreter_errors[f"{op}/bfloat16"]) <= 2e-2
 
 
+def test_rms_norm_rope_keeps_token_major_layout(interpreter_errors):
+    assert interpreter_errors["layouts"] == [1.0, 1.0, 1.0]
+
+
 def test_cpu_without_interpreter_runs_eager_reference():
     x = torch.randn(1, 6, 8)
     shift, scale = torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8)
@@ -103,13 +107,35 @@ def _op_errors(dtype: torch.dtype) -> dict[str, list[float]]:
         f"layer_norm_affine/{name}": _compare(lambda v: fo.layer_norm_affine(v, norm),
                                               lambda v: fo.layer_norm_affine_eager(v, norm), [(x, True)]),
         # a strided [B, heads, N, D] view of a qkv projection, as in self-attention
-        f"rms_norm_rope/{name}": _compare(lambda v: fo.rms_norm_rope(v, w, 1e-6, cos, sin),
-                                          lambda v: fo.rope_eager(fo.rms_norm_eager(v, w, 1e-6), cos, sin),
-                                          [(qkv.permute(2, 0, 3, 1, 4)[0], True)]),
+        f"rms_norm_rope/{name}": _compare(lambda v: fo.rms_norm_rope(_q_view(v), w, 1e-6, cos, sin),
+                                          lambda v: fo.rope_eager(fo.rms_norm_eager(_q_view(v), w, 1e-6), cos, sin),
+                                          [(qkv, True)]),
         f"rms_norm/{name}": _compare(lambda v: fo.rms_norm_rope(v, w, 1e-6), lambda v: fo.rms_norm_eager(v, w, 1e-6),
                                      [(qkv[:, :, 1], True)]),
         f"swiglu/{name}": _compare(fo.swiglu, fo.swiglu_eager, [(a, True), (b, True)]),
     }
+
+
+def _q_view(qkv: torch.Tensor) -> torch.Tensor:
+    """q of a [B, N, 3, heads, D] projection as a [B, heads, N, D] view (token-major storage)."""
+    return qkv.unbind(2)[0].transpose(1, 2)
+
+
+def _layouts() -> dict[str, list[float]]:
+    """1.0 where the fused op's output and input gradient keep the input's layout: token-major for
+    q/k sliced from a projection (so attention needs no transpose copy), contiguous otherwise."""
+    from longcat_train.model import fused_ops as fo
+
+    B, N, H, D = 1, 6, 3, 16
+    w = torch.ones(D)
+    angles = torch.rand(N, D // 2)
+    qkv = torch.randn(B, N, 3, H, D, requires_grad=True)
+    y = fo.rms_norm_rope(_q_view(qkv), w, 1e-6, angles.cos(), angles.sin())
+    (y * torch.randn(y.shape).transpose(1, 2).contiguous().transpose(1, 2)).sum().backward()
+    plain = fo.rms_norm_rope(torch.randn(B, N, H, D), w, 1e-6)
+    return {"layouts": [float(y.shape == (B, H, N, D) and y.stride() == (N * H * D, D, H * D, 1)),
+                        float(qkv.grad.abs().sum() > 0),
+                        float(plain.is_contiguous())]}
 
 
 def _block_errors() -> dict[str, list[float]]:
@@ -146,5 +172,5 @@ def _block_errors() -> dict[str, list[float]]:
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    errors = _op_errors(torch.float32) | _op_errors(torch.bfloat16) | _block_errors()
+    errors = _layouts() | _op_errors(torch.float32) | _op_errors(torch.bfloat16) | _block_errors()  # last: it swaps _fusable
     print(json.dumps(errors))

@@ -152,15 +152,16 @@ if triton is not None:
         tl.store(OUT + row * C + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rms_rope_fwd(X, W, COS, SIN, Y, rows, heads, tokens, s_b, s_h, s_n, eps,
+    def _rms_rope_fwd(X, W, COS, SIN, Y, rows, heads, tokens, s_b, s_h, s_n, o_b, o_h, o_n, eps,
                       D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
-        # rows of X [B, heads, N, D] (any strides, unit stride on D) → contiguous Y. Rows are read
-        # and written whole (vectorised); RoPE's adjacent pairs are split apart in registers
+        # rows of X [B, heads, N, D] → Y (each with its own strides, unit stride on D). Rows are
+        # read and written whole (vectorised); RoPE's adjacent pairs are split apart in registers
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < rows
         n = r % tokens
         bh = r // tokens
         src = (bh // heads) * s_b + (bh % heads) * s_h + n * s_n
+        dst = (bh // heads) * o_b + (bh % heads) * o_h + n * o_n
         d = tl.arange(0, D)
         m2 = rmask[:, None]
         x = tl.load(X + src[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -174,10 +175,11 @@ if triton is not None:
             s = tl.load(SIN + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
             y0, y1 = tl.split(tl.reshape(y, (BLOCK_R, D // 2, 2)))
             y = tl.reshape(tl.join(y0 * c - y1 * s, y1 * c + y0 * s), (BLOCK_R, D))
-        tl.store(Y + r[:, None] * D + d[None, :], y.to(dt), mask=m2)
+        tl.store(Y + dst[:, None] + d[None, :], y.to(dt), mask=m2)
 
     @triton.jit
-    def _rms_rope_bwd(X, W, COS, SIN, DY, DX, rows, heads, tokens, s_b, s_h, s_n, eps,
+    def _rms_rope_bwd(X, W, COS, SIN, DY, DX, rows, heads, tokens, s_b, s_h, s_n, g_b, g_h, g_n,
+                      o_b, o_h, o_n, eps,
                       D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < rows
@@ -187,8 +189,9 @@ if triton is not None:
         d = tl.arange(0, D)
         m2 = rmask[:, None]
         dt = DX.dtype.element_ty
-        dst = r[:, None] * D + d[None, :]
-        g = tl.load(DY + dst, mask=m2, other=0.0).to(tl.float32)
+        grad = (bh // heads) * g_b + (bh % heads) * g_h + n * g_n
+        dst = (bh // heads) * o_b + (bh % heads) * o_h + n * o_n
+        g = tl.load(DY + grad[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_ROPE:
             j = tl.arange(0, D // 2)
             c = tl.load(COS + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
@@ -203,7 +206,7 @@ if triton is not None:
         h = x * rstd[:, None]
         dot = tl.sum(dn * h, axis=1) / D
         dx = (dn - h * dot[:, None]) * rstd[:, None]
-        tl.store(DX + dst, dx.to(dt), mask=m2)
+        tl.store(DX + dst[:, None] + d[None, :], dx.to(dt), mask=m2)
 
     @triton.jit
     def _swiglu_fwd(A, B, OUT, numel, BLOCK: tl.constexpr):
@@ -290,16 +293,30 @@ class _GatedResidual(torch.autograd.Function):
 _RMS_ROWS = 16
 
 
+def _dense_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty dense tensor shaped like x [B, P, Q, D] whose dims 1 and 2 keep x's stride order
+    (as cuDNN attention allocates its output): q/k sliced from a [B, N, 3, H, D] projection stay
+    token-major, so attention's output and gradients need no transpose copies."""
+    B, P, Q, D = x.shape
+    if x.stride(1) < x.stride(2):
+        return x.new_empty((B, Q, P, D)).transpose(1, 2)
+    return x.new_empty((B, P, Q, D))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 class _RmsNormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, cos, sin, eps):
         B, H, N, D = x.shape
-        y = torch.empty((B, H, N, D), dtype=x.dtype, device=x.device)
+        y = _dense_like(x)
         has_rope = cos is not None
         rows = B * H * N
         _rms_rope_fwd[(triton.cdiv(rows, _RMS_ROWS),)](
             x, weight, cos if has_rope else weight, sin if has_rope else weight, y, rows, H, N,
-            x.stride(0), x.stride(1), x.stride(2), eps, D=D, HAS_ROPE=has_rope, BLOCK_R=_RMS_ROWS, num_warps=4)
+            *_strides(x), *_strides(y), eps, D=D, HAS_ROPE=has_rope, BLOCK_R=_RMS_ROWS, num_warps=4)
         ctx.save_for_backward(x, weight, cos, sin)
         ctx.eps = eps
         return y
@@ -308,12 +325,13 @@ class _RmsNormRope(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, cos, sin = ctx.saved_tensors
         B, H, N, D = x.shape
-        dx = torch.empty((B, H, N, D), dtype=x.dtype, device=x.device)
+        dx = _dense_like(x)
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         has_rope = cos is not None
         rows = B * H * N
         _rms_rope_bwd[(triton.cdiv(rows, _RMS_ROWS),)](
-            x, weight, cos if has_rope else weight, sin if has_rope else weight, dy.contiguous(), dx,
-            rows, H, N, x.stride(0), x.stride(1), x.stride(2), ctx.eps,
+            x, weight, cos if has_rope else weight, sin if has_rope else weight, dy, dx,
+            rows, H, N, *_strides(x), *_strides(dy), *_strides(dx), ctx.eps,
             D=D, HAS_ROPE=has_rope, BLOCK_R=_RMS_ROWS, num_warps=4)
         return dx, None, None, None, None
 
@@ -368,7 +386,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float,
                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm over the last dim of x [B, heads, N, D], then (given cos/sin [N, D/2] fp32) RoPE;
-    returns a contiguous [B, heads, N, D] tensor equal to `rope_eager(rms_norm_eager(x))`."""
+    returns `rope_eager(rms_norm_eager(x))`, dense, with dims 1 and 2 in x's stride order."""
     fusable = (_fusable(x, weight) and weight.dtype == x.dtype and x.ndim == 4 and x.stride(-1) == 1
                and x.shape[-1] % 2 == 0 and (x.shape[-1] & (x.shape[-1] - 1)) == 0)
     if not fusable:

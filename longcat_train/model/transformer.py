@@ -163,7 +163,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, grid, num_cond_latents: int, rope: Rope3D, attention: AttentionDispatcher):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # [B, heads, N, D] views of token-major storage, kept token-major through the fused norm and
+        # attention (cuDNN's output follows q's layout), so neither direction copies a transpose
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2))
         cos, sin = rope.cos_sin(grid, x.device)
         # RMSNorm + RoPE in one fused pass (same numerics as rope.apply(self.q_norm(q), grid))
         q = rms_norm_rope(q, self.q_norm.weight, self.q_norm.eps, cos, sin)
@@ -175,10 +177,10 @@ class SelfAttention(nn.Module):
             noise_grid = (grid[0] - num_cond_latents, grid[1], grid[2])
             out_cond = attention.self_attention(q[:, :, :n_cond], k[:, :, :n_cond], v[:, :, :n_cond], cond_grid, cond_grid)
             out_noise = attention.self_attention(q[:, :, n_cond:], k, v, noise_grid, grid)
-            out = torch.cat([out_cond, out_noise], dim=2)
+            out = torch.cat([out_cond.transpose(1, 2), out_noise.transpose(1, 2)], dim=1)  # [B, N, H, D]
         else:
-            out = attention.self_attention(q, k, v, grid, grid)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+            out = attention.self_attention(q, k, v, grid, grid).transpose(1, 2)
+        return self.proj(out.reshape(B, N, C))
 
 
 class CrossAttention(nn.Module):
