@@ -108,6 +108,14 @@ def test_fused_path_only_where_it_matches_peft(fused_on_cpu):
     use_fused_lora_linears(model)
     assert _fused_calls(model, tensors) == 0  # base weights not in the autocast dtype
 
+    model, tensors = _model()
+    use_fused_lora_linears(model)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.base_layer.register_forward_pre_hook(lambda mod, args: seen.append(mod))
+    assert _fused_calls(model, tensors) == 0 and seen  # hooks on the base layer (offloading) keep running
+
 
 def test_cpu_runs_peft_forward_unchanged():
     model, tensors = _model()
