@@ -174,9 +174,37 @@ def bench_render(settings: BenchSettings, device: str = "cuda") -> dict:
     }
 
 
+def bench_vae(settings: BenchSettings, device: str = "cuda") -> dict:
+    """VAE encode throughput (clips/s) of the Wan 2.1 VAE architecture (diffusers' default
+    `AutoencoderKLWan` config, random weights, bf16) on clips of the benchmark's shape, the work
+    `longcat cache` does per clip."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan().to(device, torch.bfloat16).eval()
+    h, w = (int(v) for v in settings.resolution.lower().split("x"))
+    clip = torch.rand(1, 3, settings.frames, h, w, device=device, dtype=torch.bfloat16) * 2 - 1
+    with torch.no_grad():
+        vae.encode(clip)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(settings.steps):
+            vae.encode(clip)
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / settings.steps
+    return {
+        "mode": "vae",
+        "device": torch.cuda.get_device_name(),
+        "s_per_clip": round(seconds, 3),
+        "clips_per_s": round(1 / seconds, 3),
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "settings": asdict(settings),
+    }
+
+
 def run_bench(settings: BenchSettings) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("longcat bench needs a CUDA GPU (it builds the full 13.6B model on it)")
-    result = {"train": bench_train, "render": bench_render}[settings.mode](settings)
+    result = {"train": bench_train, "render": bench_render, "vae": bench_vae}[settings.mode](settings)
     print(json.dumps(result), flush=True)
     return result

@@ -1,8 +1,8 @@
 """The `longcat` command line: a thin shell; each command loads the config and calls one function.
 
-Commands whose machinery lands with a later issue load and check the config, say what they will
-do, and exit with code 3; wiring one is a one-line change (the `_not_yet(...)` call).
-Exit codes: 0 done, 2 config or argument problems (no traceback), 3 not implemented yet.
+Exit codes: 0 done, 1 a run stopped on purpose (non-finite losses, out of memory, no GPU for a
+benchmark), 2 config or argument problems (no traceback). Heavy modules are imported inside the
+commands so `--help` and `config check` answer at once.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from longcat_train.config.rules import check_frames, parse_resolution
 from longcat_train.config.summary import config_summary
 
 EXIT_CONFIG_ERROR = 2
-EXIT_NOT_IMPLEMENTED = 3
 EXIT_STOPPED = 1
 
 app = typer.Typer(
@@ -77,14 +76,6 @@ def _load(config: Path, overrides: list[str] | None, **checks: bool) -> LoadedCo
     if loaded.warnings:
         _err().print(problems_table(loaded.warnings, "[bold yellow]warnings[/]"))
     return loaded
-
-
-def _not_yet(command: str, issue: int, plan: str, loaded: LoadedConfig | None = None) -> NoReturn:
-    if loaded is not None:
-        _out().print(config_summary(loaded))
-    _out().print(f"[bold]longcat {command}[/] will {plan}")
-    _out().print(f"[yellow]not implemented yet: lands with issue {issue}[/]")
-    raise typer.Exit(EXIT_NOT_IMPLEMENTED)
 
 
 def _argument_problem(option: str, value: object, rule: str, fix: str) -> ConfigProblem:
@@ -294,8 +285,6 @@ def bench(
         problems.append(_argument_problem("--mode", mode, "unknown mode", "use train, render or vae"))
     if problems:
         _fail(ConfigError(problems))
-    if mode == "vae":
-        _not_yet("bench", 8, f"time VAE encodes of {resolution}x{frames} clips and print one JSON line")
     from longcat_train.bench import BenchSettings, run_bench
 
     try:

@@ -8,7 +8,7 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from longcat_train.cli import EXIT_CONFIG_ERROR, EXIT_NOT_IMPLEMENTED, app
+from longcat_train.cli import EXIT_CONFIG_ERROR, app
 from tests.config_factory import base_datasets, base_training, write_pair
 
 RUNNER = CliRunner()
