@@ -159,3 +159,18 @@ def test_validation_during_training_leaves_the_loss_trajectory_identical(demo_ro
     renders = sorted(p.name for p in (tmp_path / "b" / "validation").iterdir())
     assert renders == ["step_0", "step_12", "step_4", "step_8"]
     assert list((tmp_path / "b" / "validation" / "step_4").glob("*.mp4"))
+
+
+def test_two_processes_train_together_and_checkpoint_both_random_streams(demo_root, tmp_path):
+    """DDP on the CPU (gloo) through torchrun, as `accelerate launch` runs it on GPUs."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "longcat_train.cli", "train",
+            "--config", str(demo_root / "config.json"), "--set", "max_train_steps=4", "--set",
+            "checkpoint_step_interval=4", "--set", "validation_steps=null", "--set", f"output_dir={out}"]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "× 2 processes" in result.stdout
+    assert result.stdout.count("longcat train") == 1  # only the main process prints
+    assert (out / "checkpoint-4" / "rng.rank1.safetensors").is_file()
+    assert (out / "lora.safetensors").is_file()

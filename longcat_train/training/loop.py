@@ -180,6 +180,8 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
+    if not accelerator.is_main_process:
+        console = Console(quiet=True)  # one startup table and progress bar, not one per rank
     with accelerator.main_process_first():
         data = prepare_data(loaded, accelerator.device, console)
     if not data.items:
@@ -240,19 +242,21 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
     config_hash = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
     def checkpoint() -> Path | None:
+        """Every rank calls this: its RNG goes in, and all wait until the directory is published."""
         if not accelerator.is_main_process:
             save_rank_rng(output_dir, state.step, accelerator.process_index, generator)
         accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return None
-        weights = lora_state(accelerator.unwrap_model(transformer), alpha)
-        meta = {"rank": cfg.lora_rank, "alpha": alpha, "targets": list(cfg.lora_target_modules),
-                "base_model": str(cfg.pretrained_model_name_or_path), "steps": state.step,
-                "config_hash": config_hash}
-        path = save_checkpoint(output_dir, state, weights, meta, list(cfg.lora_export_formats), optimizer,
-                               lr_scheduler, generator, cfg.model_dump(mode="json"), accelerator.num_processes - 1)
-        prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
-        log.write_loss_curve(output_dir / "loss.png")
+        path = None
+        if accelerator.is_main_process:
+            weights = lora_state(accelerator.unwrap_model(transformer), alpha)
+            meta = {"rank": cfg.lora_rank, "alpha": alpha, "targets": list(cfg.lora_target_modules),
+                    "base_model": str(cfg.pretrained_model_name_or_path), "steps": state.step,
+                    "config_hash": config_hash}
+            path = save_checkpoint(output_dir, state, weights, meta, list(cfg.lora_export_formats), optimizer,
+                                   lr_scheduler, generator, cfg.model_dump(mode="json"), accelerator.num_processes - 1)
+            prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
+            log.write_loss_curve(output_dir / "loss.png")
+        accelerator.wait_for_everyone()
         return path
 
     def validate() -> None:
@@ -294,7 +298,9 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                         f"out of memory at step {state.step} (bucket {items[0].bucket.label}): {error}. The last "
                         f"checkpoint is intact. {advice}"
                     ) from error
-                if not torch.isfinite(loss):
+                # decided together: a rank that skipped backward alone would hang the others' all-reduce
+                nonfinite = accelerator.reduce(torch.tensor([float(not torch.isfinite(loss))], device=device), "sum")
+                if nonfinite.item() > 0:
                     nonfinite_in_row += 1
                     state.nan_skipped += 1
                     optimizer.zero_grad(set_to_none=True)
@@ -334,10 +340,10 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                 validate()
 
     lora_path = output_dir / "lora.safetensors"
+    final = output_dir / f"checkpoint-{state.step}"
+    if not final.is_dir():  # e.g. resumed from a checkpoint in another directory at the last step
+        checkpoint()  # every rank: it holds a barrier
     if accelerator.is_main_process:
-        final = output_dir / f"checkpoint-{state.step}"
-        if not final.is_dir():
-            checkpoint()
         shutil.copyfile(final / "lora.safetensors", lora_path)
         console.print(f"done: {state.step} steps, final loss EMA {log.ema:.4f}, "
                       f"{state.nan_skipped} non-finite steps skipped; LoRA at {lora_path}")
