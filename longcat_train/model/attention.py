@@ -116,29 +116,54 @@ def check_backend_available(name: str) -> None:
         )
 
 
-class AttentionDispatcher:
-    """Chooses the attention function for dense attention and, where enabled, block-sparse self-attention.
+# The official model turns block-sparse attention on for its 720p stage: 704x1280 and up, i.e.
+# 44 x 80 = 3,520 tokens per latent frame after the VAE and the 2x2 patch.
+BSA_AUTO_MIN_TOKENS_PER_FRAME = 44 * 80
 
-    `auto` uses PyTorch SDPA (cuDNN first on CUDA) for dense attention and BSA for video
-    self-attention when `use_bsa` is set (the released config's `enable_bsa`, or our config).
+
+class AttentionDispatcher:
+    """Chooses the attention function for dense attention and, where it applies, block-sparse
+    video self-attention.
+
+    `auto` uses PyTorch SDPA (cuDNN first on CUDA) for dense attention, and BSA for video
+    self-attention on CUDA when the config enables it (the released config's `enable_bsa`) or the
+    clip is of the 720p class where the official model uses it; `bsa` uses it wherever it can run.
+    Each decision is logged once with its reason.
     """
 
     def __init__(self, implementation: str = "auto", use_bsa: bool = False, bsa: BsaSettings | None = None):
         check_backend_available(implementation)
         self.implementation = implementation
         self.bsa = bsa or BsaSettings()
-        self.use_bsa = implementation == "bsa" or (implementation == "auto" and use_bsa)
+        self.bsa_enabled = use_bsa
         self._dense = {"flash": _flash, "xformers": _xformers}.get(implementation, _sdpa)
-        if implementation == "auto":
-            log.info("attention: auto -> sdpa%s", " + block-sparse self-attention" if self.use_bsa else "")
+        self._logged: set[tuple[bool, str]] = set()
 
     def dense(self, q, k, v, attn_mask=None):
         return self._dense(q, k, v, attn_mask)
 
+    def bsa_decision(self, on_cuda: bool, grid_k: tuple[int, int, int]) -> tuple[bool, str]:
+        """(use block-sparse attention?, why) for a self-attention over the `grid_k` token grid."""
+        if self.implementation not in ("auto", "bsa"):
+            return False, f"attention_implementation={self.implementation}"
+        if grid_k[0] <= 1:
+            return False, "a single latent frame (images never use block-sparse attention)"
+        if self.implementation == "bsa":
+            return True, "attention_implementation=bsa"
+        if not on_cuda:
+            return False, "not on CUDA"
+        if self.bsa_enabled:
+            return True, "enable_bsa in the config"
+        if grid_k[1] * grid_k[2] >= BSA_AUTO_MIN_TOKENS_PER_FRAME:
+            return True, f"720p-class clip ({grid_k[1]}x{grid_k[2]} tokens per frame)"
+        return False, f"below the 720p class ({grid_k[1]}x{grid_k[2]} tokens per frame)"
+
     def self_attention(self, q, k, v, grid_q: tuple[int, int, int], grid_k: tuple[int, int, int]):
-        """Video self-attention; block-sparse when enabled, for clips of more than one latent frame
-        and on CUDA (the official model never uses BSA for images)."""
-        if self.use_bsa and grid_k[0] > 1 and (q.is_cuda or self.implementation == "bsa"):
+        use, why = self.bsa_decision(q.is_cuda, grid_k)
+        if (use, why) not in self._logged:
+            self._logged.add((use, why))
+            log.info("self-attention: %s (%s)", "block-sparse" if use else "dense", why)
+        if use:
             from .bsa import block_sparse_attention
 
             return block_sparse_attention(

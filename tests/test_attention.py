@@ -1,0 +1,37 @@
+"""Which attention runs where: the dispatcher's choices and their reasons."""
+
+import pytest
+
+from longcat_train.model import AttentionBackendUnavailable, AttentionDispatcher
+
+GRID_480 = (24, 30, 52)  # 480x832x93
+GRID_720 = (24, 45, 80)  # 720x1280x93
+
+
+@pytest.mark.parametrize(
+    "implementation, enabled, on_cuda, grid, use, reason",
+    [
+        ("auto", False, True, GRID_480, False, "below the 720p class"),
+        ("auto", False, True, GRID_720, True, "720p-class"),
+        ("auto", True, True, GRID_480, True, "enable_bsa"),
+        ("auto", True, False, GRID_720, False, "not on CUDA"),
+        ("auto", True, True, (1, 45, 80), False, "single latent frame"),
+        ("bsa", False, False, GRID_480, True, "attention_implementation=bsa"),
+        ("sdpa", True, True, GRID_720, False, "attention_implementation=sdpa"),
+    ],
+)
+def test_block_sparse_attention_is_chosen_where_the_release_uses_it(implementation, enabled, on_cuda, grid, use, reason):
+    dispatcher = AttentionDispatcher(implementation, use_bsa=enabled)
+    chosen, why = dispatcher.bsa_decision(on_cuda, grid)
+    assert chosen is use and reason in why
+
+
+def test_an_unavailable_backend_named_explicitly_is_a_clear_error():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") or importlib.util.find_spec("flash_attn_interface"):
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(AttentionBackendUnavailable, match="pip install flash-attn"):
+        AttentionDispatcher("flash")
+    with pytest.raises(AttentionBackendUnavailable, match="unknown"):
+        AttentionDispatcher("fastest")
