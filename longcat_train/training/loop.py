@@ -151,6 +151,50 @@ def assemble_batch(items: list[ClipItem], data: PreparedData, generator: torch.G
     return strategy, x0, start, embeds, mask
 
 
+def next_batch(sampler: BucketBatchSampler, state: TrainState) -> list[int]:
+    """The next batch of the epoch plan, moving to the next epoch when one is used up; the position
+    lives in `state`, so a resumed run continues with exactly the batch that was next."""
+    batches = sampler.epoch_batches(state.epoch)
+    while state.batches_in_epoch >= len(batches):
+        state.epoch += 1
+        state.batches_in_epoch = 0
+        batches = sampler.epoch_batches(state.epoch)
+    state.batches_in_epoch += 1
+    return batches[state.batches_in_epoch - 1]
+
+
+def step_metrics(model, items, x0, embeds, strategy, accumulation: int, seconds: float, gpu_peak: float | None):
+    """Throughput figures of one optimizer step (model FLOPs without recomputation)."""
+    T, H, W = x0.shape[2:]
+    flops = transformer_flops(dict(model.config), len(items), T, H, W, embeds.shape[2],
+                              strategy.num_cond_latents).total * accumulation
+    metrics = {
+        "perf/peak_vram_gib": peak_vram_gib(),
+        "perf/tflop_per_step": flops / 1e12,
+        "perf/tokens_per_s": len(items) * T * (H // 2) * (W // 2) * accumulation / seconds,
+    }
+    if gpu_peak:
+        metrics["perf/mfu"] = flops / seconds / gpu_peak
+    return metrics
+
+
+def run_description(cfg, model, params, alpha, data: PreparedData, step: int, total_steps: int,
+                    processes: int) -> dict[str, str]:
+    """The startup table's rows: what is about to be trained, on what, with which memory settings."""
+    checkpointing = cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "off"
+    return {
+        "model": f"{cfg.model_family}/{cfg.model_flavour} at {cfg.pretrained_model_name_or_path}",
+        "precision": f"weights {next(model.parameters()).dtype}, autocast {cfg.mixed_precision}",
+        "trainable parameters": f"{sum(p.numel() for p in params):,} (LoRA rank {cfg.lora_rank}, alpha {alpha})",
+        "datasets": ", ".join(f"{i}: {len(s.items)} items, {len(s.skipped)} skipped" for i, s in data.scans.items()),
+        "buckets": ", ".join(sorted({i.bucket.label for i in data.items})),
+        "steps": f"{step} → {total_steps} (batch {cfg.train_batch_size} × accumulation "
+                 f"{cfg.gradient_accumulation_steps} × {processes} processes)",
+        "memory": f"checkpointing {checkpointing}{', activation offload' if model.offload_block_inputs else ''}, "
+                  f"swap {cfg.musubi_blocks_to_swap} blocks, attention {cfg.attention_implementation}",
+    }
+
+
 def build_validator(loaded: LoadedConfig, data: PreparedData, device: torch.device):
     """The periodic validator, or None when nothing is to be validated. Only the main process
     renders; the others wait at the barrier after `run`."""
@@ -228,16 +272,8 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         writer = open_trackers(cfg.report_to, output_dir, cfg.tracker_project_name, cfg.tracker_run_name,
                                cfg.model_dump(mode="json"))
     log = RunLog(writer=writer)
-    console.print(startup_table({
-        "model": f"{cfg.model_family}/{cfg.model_flavour} at {cfg.pretrained_model_name_or_path}",
-        "precision": f"weights {next(model.parameters()).dtype}, autocast {cfg.mixed_precision}",
-        "trainable parameters": f"{sum(p.numel() for p in params):,} (LoRA rank {cfg.lora_rank}, alpha {alpha})",
-        "datasets": ", ".join(f"{i}: {len(s.items)} items, {len(s.skipped)} skipped" for i, s in data.scans.items()),
-        "buckets": ", ".join(sorted({i.bucket.label for i in data.items})),
-        "steps": f"{state.step} → {total_steps} (batch {cfg.train_batch_size} × accumulation {cfg.gradient_accumulation_steps} × {accelerator.num_processes} processes)",
-        "memory": f"checkpointing {cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else 'off'}"
-                  f"{', activation offload' if model.offload_block_inputs else ''}, attention {cfg.attention_implementation}",
-    }))
+    console.print(startup_table(run_description(cfg, model, params, alpha, data, state.step, total_steps,
+                                                accelerator.num_processes)))
 
     config_hash = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -273,14 +309,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
     with progress_bar(console) as bar:
         task = bar.add_task("train", total=total_steps, completed=state.step, status="")
         while state.step < total_steps:
-            batches = sampler.epoch_batches(state.epoch)
-            if state.batches_in_epoch >= len(batches):
-                state.epoch += 1
-                state.batches_in_epoch = 0
-                continue
-            indices = batches[state.batches_in_epoch]
-            state.batches_in_epoch += 1
-            items = [data.items[i] for i in indices]
+            items = [data.items[i] for i in next_batch(sampler, state)]
             strategy, x0, start, embeds, mask = assemble_batch(items, data, generator, text_len)
             noise = torch.randn(x0.shape, generator=generator)
             sigmas = sample_sigmas(len(items), generator, cfg.flow_sigma_sampling, cfg.flow_schedule_shift or 12.0)
@@ -323,15 +352,9 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            T, H, W = x0.shape[2:]
-            step_flops = transformer_flops(dict(model.config), len(items), T, H, W, embeds.shape[2],
-                                           strategy.num_cond_latents).total * cfg.gradient_accumulation_steps
-            seconds = log.record(state.step, loss.item(), lr_scheduler.get_last_lr()[0], grad_norm, {
-                "perf/peak_vram_gib": peak_vram_gib(),
-                "perf/tflop_per_step": step_flops / 1e12,
-                "perf/tokens_per_s": len(items) * T * (H // 2) * (W // 2) * cfg.gradient_accumulation_steps / log.last_seconds,
-                **({"perf/mfu": step_flops / log.last_seconds / gpu_peak} if gpu_peak else {}),
-            })
+            metrics = step_metrics(model, items, x0, embeds, strategy, cfg.gradient_accumulation_steps,
+                                   log.last_seconds, gpu_peak)
+            seconds = log.record(state.step, loss.item(), lr_scheduler.get_last_lr()[0], grad_norm, metrics)
             bar.update(task, completed=state.step, status=f"loss {log.ema:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
                        f"{seconds:.2f} s/step VRAM {peak_vram_gib():.1f} GiB")
             if state.step % cfg.checkpoint_step_interval == 0 or state.step == total_steps:
