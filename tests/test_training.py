@@ -165,7 +165,7 @@ def test_two_processes_train_together_and_checkpoint_both_random_streams(demo_ro
     """DDP on the CPU (gloo) through torchrun, as `accelerate launch` runs it on GPUs."""
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "longcat_train.cli", "train",
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "longcat_train.cli", "train",
             "--config", str(demo_root / "config.json"), "--set", "max_train_steps=4", "--set",
             "checkpoint_step_interval=4", "--set", "validation_steps=null", "--set", f"output_dir={out}"]
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
