@@ -74,6 +74,17 @@ def _latent_shape(settings: BenchSettings):
     return 1 + (settings.frames - 1) // 4, h // 8, w // 8
 
 
+def _result(settings: BenchSettings, figures: dict) -> dict:
+    """The JSON line every mode prints: mode, device, its figures, peak VRAM, settings."""
+    return {
+        "mode": settings.mode,
+        "device": torch.cuda.get_device_name(),
+        **figures,
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "settings": asdict(settings),
+    }
+
+
 def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None, after_lora=None) -> dict:
     """`before_lora(model)` / `after_lora(model)`: optional setup steps (quantizing, block swap,
     a memory cap) run around `add_lora`, before the timed steps (scripts/bench_memory.py)."""
@@ -130,17 +141,13 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
                               settings.text_tokens, num_cond_latents=1)
     peak = dense_bf16_peak_flops()
     tokens = T * (H // 2) * (W // 2)
-    return {
-        "mode": "train",
-        "device": torch.cuda.get_device_name(),
+    return _result(settings, {
         "s_per_step": round(s_per_step, 3),
         "tokens_per_s": round(tokens / s_per_step, 1),
         "model_tflop_per_step": round(flops.total / 1e12, 1),
         "mfu": None if peak is None else round(flops.total / s_per_step / peak, 3),
-        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "losses": [round(v, 5) for v in losses],
-        "settings": asdict(settings),
-    }
+    })
 
 
 def bench_render(settings: BenchSettings, device: str = "cuda") -> dict:
@@ -163,15 +170,11 @@ def bench_render(settings: BenchSettings, device: str = "cuda") -> dict:
     denoise(model, latents, text, mask, text, mask, settings.steps, 4.0, num_cond_latents=1)
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - start) / settings.steps
-    return {
-        "mode": "render",
-        "device": torch.cuda.get_device_name(),
+    return _result(settings, {
         "s_per_sampler_step": round(per_step, 3),
         "s_per_render_dit": round(per_step * settings.render_steps, 1),
         "measured_steps": settings.steps,
-        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "settings": asdict(settings),
-    }
+    })
 
 
 def bench_vae(settings: BenchSettings, device: str = "cuda") -> dict:
@@ -192,14 +195,7 @@ def bench_vae(settings: BenchSettings, device: str = "cuda") -> dict:
             vae.encode(clip)
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / settings.steps
-    return {
-        "mode": "vae",
-        "device": torch.cuda.get_device_name(),
-        "s_per_clip": round(seconds, 3),
-        "clips_per_s": round(1 / seconds, 3),
-        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "settings": asdict(settings),
-    }
+    return _result(settings, {"s_per_clip": round(seconds, 3), "clips_per_s": round(1 / seconds, 3)})
 
 
 def run_bench(settings: BenchSettings) -> dict:
