@@ -19,4 +19,21 @@ settings = BenchSettings(depth=depth, steps=1, warmup=2, **overrides)
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     result = bench_train(settings)
 print(result["s_per_step"], result["peak_vram_gib"])
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+events = prof.key_averages()
+print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+
+# Kernel time by family, so a change's effect can be read as a share of the step.
+FAMILIES = [("attention", ("fmha", "flash", "cudnn", "attention")), ("gemm", ("gemm", "xmma", "cutlass", "sm90_")),
+            ("triton (fused ops)", ("triton",)), ("copy", ("memcpy", "copy", "cat")),
+            ("elementwise", ("elementwise", "vectorized", "unrolled")), ("reduce", ("reduce",))]
+totals: dict[str, float] = {}
+for event in events:
+    if event.device_type.name != "CUDA":
+        continue
+    name = event.key.lower()
+    family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
+    totals[family] = totals.get(family, 0.0) + event.self_device_time_total / 1e3
+n_steps = settings.steps + settings.warmup  # the profiler saw warm-up steps too
+step_ms = sum(totals.values()) / n_steps
+for family, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+    print(f"{family:20s} {ms / n_steps:9.1f} ms/step  {100 * ms / n_steps / step_ms:5.1f} %")
