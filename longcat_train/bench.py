@@ -85,9 +85,12 @@ def _result(settings: BenchSettings, figures: dict) -> dict:
     }
 
 
-def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None, after_lora=None) -> dict:
+def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None, after_lora=None,
+                before_step=None) -> dict:
     """`before_lora(model)` / `after_lora(model)`: optional setup steps (quantizing, block swap,
-    a memory cap) run around `add_lora`, before the timed steps (scripts/bench_memory.py)."""
+    a memory cap) run around `add_lora`, before the timed steps (scripts/bench_memory.py).
+    `before_step(i)` runs before step i (0-based, warm-up included), e.g. to start a profiler once
+    warm-up and autotuning are over (scripts/profile_step.py)."""
     from .lora import add_lora
     from .lora.adapters import compute_lora_in_autocast_dtype
     from .training.flow import sample_sigmas
@@ -124,6 +127,8 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     torch.cuda.reset_peak_memory_stats()
     for i in range(settings.warmup + settings.steps):
         torch.cuda.synchronize()
+        if before_step is not None:
+            before_step(i)
         start = time.perf_counter()
         noise = torch.randn(x0.shape, generator=g).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.autocast):
