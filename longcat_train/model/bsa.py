@@ -18,9 +18,9 @@ Semantics, checked against the official ``longcat_video/block_sparse_attention``
 Where we deliberately differ from the official code:
 
 * The official code asserts that the token grid is divisible by the chunk shape (its 720p buckets
-  are e.g. 704x1280). We pad t/h/w up to multiples instead: pooled means use real tokens only,
-  padded keys never receive attention weight, padded queries are dropped from the output. On a
-  divisible grid this is exactly the official behaviour.
+  are e.g. 704x1280). We let chunks overhang the grid instead (nothing is padded in memory): pooled
+  means use real tokens only, missing keys never receive attention weight, missing queries produce
+  nothing. On a divisible grid this is exactly the official behaviour.
 * The top-k count is at least 1 (the official code would select nothing and return zeros when
   ``int((1 - sparsity) * n) == 0``).
 * Pooling and gating scores are computed in float32 (the official code uses the input dtype, bf16);
@@ -97,34 +97,6 @@ def _make_grid(latent: tuple[int, ...], chunk: tuple[int, ...], name: str) -> _C
     return _ChunkGrid(latent_t, chunk_t)  # type: ignore[arg-type]
 
 
-def _to_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
-    """[B, H, N, D] raster → [B, H, n_chunks * chunk_tokens, D] chunk order, zero padding."""
-    b, h, _, d = x.shape
-    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
-    x = x.reshape(b, h, t, hh, w, d)
-    if grid.has_padding:
-        x = F.pad(x, (0, 0, 0, pw - w, 0, ph - hh, 0, pt - t))
-    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
-    x = x.reshape(b, h, nt, ct, nh, ch, nw, cw, d).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
-    return x.reshape(b, h, grid.n_chunks * grid.chunk_tokens, d)
-
-
-def _from_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
-    """Inverse of ``_to_chunks``: drops padded tokens and restores raster order."""
-    b, h, _, d = x.shape
-    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
-    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
-    x = x.reshape(b, h, nt, nh, nw, ct, ch, cw, d).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
-    x = x.reshape(b, h, pt, ph, pw, d)[:, :, :t, :hh, :w]
-    return x.reshape(b, h, grid.n_tokens, d)
-
-
-def _real_tokens(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
-    """bool [n_chunks * chunk_tokens]: True for real tokens, False for padding (chunk order)."""
-    ones = torch.ones(1, 1, grid.n_tokens, 1, dtype=torch.bool, device=device)
-    return _to_chunks(ones, grid).reshape(-1)
-
-
 def _raster_chunk_ids(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
     """long [N]: the chunk each raster token belongs to."""
     t, h, w = (torch.arange(n, device=device) for n in grid.latent)
@@ -133,13 +105,22 @@ def _raster_chunk_ids(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
     return ids.reshape(-1)
 
 
-def _pool_chunks(x_chunks: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
-    """Mean over the real tokens of each chunk, float32: [B, H, n_chunks, D]."""
-    b, h, _, d = x_chunks.shape
-    sums = x_chunks.reshape(b, h, grid.n_chunks, grid.chunk_tokens, d).sum(3, dtype=torch.float32)
+def _pool_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
+    """Mean over the real tokens of each chunk, float32: [B, H, n_chunks, D]. x: raster
+    [B, H, N, D] with any strides (a view, no copy, unless the grid needs padding)."""
+    b, h, _, d = x.shape
+    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
+    x = x.unflatten(2, grid.latent)
+    if grid.has_padding:
+        x = F.pad(x, (0, 0, 0, pw - w, 0, ph - hh, 0, pt - t))
+    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
+    sums = x.reshape(b, h, nt, ct, nh, ch, nw, cw, d).sum((3, 5, 7), dtype=torch.float32)
     # Padding rows are zero, so dividing by the real-token count gives the mean over real tokens.
-    counts = _real_tokens(grid, x_chunks.device).reshape(grid.n_chunks, grid.chunk_tokens).sum(1)
-    return sums / counts[:, None].to(torch.float32)
+    real = torch.ones(grid.latent, device=x.device)
+    if grid.has_padding:
+        real = F.pad(real, (0, pw - w, 0, ph - hh, 0, pt - t))
+    counts = real.reshape(nt, ct, nh, ch, nw, cw).sum((1, 3, 5))
+    return (sums / counts[..., None]).reshape(b, h, grid.n_chunks, d)
 
 
 def kept_kv_block_count(n_kv_blocks: int, sparsity: float) -> int:
@@ -147,9 +128,9 @@ def kept_kv_block_count(n_kv_blocks: int, sparsity: float) -> int:
     return max(1, int((1.0 - sparsity) * n_kv_blocks))
 
 
-def _select(q_chunks: torch.Tensor, k_chunks: torch.Tensor, grid_q: _ChunkGrid,
+def _select(q: torch.Tensor, k: torch.Tensor, grid_q: _ChunkGrid,
             grid_k: _ChunkGrid, sparsity: float) -> torch.Tensor:
-    scores = _pool_chunks(q_chunks, grid_q) @ _pool_chunks(k_chunks, grid_k).transpose(-1, -2)
+    scores = _pool_chunks(q, grid_q) @ _pool_chunks(k, grid_k).transpose(-1, -2)
     keep = kept_kv_block_count(grid_k.n_chunks, sparsity)
     kept = torch.topk(scores, keep, dim=-1, sorted=False).indices
     return kept.sort(dim=-1).values.to(torch.int32).contiguous()
@@ -191,7 +172,7 @@ def select_kv_blocks(
     grid_k = _make_grid(latent_shape_k, chunk_3d_shape_k, "k")
     _check_inputs(q, k, k, grid_q, grid_k, sparsity)
     with torch.no_grad():
-        return _select(_to_chunks(q, grid_q), _to_chunks(k, grid_k), grid_q, grid_k, sparsity)
+        return _select(q, k, grid_q, grid_k, sparsity)
 
 
 def _queries_by_kv_block(kv_index: torch.Tensor, n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,8 +203,30 @@ def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _token_major_empty(like: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """An uninitialised [B, heads, n_tokens, D] tensor stored token-major ([B, N, heads, D]), the
+    transformer's layout: its callers transpose back for the output projection without a copy."""
+    b, h, _, d = like.shape
+    return like.new_empty(b, n_tokens, h, d).transpose(1, 2)
+
+
+def _grid_args(grid: _ChunkGrid) -> tuple[int, ...]:
+    """(T, H, W, chunks along h, chunks along w): what the kernels need to locate a chunk's rows."""
+    _, n_h, n_w = grid.counts
+    return (*grid.latent, n_h, n_w)
+
+
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """Batch, head and token strides of [B, heads, N, D] tensors (the head dim is contiguous)."""
+    return tuple(stride for t in tensors for stride in t.stride()[:3])
+
+
+def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _BlockSparseAttention(torch.autograd.Function):
-    """Attention over chunk-ordered tensors with a fixed block selection (not differentiated)."""
+    """Attention with a fixed block selection (not differentiated); raster order in and out."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -232,58 +235,59 @@ class _BlockSparseAttention(torch.autograd.Function):
         k: torch.Tensor,
         v: torch.Tensor,
         kv_index: torch.Tensor,
-        key_valid: torch.Tensor,
-        has_key_pad: bool,
-        block_m: int,
-        block_n: int,
+        grid_q: _ChunkGrid,
+        grid_k: _ChunkGrid,
     ) -> torch.Tensor:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
+        if k.stride() != v.stride():  # the kernels address k and v with one set of strides
+            k, v = k.contiguous(), v.contiguous()
         b, h, n_q, d = q.shape
-        n_k = k.shape[2]
         sm_scale = 1.0 / math.sqrt(d)
-        o = torch.empty_like(q)
-        lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
+        o = _token_major_empty(q, n_q)
+        lse = torch.empty(b * h, grid_q.n_chunks * grid_q.chunk_tokens, dtype=torch.float32, device=q.device)
         with _on_device_of(q):
-            bsa_kernels.bsa_forward_kernel[(n_q // block_m, b * h)](
-                q, k, v, o, lse, kv_index, key_valid,
-                n_q, n_k, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E,
-                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                HAS_KEY_PAD=has_key_pad, DOT_PRECISION=_dot_precision(q.dtype),
+            bsa_kernels.bsa_forward_kernel[(grid_q.n_chunks, b * h)](
+                q, k, v, o, lse, kv_index, *_strides(q, k, o),
+                h, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E,
+                *_grid_args(grid_q), *_grid_args(grid_k), **_kernel_constants(q, grid_q, grid_k),
             )
-        ctx.save_for_backward(q, k, v, o, lse, kv_index, key_valid)
-        ctx.has_key_pad, ctx.block_m, ctx.block_n = has_key_pad, block_m, block_n
+        ctx.save_for_backward(q, k, v, o, lse, kv_index)
+        ctx.grids = (grid_q, grid_k)
         return o
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, o, lse, kv_index, key_valid = ctx.saved_tensors  # type: ignore[attr-defined]
-        has_key_pad, block_m, block_n = ctx.has_key_pad, ctx.block_m, ctx.block_n  # type: ignore[attr-defined]
-        do = grad_out.contiguous()
+        q, k, v, o, lse, kv_index = ctx.saved_tensors  # type: ignore[attr-defined]
+        grid_q, grid_k = ctx.grids  # type: ignore[attr-defined]
+        do = _head_dim_contiguous(grad_out)
         b, h, n_q, d = q.shape
-        n_k = k.shape[2]
-        n_kv_blocks = n_k // block_n
         sm_scale = 1.0 / math.sqrt(d)
-        common = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KEY_PAD=has_key_pad,
-                      DOT_PRECISION=_dot_precision(q.dtype))
+        constants = _kernel_constants(q, grid_q, grid_k)
+        grids = (*_grid_args(grid_q), *_grid_args(grid_k))
         delta = torch.empty_like(lse)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        q_list, q_list_start = _queries_by_kv_block(kv_index, n_kv_blocks)
+        dq = _token_major_empty(q, n_q)  # same strides as o: the dq kernel writes both with o's
+        dk, dv = _token_major_empty(k, k.shape[2]), _token_major_empty(k, k.shape[2])
+        q_list, q_list_start = _queries_by_kv_block(kv_index, grid_k.n_chunks)
         with _on_device_of(q):
-            rows, rows_per_program = b * h * n_q, 64
-            bsa_kernels.bsa_backward_delta_kernel[(math.ceil(rows / rows_per_program),)](
-                o, do, delta, rows, HEAD_DIM=d, BLOCK=rows_per_program,
+            bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
+                q, k, v, o, do, lse, delta, dq, kv_index, *_strides(q, k, o, do),
+                h, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale, *grids, **constants,
             )
-            bsa_kernels.bsa_backward_dq_kernel[(n_q // block_m, b * h)](
-                q, k, v, do, lse, delta, dq, kv_index, key_valid,
-                n_q, n_k, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale, **common,
+            bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
+                q, k, v, do, lse, delta, dk, dv, q_list, q_list_start, *_strides(q, k, do, dk),
+                h, grid_q.n_chunks, q_list.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale,
+                *grids, **constants,
             )
-            bsa_kernels.bsa_backward_dkdv_kernel[(n_kv_blocks, b * h)](
-                q, k, v, do, lse, delta, dk, dv, q_list, q_list_start, key_valid,
-                n_q, n_k, q_list.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale, **common,
-            )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None
+
+
+def _kernel_constants(q: torch.Tensor, grid_q: _ChunkGrid, grid_k: _ChunkGrid) -> dict[str, object]:
+    (ct_q, ch_q, cw_q), (ct_k, ch_k, cw_k) = grid_q.chunk, grid_k.chunk
+    return dict(HEAD_DIM=q.shape[-1], CT_Q=ct_q, CH_Q=ch_q, CW_Q=cw_q, CT_K=ct_k, CH_K=ch_k, CW_K=cw_k,
+                HAS_Q_PAD=grid_q.has_padding, HAS_K_PAD=grid_k.has_padding,
+                DOT_PRECISION=_dot_precision(q.dtype))
 
 
 def bsa_unavailable_reason(device: torch.device) -> str | None:
@@ -321,16 +325,9 @@ def block_sparse_attention(
     if reason is not None:
         raise RuntimeError(reason)
 
-    q_chunks, k_chunks, v_chunks = _to_chunks(q, grid_q), _to_chunks(k, grid_k), _to_chunks(v, grid_k)
     with torch.no_grad():
-        kv_index = _select(q_chunks.detach(), k_chunks.detach(), grid_q, grid_k, sparsity)
-    if grid_k.has_padding:
-        key_valid = _real_tokens(grid_k, q.device).to(torch.int8)
-    else:  # never read by the kernels; Triton just needs a pointer
-        key_valid = torch.ones(1, dtype=torch.int8, device=q.device)
-    out = _BlockSparseAttention.apply(q_chunks, k_chunks, v_chunks, kv_index, key_valid,
-                                      grid_k.has_padding, grid_q.chunk_tokens, grid_k.chunk_tokens)
-    return _from_chunks(out, grid_q)
+        kv_index = _select(q.detach(), k.detach(), grid_q, grid_k, sparsity)
+    return _BlockSparseAttention.apply(q, k, v, kv_index, grid_q, grid_k)
 
 
 def block_sparse_attention_reference(
