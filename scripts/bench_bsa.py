@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longcat_train.model import bsa_kernels  # noqa: E402
 from longcat_train.model.bsa import (  # noqa: E402
+    _make_grid,
+    _pool_chunks,
+    _queries_by_kv_block,
     block_sparse_attention,
     block_sparse_attention_reference,
     kept_kv_block_count,
@@ -157,12 +160,35 @@ def gradient_errors(grid: Shape3D, heads: int, head_dim: int, sparsity: float) -
     return report
 
 
+def selection_breakdown(q: torch.Tensor, k: torch.Tensor, grid: Shape3D, sparsity: float,
+                        warmup: int, iters: int) -> dict[str, float]:
+    """Milliseconds per stage of the block selection (pooling, gate scores, top-k, sort) and of the
+    backward's transposed index."""
+    chunks = _make_grid(grid, CHUNK, "q")
+    keep = kept_kv_block_count(chunks.n_chunks, sparsity)
+    pooled_q, pooled_k = _pool_chunks(q, chunks), _pool_chunks(k, chunks)
+    scores = pooled_q @ pooled_k.transpose(-1, -2)
+    kept = torch.topk(scores, keep, dim=-1, sorted=False).indices
+    kv_index = kept.sort(dim=-1).values.to(torch.int32)
+    stages = {
+        "pool_q_k": lambda: (_pool_chunks(q, chunks), _pool_chunks(k, chunks)),
+        "scores": lambda: pooled_q @ pooled_k.transpose(-1, -2),
+        "topk": lambda: torch.topk(scores, keep, dim=-1, sorted=False),
+        "sort_kept": lambda: kept.sort(dim=-1),
+        "transpose_index": lambda: _queries_by_kv_block(kv_index, chunks.n_chunks),
+    }
+    with torch.no_grad():
+        return {f"select_{name}_ms": time_ms(fn, warmup, iters) for name, fn in stages.items()}
+
+
 def bench_case(label: str, grid: Shape3D, args: argparse.Namespace,
                dense: Callable[..., torch.Tensor]) -> dict[str, Any]:
     n = math.prod(grid)
-    shape = (1, args.heads, n, args.head_dim)
-    q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+    # token-major storage seen as [B, heads, N, D], as the transformer hands q, k, v over
+    shape = (1, n, args.heads, args.head_dim)
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
 
     def bsa(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return block_sparse_attention(a, b, c, grid, grid, args.sparsity, CHUNK, CHUNK)
@@ -180,6 +206,7 @@ def bench_case(label: str, grid: Shape3D, args: argparse.Namespace,
         "dense_fwd_bwd_ms": time_ms(fwd_bwd(dense, q, k, v, grad_out), args.warmup, args.iters),
     }
     result |= t
+    result |= selection_breakdown(q.detach(), k.detach(), grid, args.sparsity, args.warmup, args.iters)
     result["speedup_fwd"] = t["dense_fwd_ms"] / t["bsa_fwd_ms"]
     result["speedup_fwd_bwd"] = t["dense_fwd_bwd_ms"] / t["bsa_fwd_bwd_ms"]
     # Attention FLOPs actually done by the sparse kernel (2 matmuls of 2·M·N·D each, padded tokens).
@@ -270,6 +297,8 @@ def main() -> int:
     print_table(report["cases"])
     print("gradient check (bf16 vs fp32 masked reference):", report["gradient_check"])
     print("tuned configs:", report["tuned_configs"])
+    for case in report["cases"]:
+        print(case["case"], {key: round(value, 3) for key, value in case.items() if key.startswith("select_")})
     print(json.dumps(report))
     return 0
 

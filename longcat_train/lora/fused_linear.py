@@ -2,9 +2,11 @@
 
 PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`: the LoRA up-projection writes a
 full-size output, a multiply and an add each read and write it again, and backward adds a multiply
-over the output gradient and an add of the two input gradients. Here the up-projection accumulates
-straight into the base output (`addmm_` with alpha = scaling: the GEMM epilogue reads and writes it
-once) and backward accumulates the LoRA input gradient into the base one the same way; only the
+over the output gradient and an add of the two input gradients. Here the rank-32 up-projection
+writes the output first (alpha = scaling) and the base GEMM accumulates into it (`addmm_`, beta = 1):
+the compute-bound base GEMM reads the LoRA term in its epilogue almost for free, where adding the
+LoRA term afterwards cost a memory-bound read-modify-write pass over the whole output (measured
+≈ 8 ms per block at 480x832x93 on an H200). Backward builds the input gradient the same way; only the
 rank-sized intermediates are scaled. Same math, fewer bf16 roundings (each sum is rounded once).
 
 The fast path runs only where it computes exactly what PEFT would (one vanilla adapter, no
@@ -32,11 +34,16 @@ class _LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
         with torch.autocast(x.device.type, enabled=False):
             h = F.linear(x, lora_a)  # [..., r]
-            y = F.linear(x, weight, bias)
-            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), lora_b.t(), alpha=scaling)
+            h2 = h.view(-1, h.shape[-1])
+            if bias is not None:
+                y = torch.addmm(bias, h2, lora_b.t(), alpha=scaling)
+            else:  # beta = 0: the uninitialised input is ignored
+                y = h2.new_empty(h2.shape[0], lora_b.shape[0])
+                torch.addmm(y, h2, lora_b.t(), beta=0, alpha=scaling, out=y)
+            y.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
         ctx.scaling = scaling
-        return y
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -57,7 +64,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             if need_a:
                 da = dh.t() @ x.reshape(-1, x.shape[-1])
             if need_x:
-                dx = (g @ weight).addmm_(dh, lora_a).view(x.shape)
+                dx = (dh @ lora_a).addmm_(g, weight).view(x.shape)
         return dx, None, None, da, db, None
 
 

@@ -4,9 +4,10 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
   weights      frozen parameters × bytes of their storage, minus the blocks that live on the host
                (block swap keeps two blocks in flight; group offload its groups)
   LoRA state   trainable parameters × 16 (fp32 weight, grad, two Adam moments)
-  activations  checkpointed block inputs B·N·C·2 per block (none on the GPU with activation
-               offload, which keeps two in flight), kept attention outputs B·N·C·2 per selective
-               block (two with cross-attention kept), plus one block's working set
+  activations  checkpointed block inputs B·N·C·2 per block, kept self-attention outputs B·N·C·2
+               per selective block and as much again for kept cross-attention outputs (with
+               activation offload all of them wait on the host, two blocks' worth in flight on the
+               GPU), plus one block's working set
                `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
   workspace    `WORKSPACE_GIB` (cuBLAS/cuDNN workspaces, allocator slack, loss and embedders)
 
@@ -28,6 +29,7 @@ import torch
 
 from ..bench import RELEASE_DIT_CONFIG
 from ..config.training import DEFAULT_LORA_TARGETS
+from ..model.activation_offload import cross_attention_kept
 from ..model import LongCatVideoTransformer3DModel
 from .quantize import QUANTIZED_PRECISIONS
 
@@ -80,14 +82,14 @@ def parameter_counts(dit_config: dict | None = None) -> ParameterCounts:
 @dataclass(frozen=True)
 class MemorySettings:
     """The memory-relevant training settings (the config's keys; `keep_cross_attention` is the
-    model's `set_activation_checkpointing` flag, off in `train` and `bench`)."""
+    model's `set_activation_checkpointing` flag, left at its default in `train` and `bench`)."""
 
     base_model_precision: str = "bf16"
     blocks_to_swap: int = 0
     gradient_checkpointing: bool = True
     checkpoint_mode: str = "full"  # "full" | "selective" (with gradient_checkpointing)
     selective_blocks: int | None = None  # None: every block
-    keep_cross_attention: bool = False
+    keep_cross_attention: bool | None = None
     offload_block_inputs: bool = False
     group_offload: bool = False
     group_offload_type: str = "block_level"
@@ -195,7 +197,13 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
         activations = kept_inputs * hidden_state + working_set
         if s.checkpoint_mode == "selective":
             selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
-            activations += selective * hidden_state * (2 if s.keep_cross_attention else 1)
+            kept = hidden_state * (2 if cross_attention_kept(s.keep_cross_attention, s.offload_block_inputs) else 1)
+            if s.offload_block_inputs:
+                in_flight = min(selective, IN_FLIGHT_BLOCKS)
+                activations += in_flight * kept
+                offloaded += (selective - in_flight) * kept
+            else:
+                activations += selective * kept
     gpu_weights, host_weights = _weight_bytes(counts, s)
     # bf16 loads through diffusers hold the whole model on the host once; quantized loads stream
     full_bf16 = (counts.outside_blocks + counts.depth * (counts.per_block_quantizable + counts.per_block_other)) * 2

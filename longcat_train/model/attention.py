@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .activation_offload import keep_on_host
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "flash", "xformers", "bsa")
@@ -140,7 +142,11 @@ class AttentionDispatcher:
         self._logged: set[tuple[bool, str]] = set()
 
     def dense(self, q, k, v, attn_mask=None):
-        return self._dense(q, k, v, attn_mask)
+        """Cross-attention (and any other non-video attention)."""
+        out = self._dense(q, k, v, attn_mask)
+        if self._dense is _sdpa:
+            keep_on_host(out, "cross_attention")  # see `self_attention`
+        return out
 
     def bsa_decision(self, on_cuda: bool, grid_k: tuple[int, int, int]) -> tuple[bool, str]:
         """(use block-sparse attention?, why) for a self-attention over the `grid_k` token grid."""
@@ -172,4 +178,9 @@ class AttentionDispatcher:
                 chunk_3d_shape_q=self.bsa.chunk_3d_shape_q,
                 chunk_3d_shape_k=self.bsa.chunk_3d_shape_k,
             )
-        return self._dense(q, k, v)
+        out = self._dense(q, k, v)
+        if self._dense is _sdpa:
+            # the SDPA op's own output, which selective checkpointing caches: with activation
+            # offload its bytes wait on the host until the block is recomputed
+            keep_on_host(out, "self_attention")
+        return out

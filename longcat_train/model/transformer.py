@@ -23,7 +23,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .activation_offload import host_offload
+from .activation_offload import begin_block, cross_attention_kept, host_offload
 from .attention import SDPA_OPS, AttentionDispatcher, BsaSettings
 from .checkpoint_keys import verify_checkpoint_keys
 from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, rope_eager, swiglu
@@ -306,7 +306,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.checkpoint_mode = "full"
         self.selective_blocks = depth
         self.offload_block_inputs = False
-        self.keep_cross_attention = True
+        self.keep_cross_attention = False
 
     # ----- runtime settings -------------------------------------------------------------------
     def set_attention_implementation(self, implementation: str, use_bsa: bool | None = None) -> None:
@@ -317,21 +317,22 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def set_activation_checkpointing(
         self, mode: str, selective_blocks: int | None = None, offload_block_inputs: bool = False,
-        keep_cross_attention: bool = True,
+        keep_cross_attention: bool | None = None,
     ) -> None:
         """`none`, `full` (recompute each block) or `selective` (recompute each block but keep the
         attention outputs and log-sum-exp, so attention never runs twice). `selective_blocks` limits
         the kept attention outputs to the first N blocks (the rest recompute fully) to fit a memory
         budget; None means all blocks. `offload_block_inputs` keeps the checkpointed block inputs in
         pinned host memory (copied asynchronously, fetched back one block ahead) on CUDA.
-        `keep_cross_attention=False` makes `selective` keep only self-attention outputs."""
+        `offload_block_inputs` also sends the kept attention outputs there. `keep_cross_attention`:
+        whether `selective` keeps cross-attention outputs too (default: when they are offloaded)."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"activation checkpointing mode {mode!r}: choose one of {CHECKPOINT_MODES}")
         self.gradient_checkpointing = mode != "none"
         self.checkpoint_mode = mode if mode != "none" else "full"
         self.selective_blocks = len(self.blocks) if selective_blocks is None else selective_blocks
         self.offload_block_inputs = offload_block_inputs and mode != "none"
-        self.keep_cross_attention = keep_cross_attention
+        self.keep_cross_attention = cross_attention_kept(keep_cross_attention, self.offload_block_inputs)
 
     # ----- loading ----------------------------------------------------------------------------
     @classmethod
@@ -353,7 +354,10 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _run_block(self, index: int, block, *args):
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(*args)
-        if self.checkpoint_mode == "selective" and index < self.selective_blocks:
+        keeps_attention = self.checkpoint_mode == "selective" and index < self.selective_blocks
+        kept = ({"self_attention", "cross_attention"} if self.keep_cross_attention else {"self_attention"})
+        begin_block(index, frozenset(kept) if keeps_attention else frozenset())
+        if keeps_attention:
             policy = _save_attention_policy if self.keep_cross_attention else _save_self_attention_policy
             context = functools.partial(create_selective_checkpoint_contexts, policy)
             return checkpoint(block, *args, use_reentrant=False, context_fn=context)

@@ -88,7 +88,6 @@ def load_transformer(loaded: LoadedConfig, device: torch.device) -> LongCatVideo
         cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "none",
         cfg.selective_checkpointing_blocks,
         offload_block_inputs=cfg.activation_offload and device.type == "cuda",
-        keep_cross_attention=False,  # recomputing the short text attention costs ~1 ms per block, saves 0.29 GiB
     )
     return transformer
 
