@@ -87,6 +87,40 @@ def _run_kernel_case(name: str) -> dict[str, float]:
     return report
 
 
+def _selective_checkpoint_case() -> dict[str, float]:
+    """The model's selective checkpointing policy keeps the block-sparse op's outputs: the op runs
+    once (not again in backward), with the gradients of an un-checkpointed run."""
+    import functools
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    from longcat_train.model.bsa import block_sparse_attention
+    from longcat_train.model.transformer import _save_attention_policy
+
+    class CountOps(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.calls += func.name() == "longcat::block_sparse_attention"
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 160, 16, generator=gen).requires_grad_() for _ in range(3))
+
+    def layer(a, b, c):
+        return block_sparse_attention(a, b, c, (4, 5, 8), (4, 5, 8), 0.5).sin()
+
+    plain_out = layer(q, k, v)
+    plain = torch.autograd.grad(plain_out.sum(), (q, k, v))
+    context = functools.partial(create_selective_checkpoint_contexts, _save_attention_policy)
+    with CountOps():
+        out = checkpoint(layer, q, k, v, use_reentrant=False, context_fn=context)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    return {"op_calls": CountOps.calls,
+            "grad_err": max((a - b).abs().max().item() for a, b in zip(grads, plain))}
+
+
 @pytest.fixture(scope="module")
 def kernel_report() -> dict[str, dict[str, float]]:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
@@ -115,6 +149,12 @@ def test_kernel_is_dense_at_sparsity_zero_and_sparse_otherwise(
             assert errors[key] > 1e-3, f"{case}: {key}={errors[key]:.3g} looks dense"
         else:
             assert errors[key] < tolerance, f"{case}: {key}={errors[key]:.3g}"
+
+
+def test_selective_checkpointing_keeps_block_sparse_outputs(kernel_report: dict[str, dict[str, float]]) -> None:
+    report = kernel_report["selective_checkpoint"]
+    assert report["op_calls"] == 1, "the block-sparse op ran again during backward"
+    assert report["grad_err"] < 1e-5
 
 
 # --- pure PyTorch parts (no kernel launch) -------------------------------------------------------
@@ -231,4 +271,6 @@ def test_bad_shapes_name_the_argument() -> None:
 if __name__ == "__main__":
     # Subprocess entry for the kernel fixture: TRITON_INTERPRET=1 is set by the caller's env.
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    print(json.dumps({name: _run_kernel_case(name) for name in KERNEL_CASES}))
+    report = {name: _run_kernel_case(name) for name in KERNEL_CASES}
+    report["selective_checkpoint"] = _selective_checkpoint_case()
+    print(json.dumps(report))

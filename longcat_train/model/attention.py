@@ -29,17 +29,21 @@ _CUDA_SDPA_PRIORITY = [
     SDPBackend.MATH,
 ]
 
-# The ops whose outputs selective activation checkpointing keeps instead of recomputing.
-SDPA_OPS = tuple(
-    getattr(torch.ops.aten, name)
-    for name in (
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-    )
-    if hasattr(torch.ops.aten, name)
-)
+# The ops whose outputs selective activation checkpointing keeps instead of recomputing: PyTorch's
+# SDPA kernels and our block-sparse attention (registered in `bsa.py`).
+KEPT_ATTENTION_OPS = frozenset({
+    "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "longcat::block_sparse_attention",
+})
+
+
+def is_attention_op(op) -> bool:
+    """Whether a dispatched op (overload or packet) is one of `KEPT_ATTENTION_OPS`."""
+    packet = getattr(op, "overloadpacket", op)
+    return getattr(packet, "_qualified_op_name", None) in KEPT_ATTENTION_OPS
 
 
 class AttentionBackendUnavailable(RuntimeError):
@@ -172,15 +176,16 @@ class AttentionDispatcher:
         if use:
             from .bsa import block_sparse_attention
 
-            return block_sparse_attention(
+            out = block_sparse_attention(
                 q, k, v, grid_q, grid_k,
                 sparsity=self.bsa.sparsity,
                 chunk_3d_shape_q=self.bsa.chunk_3d_shape_q,
                 chunk_3d_shape_k=self.bsa.chunk_3d_shape_k,
             )
-        out = self._dense(q, k, v)
-        if self._dense is _sdpa:
-            # the SDPA op's own output, which selective checkpointing caches: with activation
+        else:
+            out = self._dense(q, k, v)
+        if use or self._dense is _sdpa:
+            # the attention op's own output, which selective checkpointing caches: with activation
             # offload its bytes wait on the host until the block is recomputed
             keep_on_host(out, "self_attention")
         return out

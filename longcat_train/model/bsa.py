@@ -225,62 +225,67 @@ def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    """Attention with a fixed block selection (not differentiated); raster order in and out."""
+# A registered op (not a bare autograd.Function) so that selective activation checkpointing sees it
+# as one operation and can keep its outputs instead of re-running selection and kernels in backward.
+@torch.library.custom_op("longcat::block_sparse_attention", mutates_args=())
+def _bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, latent_q: list[int], chunk_q: list[int],
+            latent_k: list[int], chunk_k: list[int], sparsity: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output [B, heads, Nq, D] stored token-major, log-sum-exp, kept key chunks)."""
+    grid_q, grid_k = _ChunkGrid(tuple(latent_q), tuple(chunk_q)), _ChunkGrid(tuple(latent_k), tuple(chunk_k))
+    kv_index = _select(q, k, grid_q, grid_k, sparsity)
+    q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
+    if k.stride() != v.stride():  # the kernels address k and v with one set of strides
+        k, v = k.contiguous(), v.contiguous()
+    b, h, n_q, d = q.shape
+    sm_scale = 1.0 / math.sqrt(d)
+    o = _token_major_empty(q, n_q)
+    lse = torch.empty(b * h, grid_q.n_chunks * grid_q.chunk_tokens, dtype=torch.float32, device=q.device)
+    with _on_device_of(q):
+        bsa_kernels.bsa_forward_kernel[(grid_q.n_chunks, b * h)](
+            q, k, v, o, lse, kv_index, *_strides(q, k, o),
+            h, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E,
+            *_grid_args(grid_q), *_grid_args(grid_k), **_kernel_constants(q, grid_q, grid_k),
+        )
+    return o, lse, kv_index
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_index: torch.Tensor,
-        grid_q: _ChunkGrid,
-        grid_k: _ChunkGrid,
-    ) -> torch.Tensor:
-        q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
-        if k.stride() != v.stride():  # the kernels address k and v with one set of strides
-            k, v = k.contiguous(), v.contiguous()
-        b, h, n_q, d = q.shape
-        sm_scale = 1.0 / math.sqrt(d)
-        o = _token_major_empty(q, n_q)
-        lse = torch.empty(b * h, grid_q.n_chunks * grid_q.chunk_tokens, dtype=torch.float32, device=q.device)
-        with _on_device_of(q):
-            bsa_kernels.bsa_forward_kernel[(grid_q.n_chunks, b * h)](
-                q, k, v, o, lse, kv_index, *_strides(q, k, o),
-                h, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E,
-                *_grid_args(grid_q), *_grid_args(grid_k), **_kernel_constants(q, grid_q, grid_k),
-            )
-        ctx.save_for_backward(q, k, v, o, lse, kv_index)
-        ctx.grids = (grid_q, grid_k)
-        return o
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, o, lse, kv_index = ctx.saved_tensors  # type: ignore[attr-defined]
-        grid_q, grid_k = ctx.grids  # type: ignore[attr-defined]
-        do = _head_dim_contiguous(grad_out)
-        b, h, n_q, d = q.shape
-        sm_scale = 1.0 / math.sqrt(d)
-        constants = _kernel_constants(q, grid_q, grid_k)
-        grids = (*_grid_args(grid_q), *_grid_args(grid_k))
-        delta = torch.empty_like(lse)
-        dq = _token_major_empty(q, n_q)  # same strides as o: the dq kernel writes both with o's
-        dk, dv = _token_major_empty(k, k.shape[2]), _token_major_empty(k, k.shape[2])
-        q_list, q_list_start = _queries_by_kv_block(kv_index, grid_k.n_chunks)
-        with _on_device_of(q):
-            bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
-                q, k, v, o, do, lse, delta, dq, kv_index, *_strides(q, k, o, do),
-                h, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale, *grids, **constants,
-            )
-            bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
-                q, k, v, do, lse, delta, dk, dv, q_list, q_list_start, *_strides(q, k, do, dk),
-                h, grid_q.n_chunks, q_list.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale,
-                *grids, **constants,
-            )
-        return dq, dk, dv, None, None, None
+def _bsa_setup_context(ctx, inputs, output) -> None:
+    q, k, v, latent_q, chunk_q, latent_k, chunk_k, _ = inputs
+    o, lse, kv_index = output
+    ctx.save_for_backward(q, k, v, o, lse, kv_index)
+    ctx.grids = (_ChunkGrid(tuple(latent_q), tuple(chunk_q)), _ChunkGrid(tuple(latent_k), tuple(chunk_k)))
+    ctx.mark_non_differentiable(lse, kv_index)
+
+
+def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
+    q, k, v, o, lse, kv_index = ctx.saved_tensors
+    grid_q, grid_k = ctx.grids
+    q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    do = _head_dim_contiguous(grad_out)
+    b, h, n_q, d = q.shape
+    sm_scale = 1.0 / math.sqrt(d)
+    constants = _kernel_constants(q, grid_q, grid_k)
+    grids = (*_grid_args(grid_q), *_grid_args(grid_k))
+    delta = torch.empty_like(lse)
+    dq = _token_major_empty(q, n_q)  # same strides as o: the dq kernel writes both with o's
+    dk, dv = _token_major_empty(k, k.shape[2]), _token_major_empty(k, k.shape[2])
+    q_list, q_list_start = _queries_by_kv_block(kv_index, grid_k.n_chunks)
+    with _on_device_of(q):
+        bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
+            q, k, v, o, do, lse, delta, dq, kv_index, *_strides(q, k, o, do),
+            h, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale, *grids, **constants,
+        )
+        bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
+            q, k, v, do, lse, delta, dk, dv, q_list, q_list_start, *_strides(q, k, do, dk),
+            h, grid_q.n_chunks, q_list.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale,
+            *grids, **constants,
+        )
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("longcat::block_sparse_attention", _bsa_backward, setup_context=_bsa_setup_context)
 
 
 def _kernel_constants(q: torch.Tensor, grid_q: _ChunkGrid, grid_k: _ChunkGrid) -> dict[str, object]:
@@ -325,9 +330,9 @@ def block_sparse_attention(
     if reason is not None:
         raise RuntimeError(reason)
 
-    with torch.no_grad():
-        kv_index = _select(q.detach(), k.detach(), grid_q, grid_k, sparsity)
-    return _BlockSparseAttention.apply(q, k, v, kv_index, grid_q, grid_k)
+    out, _, _ = _bsa_op(q, k, v, list(grid_q.latent), list(grid_q.chunk), list(grid_k.latent),
+                        list(grid_k.chunk), float(sparsity))
+    return out
 
 
 def block_sparse_attention_reference(

@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .activation_offload import begin_block, cross_attention_kept, host_offload
-from .attention import SDPA_OPS, AttentionDispatcher, BsaSettings
+from .attention import AttentionDispatcher, BsaSettings, is_attention_op
 from .checkpoint_keys import verify_checkpoint_keys
 from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, rope_eager, swiglu
 
@@ -246,15 +246,13 @@ class FinalLayer(nn.Module):
 
 
 def _save_attention_policy(ctx, op, *args, **kwargs):
-    packet = getattr(op, "overloadpacket", op)
-    return CheckpointPolicy.MUST_SAVE if packet in SDPA_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if is_attention_op(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _save_self_attention_policy(ctx, op, *args, **kwargs):
     """Like `_save_attention_policy` but recomputes cross-attention (fewer keys than queries): over
     512 text tokens it costs ~1 ms, while its output costs 0.29 GiB per block at 480x832x93."""
-    packet = getattr(op, "overloadpacket", op)
-    if packet in SDPA_OPS and args[1].shape[-2] >= args[0].shape[-2]:
+    if is_attention_op(op) and args[1].shape[-2] >= args[0].shape[-2]:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
