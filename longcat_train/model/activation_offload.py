@@ -123,7 +123,9 @@ class _OffloadState:
         self.fetch_group(packed.group - 1)
         current = torch.cuda.current_stream(packed.device)
         current.wait_event(packed.copied_in)
-        for item in self.stashed.get(packed.group, ()):
+        # Dropped here: from now on checkpointing's own cache is the only holder of the refilled
+        # storage, which is then freed as soon as that block's backward has used it.
+        for item in self.stashed.pop(packed.group, ()):
             current.wait_event(item.copied_in)
         tensor = packed.on_device
         tensor.record_stream(current)
