@@ -160,21 +160,24 @@ def test_selective_checkpointing_keeps_block_sparse_outputs(kernel_report: dict[
 # --- pure PyTorch parts (no kernel launch) -------------------------------------------------------
 
 
-def test_chunks_follow_3d_grid_and_pool_real_tokens_of_any_layout() -> None:
-    from longcat_train.model.bsa import _make_grid, _pool_chunks, _raster_chunk_ids
+def test_chunk_regroup_round_trips_follows_3d_chunks_and_pools_real_tokens() -> None:
+    from longcat_train.model.bsa import _from_chunks, _make_grid, _pool_chunks, _raster_chunk_ids, _to_chunks
 
     grid = _make_grid((5, 6, 10), (4, 4, 4), "q")
     assert grid.counts == (2, 2, 3) and grid.padded == (8, 8, 12)
-    # Each raster token sits in the chunk its (t//4, h//4, w//4) names, row-major over (2, 2, 3).
+    raster = torch.arange(1, grid.n_tokens + 1, dtype=torch.float32).reshape(1, 1, -1, 1)
+    chunks = _to_chunks(raster, grid).reshape(grid.n_chunks, grid.chunk_tokens)
+    assert torch.equal(_from_chunks(chunks.reshape(1, 1, -1, 1), grid), raster)
+    # Each raster token sits in the chunk its (t//4, h//4, w//4) names; the rest is zero padding.
     chunk_of = _raster_chunk_ids(grid, torch.device("cpu"))
-    for (t, h, w), chunk in {(0, 0, 0): 0, (0, 0, 9): 2, (0, 5, 0): 3, (4, 0, 0): 6, (4, 5, 9): 11}.items():
-        assert chunk_of[(t * 6 + h) * 10 + w] == chunk
-    # Pooling: the mean over each chunk's real tokens, the same for a token-major view.
+    for token in (0, 9, 10, 59, 60, 299):
+        assert (chunks[chunk_of[token]] == token + 1).sum() == 1
+    assert (chunks != 0).sum() == grid.n_tokens
+    # Token-major storage (the transformer's) regroups the same; pooling averages real tokens only.
     x = torch.randn(1, grid.n_tokens, 2, 8)
-    pooled = _pool_chunks(x.transpose(1, 2), grid)
+    pooled = _pool_chunks(_to_chunks(x.transpose(1, 2), grid), grid)
     for chunk in range(grid.n_chunks):
-        expected = x[0, chunk_of == chunk].mean(0)  # [heads, D]
-        torch.testing.assert_close(pooled[0, :, chunk], expected)
+        torch.testing.assert_close(pooled[0, :, chunk], x[0, chunk_of == chunk].mean(0))
 
 
 def test_kept_block_count_follows_official_rule_with_floor_of_one() -> None:

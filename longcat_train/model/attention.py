@@ -176,16 +176,16 @@ class AttentionDispatcher:
         if use:
             from .bsa import block_sparse_attention
 
-            out = block_sparse_attention(
+            # (it hands the output selective checkpointing keeps to activation offload itself)
+            return block_sparse_attention(
                 q, k, v, grid_q, grid_k,
                 sparsity=self.bsa.sparsity,
                 chunk_3d_shape_q=self.bsa.chunk_3d_shape_q,
                 chunk_3d_shape_k=self.bsa.chunk_3d_shape_k,
             )
-        else:
-            out = self._dense(q, k, v)
-        if use or self._dense is _sdpa:
-            # the attention op's own output, which selective checkpointing caches: with activation
+        out = self._dense(q, k, v)
+        if self._dense is _sdpa:
+            # the SDPA op's own output, which selective checkpointing caches: with activation
             # offload its bytes wait on the host until the block is recomputed
             keep_on_host(out, "self_attention")
         return out

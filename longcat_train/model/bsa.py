@@ -18,9 +18,9 @@ Semantics, checked against the official ``longcat_video/block_sparse_attention``
 Where we deliberately differ from the official code:
 
 * The official code asserts that the token grid is divisible by the chunk shape (its 720p buckets
-  are e.g. 704x1280). We let chunks overhang the grid instead (nothing is padded in memory): pooled
-  means use real tokens only, missing keys never receive attention weight, missing queries produce
-  nothing. On a divisible grid this is exactly the official behaviour.
+  are e.g. 704x1280). We pad t/h/w up to multiples instead: pooled means use real tokens only,
+  padded keys never receive attention weight, padded queries are dropped from the output. On a
+  divisible grid this is exactly the official behaviour.
 * The top-k count is at least 1 (the official code would select nothing and return zeros when
   ``int((1 - sparsity) * n) == 0``).
 * Pooling and gating scores are computed in float32 (the official code uses the input dtype, bf16);
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_train.model import bsa_kernels
+from longcat_train.model.activation_offload import keep_on_host
 
 Shape3D = tuple[int, int, int]
 
@@ -97,6 +98,34 @@ def _make_grid(latent: tuple[int, ...], chunk: tuple[int, ...], name: str) -> _C
     return _ChunkGrid(latent_t, chunk_t)  # type: ignore[arg-type]
 
 
+def _to_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
+    """[B, H, N, D] raster → [B, H, n_chunks * chunk_tokens, D] chunk order, zero padding."""
+    b, h, _, d = x.shape
+    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
+    x = x.reshape(b, h, t, hh, w, d)
+    if grid.has_padding:
+        x = F.pad(x, (0, 0, 0, pw - w, 0, ph - hh, 0, pt - t))
+    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
+    x = x.reshape(b, h, nt, ct, nh, ch, nw, cw, d).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
+    return x.reshape(b, h, grid.n_chunks * grid.chunk_tokens, d)
+
+
+def _from_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
+    """Inverse of ``_to_chunks``: drops padded tokens and restores raster order."""
+    b, h, _, d = x.shape
+    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
+    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
+    x = x.reshape(b, h, nt, nh, nw, ct, ch, cw, d).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
+    x = x.reshape(b, h, pt, ph, pw, d)[:, :, :t, :hh, :w]
+    return x.reshape(b, h, grid.n_tokens, d)
+
+
+def _real_tokens(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
+    """bool [n_chunks * chunk_tokens]: True for real tokens, False for padding (chunk order)."""
+    ones = torch.ones(1, 1, grid.n_tokens, 1, dtype=torch.bool, device=device)
+    return _to_chunks(ones, grid).reshape(-1)
+
+
 def _raster_chunk_ids(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
     """long [N]: the chunk each raster token belongs to."""
     t, h, w = (torch.arange(n, device=device) for n in grid.latent)
@@ -105,22 +134,13 @@ def _raster_chunk_ids(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
     return ids.reshape(-1)
 
 
-def _pool_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
-    """Mean over the real tokens of each chunk, float32: [B, H, n_chunks, D]. x: raster
-    [B, H, N, D] with any strides (a view, no copy, unless the grid needs padding)."""
-    b, h, _, d = x.shape
-    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
-    x = x.unflatten(2, grid.latent)
-    if grid.has_padding:
-        x = F.pad(x, (0, 0, 0, pw - w, 0, ph - hh, 0, pt - t))
-    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
-    sums = x.reshape(b, h, nt, ct, nh, ch, nw, cw, d).sum((3, 5, 7), dtype=torch.float32)
+def _pool_chunks(x_chunks: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
+    """Mean over the real tokens of each chunk, float32: [B, H, n_chunks, D]."""
+    b, h, _, d = x_chunks.shape
+    sums = x_chunks.reshape(b, h, grid.n_chunks, grid.chunk_tokens, d).sum(3, dtype=torch.float32)
     # Padding rows are zero, so dividing by the real-token count gives the mean over real tokens.
-    real = torch.ones(grid.latent, device=x.device)
-    if grid.has_padding:
-        real = F.pad(real, (0, pw - w, 0, ph - hh, 0, pt - t))
-    counts = real.reshape(nt, ct, nh, ch, nw, cw).sum((1, 3, 5))
-    return (sums / counts[..., None]).reshape(b, h, grid.n_chunks, d)
+    counts = _real_tokens(grid, x_chunks.device).reshape(grid.n_chunks, grid.chunk_tokens).sum(1)
+    return sums / counts[:, None].to(torch.float32)
 
 
 def kept_kv_block_count(n_kv_blocks: int, sparsity: float) -> int:
@@ -128,9 +148,9 @@ def kept_kv_block_count(n_kv_blocks: int, sparsity: float) -> int:
     return max(1, int((1.0 - sparsity) * n_kv_blocks))
 
 
-def _select(q: torch.Tensor, k: torch.Tensor, grid_q: _ChunkGrid,
+def _select(q_chunks: torch.Tensor, k_chunks: torch.Tensor, grid_q: _ChunkGrid,
             grid_k: _ChunkGrid, sparsity: float) -> torch.Tensor:
-    scores = _pool_chunks(q, grid_q) @ _pool_chunks(k, grid_k).transpose(-1, -2)
+    scores = _pool_chunks(q_chunks, grid_q) @ _pool_chunks(k_chunks, grid_k).transpose(-1, -2)
     keep = kept_kv_block_count(grid_k.n_chunks, sparsity)
     kept = torch.topk(scores, keep, dim=-1, sorted=False).indices
     return kept.sort(dim=-1).values.to(torch.int32).contiguous()
@@ -172,7 +192,7 @@ def select_kv_blocks(
     grid_k = _make_grid(latent_shape_k, chunk_3d_shape_k, "k")
     _check_inputs(q, k, k, grid_q, grid_k, sparsity)
     with torch.no_grad():
-        return _select(q, k, grid_q, grid_k, sparsity)
+        return _select(_to_chunks(q, grid_q), _to_chunks(k, grid_k), grid_q, grid_k, sparsity)
 
 
 def _queries_by_kv_block(kv_index: torch.Tensor, n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,48 +223,23 @@ def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _token_major_empty(like: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """An uninitialised [B, heads, n_tokens, D] tensor stored token-major ([B, N, heads, D]), the
-    transformer's layout: its callers transpose back for the output projection without a copy."""
-    b, h, _, d = like.shape
-    return like.new_empty(b, n_tokens, h, d).transpose(1, 2)
-
-
-def _grid_args(grid: _ChunkGrid) -> tuple[int, ...]:
-    """(T, H, W, chunks along h, chunks along w): what the kernels need to locate a chunk's rows."""
-    _, n_h, n_w = grid.counts
-    return (*grid.latent, n_h, n_w)
-
-
-def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
-    """Batch, head and token strides of [B, heads, N, D] tensors (the head dim is contiguous)."""
-    return tuple(stride for t in tensors for stride in t.stride()[:3])
-
-
-def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 # A registered op (not a bare autograd.Function) so that selective activation checkpointing sees it
-# as one operation and can keep its outputs instead of re-running selection and kernels in backward.
+# as one operation and keeps its outputs instead of re-running selection and kernels in backward.
+# Tensors are chunk-ordered ([B, heads, n_chunks * chunk_tokens, D], contiguous); the regrouping
+# copies stay outside, as ordinary differentiable ops.
 @torch.library.custom_op("longcat::block_sparse_attention", mutates_args=())
 def _bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, latent_q: list[int], chunk_q: list[int],
             latent_k: list[int], chunk_k: list[int], sparsity: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output [B, heads, Nq, D] stored token-major, log-sum-exp, kept key chunks)."""
+    """(output, log-sum-exp [B, heads, n_q_rows] float32, kept key chunks [B, heads, n_q_chunks, keep])."""
     grid_q, grid_k = _ChunkGrid(tuple(latent_q), tuple(chunk_q)), _ChunkGrid(tuple(latent_k), tuple(chunk_k))
     kv_index = _select(q, k, grid_q, grid_k, sparsity)
-    q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
-    if k.stride() != v.stride():  # the kernels address k and v with one set of strides
-        k, v = k.contiguous(), v.contiguous()
     b, h, n_q, d = q.shape
-    sm_scale = 1.0 / math.sqrt(d)
-    o = _token_major_empty(q, n_q)
-    lse = torch.empty(b * h, grid_q.n_chunks * grid_q.chunk_tokens, dtype=torch.float32, device=q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
     with _on_device_of(q):
         bsa_kernels.bsa_forward_kernel[(grid_q.n_chunks, b * h)](
-            q, k, v, o, lse, kv_index, *_strides(q, k, o),
-            h, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E,
-            *_grid_args(grid_q), *_grid_args(grid_k), **_kernel_constants(q, grid_q, grid_k),
+            q, k, v, o, lse, kv_index, _key_valid(grid_k, q.device), n_q, k.shape[2], kv_index.shape[-1],
+            _softmax_scale(d) * bsa_kernels.LOG2_E, **_kernel_constants(q, grid_q, grid_k),
         )
     return o, lse, kv_index
 
@@ -260,27 +255,22 @@ def _bsa_setup_context(ctx, inputs, output) -> None:
 def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q, k, v, o, lse, kv_index = ctx.saved_tensors
     grid_q, grid_k = ctx.grids
-    q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
-    if k.stride() != v.stride():
-        k, v = k.contiguous(), v.contiguous()
-    do = _head_dim_contiguous(grad_out)
+    do = grad_out.contiguous()
     b, h, n_q, d = q.shape
-    sm_scale = 1.0 / math.sqrt(d)
+    n_k = k.shape[2]
+    scale = _softmax_scale(d)
     constants = _kernel_constants(q, grid_q, grid_k)
-    grids = (*_grid_args(grid_q), *_grid_args(grid_k))
     delta = torch.empty_like(lse)
-    dq = _token_major_empty(q, n_q)  # same strides as o: the dq kernel writes both with o's
-    dk, dv = _token_major_empty(k, k.shape[2]), _token_major_empty(k, k.shape[2])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     q_list, q_list_start = _queries_by_kv_block(kv_index, grid_k.n_chunks)
     with _on_device_of(q):
         bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
-            q, k, v, o, do, lse, delta, dq, kv_index, *_strides(q, k, o, do),
-            h, kv_index.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale, *grids, **constants,
+            q, k, v, o, do, lse, delta, dq, kv_index, _key_valid(grid_k, q.device),
+            n_q, n_k, kv_index.shape[-1], scale * bsa_kernels.LOG2_E, scale, **constants,
         )
         bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
-            q, k, v, do, lse, delta, dk, dv, q_list, q_list_start, *_strides(q, k, do, dk),
-            h, grid_q.n_chunks, q_list.shape[-1], sm_scale * bsa_kernels.LOG2_E, sm_scale,
-            *grids, **constants,
+            q, k, v, do, lse, delta, dk, dv, q_list, q_list_start,
+            n_q, n_k, q_list.shape[-1], scale * bsa_kernels.LOG2_E, scale, **constants,
         )
     return dq, dk, dv, None, None, None, None, None
 
@@ -288,11 +278,21 @@ def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
 torch.library.register_autograd("longcat::block_sparse_attention", _bsa_backward, setup_context=_bsa_setup_context)
 
 
+def _softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _key_valid(grid_k: _ChunkGrid, device: torch.device) -> torch.Tensor:
+    """int8 per chunk-order key row (0 for padding); a 1-element dummy when there is no padding
+    (the kernels then never read it, but Triton needs a pointer)."""
+    if grid_k.has_padding:
+        return _real_tokens(grid_k, device).to(torch.int8)
+    return torch.ones(1, dtype=torch.int8, device=device)
+
+
 def _kernel_constants(q: torch.Tensor, grid_q: _ChunkGrid, grid_k: _ChunkGrid) -> dict[str, object]:
-    (ct_q, ch_q, cw_q), (ct_k, ch_k, cw_k) = grid_q.chunk, grid_k.chunk
-    return dict(HEAD_DIM=q.shape[-1], CT_Q=ct_q, CH_Q=ch_q, CW_Q=cw_q, CT_K=ct_k, CH_K=ch_k, CW_K=cw_k,
-                HAS_Q_PAD=grid_q.has_padding, HAS_K_PAD=grid_k.has_padding,
-                DOT_PRECISION=_dot_precision(q.dtype))
+    return dict(HEAD_DIM=q.shape[-1], CHUNK_M=grid_q.chunk_tokens, CHUNK_N=grid_k.chunk_tokens,
+                HAS_KEY_PAD=grid_k.has_padding, DOT_PRECISION=_dot_precision(q.dtype))
 
 
 def bsa_unavailable_reason(device: torch.device) -> str | None:
@@ -330,9 +330,13 @@ def block_sparse_attention(
     if reason is not None:
         raise RuntimeError(reason)
 
-    out, _, _ = _bsa_op(q, k, v, list(grid_q.latent), list(grid_q.chunk), list(grid_k.latent),
-                        list(grid_k.chunk), float(sparsity))
-    return out
+    o, _, _ = _bsa_op(_to_chunks(q, grid_q), _to_chunks(k, grid_k), _to_chunks(v, grid_k),
+                      list(grid_q.latent), list(grid_q.chunk), list(grid_k.latent), list(grid_k.chunk),
+                      float(sparsity))
+    # the op's own output, which selective checkpointing caches: with activation offload its
+    # bytes wait on the host until the block is recomputed
+    keep_on_host(o, "self_attention")
+    return _from_chunks(o, grid_q)
 
 
 def block_sparse_attention_reference(
