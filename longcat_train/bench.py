@@ -142,8 +142,11 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
             times.append(time.perf_counter() - start)
         losses.append(loss.item())
     s_per_step = statistics.median(times)
-    flops = transformer_flops(RELEASE_DIT_CONFIG | {"depth": settings.depth}, 1, T, H, W,
-                              settings.text_tokens, num_cond_latents=1)
+    # model FLOPs count the attention actually computed: block-sparse where the dispatcher used it
+    grid = (T, H // 2, W // 2)
+    sparse, _ = model.attention.bsa_decision(True, grid)
+    flops = transformer_flops(RELEASE_DIT_CONFIG | {"depth": settings.depth}, 1, T, H, W, settings.text_tokens,
+                              num_cond_latents=1, attention_density=model.attention.bsa.density(grid) if sparse else 1.0)
     peak = dense_bf16_peak_flops()
     tokens = T * (H // 2) * (W // 2)
     return _result(settings, {

@@ -35,7 +35,7 @@ from longcat_train.model.bsa import (  # noqa: E402
     _make_grid,
     _pool_chunks,
     _queries_by_kv_block,
-    _to_chunks,
+    _regroup,
     block_sparse_attention,
     block_sparse_attention_reference,
     kept_kv_block_count,
@@ -167,13 +167,13 @@ def selection_breakdown(q: torch.Tensor, k: torch.Tensor, grid: Shape3D, sparsit
     (pooling, gate scores, top-k, sort) and the backward's transposed index."""
     chunks = _make_grid(grid, CHUNK, "q")
     keep = kept_kv_block_count(chunks.n_chunks, sparsity)
-    q_chunks, k_chunks = _to_chunks(q, chunks), _to_chunks(k, chunks)
+    q_chunks, k_chunks = _regroup(q, chunks, to_chunks=True), _regroup(k, chunks, to_chunks=True)
     pooled_q, pooled_k = _pool_chunks(q_chunks, chunks), _pool_chunks(k_chunks, chunks)
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     kept = torch.topk(scores, keep, dim=-1, sorted=False).indices
     kv_index = kept.sort(dim=-1).values.to(torch.int32)
     stages = {
-        "regroup_one": lambda: _to_chunks(q, chunks),
+        "regroup_one": lambda: _regroup(q, chunks, to_chunks=True),
         "pool_q_k": lambda: (_pool_chunks(q_chunks, chunks), _pool_chunks(k_chunks, chunks)),
         "scores": lambda: pooled_q @ pooled_k.transpose(-1, -2),
         "topk": lambda: torch.topk(scores, keep, dim=-1, sorted=False),

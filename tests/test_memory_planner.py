@@ -72,7 +72,7 @@ def test_a_large_gpu_runs_plain_bf16_and_prefers_faster_settings():
 
 
 def test_largest_fitting_bucket_is_named_and_rendered():
-    plan = plan_memory(TrainingConfig(lora_rank=32), [BUCKET, (480, 832, 45), (256, 256, 33)], 48.0)
+    plan = plan_memory(TrainingConfig(lora_rank=32), [BUCKET, (480, 832, 45), (256, 256, 33)], 40.0)
     assert plan.largest_fitting_bucket == (480, 832, 45)
     console = Console(record=True, width=160)
     plan.render(console)

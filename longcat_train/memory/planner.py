@@ -46,6 +46,12 @@ STORAGE_BYTES = {"bf16": 2.0, "no_change": 2.0, "int8-quanto": 1.0 + 2 / 4096, "
 IN_FLIGHT_BLOCKS = 2  # block swap: the running block and the prefetched one
 
 
+def usable_gib(gpu_memory_gib: float) -> float:
+    """What a GPU of `gpu_memory_gib` leaves for the predicted peak: the CUDA context and kernel
+    images live outside PyTorch's allocator (~0.5 GiB), and allocator fragmentation needs slack."""
+    return 0.95 * gpu_memory_gib - 0.5
+
+
 @dataclass(frozen=True)
 class ParameterCounts:
     per_block_quantizable: int  # the block linears' weights (quantized modes store these compactly)
@@ -125,7 +131,7 @@ class MemorySettings:
         else:
             parts.append("full checkpointing")
         if self.offload_block_inputs:
-            parts.append("block inputs offloaded")
+            parts.append("activations offloaded")
         if self.blocks_to_swap:
             parts.append(f"swap {self.blocks_to_swap} blocks")
         if self.group_offload:
@@ -265,7 +271,8 @@ class MemoryPlan:
         h, w, f = worst.bucket
         raise PlanRefusal(
             f"predicted out of GPU memory: bucket {h}x{w}x{f} needs {worst.estimate.vram:.1f} GiB with "
-            f"{self.settings.describe()}, the GPU has {self.gpu_memory_gib:.1f} GiB ({len(over)} of "
+            f"{self.settings.describe()}, the GPU has {self.gpu_memory_gib:.1f} GiB, "
+            f"{usable_gib(self.gpu_memory_gib):.1f} usable ({len(over)} of "
             f"{len(self.buckets)} buckets over). {self.advice()}. Start anyway with the override flag."
         )
 
@@ -291,22 +298,21 @@ class MemoryPlan:
             console.print(f"[yellow]{note}[/]")
 
 
+# (checkpointing, weights) from fastest to slowest (docs/benchmarks.md, H200, 480x832x93): selective
+# checkpointing never recomputes attention; int8 weights cost ~2 %, full checkpointing ~15 %.
+SPEED_ORDER = (("selective", "bf16"), ("selective", "int8-quanto"), ("full", "bf16"), ("full", "int8-quanto"),
+               ("selective", "int4-quanto"), ("full", "int4-quanto"))
+
+
 def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySettings]:
-    """Settings from fastest to slowest: bf16 without swap (selective checkpointing on fewer and
-    fewer blocks, then full), first with the checkpointed block inputs on the GPU, then offloaded
-    to the host (asynchronous, nearly free); then bf16 + k swapped blocks (k growing), int8, int8 +
-    k swapped blocks, int4 + k swapped blocks, all with the inputs offloaded."""
-    plain = replace(base, group_offload=False, blocks_to_swap=0, gradient_checkpointing=True,
-                    offload_block_inputs=False, base_model_precision="bf16")
-    for offload_inputs in (False, True):
-        for selective in (depth, 36, 24, 12):
-            yield replace(plain, checkpoint_mode="selective", selective_blocks=selective,
-                          offload_block_inputs=offload_inputs)
-    full = replace(plain, checkpoint_mode="full", selective_blocks=None)
-    yield full
-    for precision in ("bf16", "int8-quanto", "int4-quanto"):
+    """Settings from fastest to slowest, all with activation offload (block inputs and kept
+    attention outputs wait on the host: measured free, it copies on a side stream): for each entry
+    of `SPEED_ORDER`, 0, 1, … depth − 1 swapped blocks (swapping 8 to 40 blocks measured free)."""
+    plain = replace(base, group_offload=False, gradient_checkpointing=True, offload_block_inputs=True,
+                    selective_blocks=None, keep_cross_attention=None)
+    for mode, precision in SPEED_ORDER:
         for swap in range(0, depth):
-            yield replace(full, base_model_precision=precision, blocks_to_swap=swap, offload_block_inputs=True)
+            yield replace(plain, checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap)
 
 
 def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
@@ -321,12 +327,12 @@ def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: flo
     for bucket in buckets:
         tokens = bucket_tokens(*bucket)
         e = estimate(counts, settings, tokens)
-        rows.append(BucketPlan(tuple(bucket), tokens, e, e.vram <= gpu_memory_gib))
+        rows.append(BucketPlan(tuple(bucket), tokens, e, e.vram <= usable_gib(gpu_memory_gib)))
     largest_tokens = max(r.tokens for r in rows)
     recommendation = recommendation_estimate = None
     for candidate in candidate_settings(settings, counts.depth):
         e = estimate(counts, candidate, largest_tokens)
-        if e.vram <= gpu_memory_gib:
+        if e.vram <= usable_gib(gpu_memory_gib):
             recommendation, recommendation_estimate = candidate, e
             break
     notes = []

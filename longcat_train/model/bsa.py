@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from longcat_train.model import bsa_kernels
 from longcat_train.model.activation_offload import keep_on_host
+from longcat_train.model.attention import kept_kv_block_count
 
 Shape3D = tuple[int, int, int]
 
@@ -110,16 +111,6 @@ def _to_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
     return x.reshape(b, h, grid.n_chunks * grid.chunk_tokens, d)
 
 
-def _from_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
-    """Inverse of ``_to_chunks``: drops padded tokens and restores raster order."""
-    b, h, _, d = x.shape
-    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
-    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
-    x = x.reshape(b, h, nt, nh, nw, ct, ch, cw, d).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
-    x = x.reshape(b, h, pt, ph, pw, d)[:, :, :t, :hh, :w]
-    return x.reshape(b, h, grid.n_tokens, d)
-
-
 def _real_tokens(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
     """bool [n_chunks * chunk_tokens]: True for real tokens, False for padding (chunk order)."""
     ones = torch.ones(1, 1, grid.n_tokens, 1, dtype=torch.bool, device=device)
@@ -141,11 +132,6 @@ def _pool_chunks(x_chunks: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
     # Padding rows are zero, so dividing by the real-token count gives the mean over real tokens.
     counts = _real_tokens(grid, x_chunks.device).reshape(grid.n_chunks, grid.chunk_tokens).sum(1)
     return sums / counts[:, None].to(torch.float32)
-
-
-def kept_kv_block_count(n_kv_blocks: int, sparsity: float) -> int:
-    """Key blocks kept per query block: ``int((1 - sparsity) * n)``, at least 1."""
-    return max(1, int((1.0 - sparsity) * n_kv_blocks))
 
 
 def _select(q_chunks: torch.Tensor, k_chunks: torch.Tensor, grid_q: _ChunkGrid,
@@ -295,6 +281,48 @@ def _kernel_constants(q: torch.Tensor, grid_q: _ChunkGrid, grid_k: _ChunkGrid) -
                 HAS_KEY_PAD=grid_k.has_padding, DOT_PRECISION=_dot_precision(q.dtype))
 
 
+def _regroup(src: torch.Tensor, grid: _ChunkGrid, to_chunks: bool) -> torch.Tensor:
+    """Triton regroup between raster [B, H, N, D] (any strides with a contiguous head dim; a new
+    raster tensor is stored token-major, the transformer's layout) and contiguous chunk order.
+    `_to_chunks` is the PyTorch reference of the same mapping."""
+    b, h, _, d = src.shape
+    if to_chunks:
+        raster = src if src.stride(-1) == 1 else src.contiguous()
+        chunked = src.new_empty(b, h, grid.n_chunks * grid.chunk_tokens, d)
+    else:
+        chunked = src.contiguous()
+        raster = src.new_empty(b, grid.n_tokens, h, d).transpose(1, 2)
+    _, n_h, n_w = grid.counts
+    with _on_device_of(src):
+        bsa_kernels.bsa_regroup_kernel[(grid.n_chunks, b * h)](
+            raster, chunked, *raster.stride()[:3], h, chunked.shape[2], *grid.latent, n_h, n_w,
+            HEAD_DIM=d, CT=grid.chunk[0], CH=grid.chunk[1], CW=grid.chunk[2], TO_CHUNKS=to_chunks,
+        )
+    return chunked if to_chunks else raster
+
+
+class _ToChunks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:  # type: ignore[override]
+        ctx.grid = grid
+        return _regroup(x, grid, to_chunks=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _regroup(grad, ctx.grid, to_chunks=False), None
+
+
+class _FromChunks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:  # type: ignore[override]
+        ctx.grid = grid
+        return _regroup(x, grid, to_chunks=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _regroup(grad, ctx.grid, to_chunks=True), None
+
+
 def bsa_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device`` (None when they can)."""
     if device.type == "cuda" or bsa_kernels.triton_interpreting():
@@ -330,13 +358,13 @@ def block_sparse_attention(
     if reason is not None:
         raise RuntimeError(reason)
 
-    o, _, _ = _bsa_op(_to_chunks(q, grid_q), _to_chunks(k, grid_k), _to_chunks(v, grid_k),
+    o, _, _ = _bsa_op(_ToChunks.apply(q, grid_q), _ToChunks.apply(k, grid_k), _ToChunks.apply(v, grid_k),
                       list(grid_q.latent), list(grid_q.chunk), list(grid_k.latent), list(grid_k.chunk),
                       float(sparsity))
     # the op's own output, which selective checkpointing caches: with activation offload its
     # bytes wait on the host until the block is recomputed
     keep_on_host(o, "self_attention")
-    return _from_chunks(o, grid_q)
+    return _FromChunks.apply(o, grid_q)
 
 
 def block_sparse_attention_reference(
