@@ -301,26 +301,17 @@ def _regroup(src: torch.Tensor, grid: _ChunkGrid, to_chunks: bool) -> torch.Tens
     return chunked if to_chunks else raster
 
 
-class _ToChunks(torch.autograd.Function):
+class _Regroup(torch.autograd.Function):
+    """`_regroup` with autograd: the gradient goes the opposite way."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:  # type: ignore[override]
-        ctx.grid = grid
-        return _regroup(x, grid, to_chunks=True)
+    def forward(ctx, x: torch.Tensor, grid: _ChunkGrid, to_chunks: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.grid, ctx.to_chunks = grid, to_chunks
+        return _regroup(x, grid, to_chunks)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return _regroup(grad, ctx.grid, to_chunks=False), None
-
-
-class _FromChunks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:  # type: ignore[override]
-        ctx.grid = grid
-        return _regroup(x, grid, to_chunks=False)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return _regroup(grad, ctx.grid, to_chunks=True), None
+        return _regroup(grad, ctx.grid, not ctx.to_chunks), None, None
 
 
 def bsa_unavailable_reason(device: torch.device) -> str | None:
@@ -358,13 +349,13 @@ def block_sparse_attention(
     if reason is not None:
         raise RuntimeError(reason)
 
-    o, _, _ = _bsa_op(_ToChunks.apply(q, grid_q), _ToChunks.apply(k, grid_k), _ToChunks.apply(v, grid_k),
+    o, _, _ = _bsa_op(_Regroup.apply(q, grid_q, True), _Regroup.apply(k, grid_k, True), _Regroup.apply(v, grid_k, True),
                       list(grid_q.latent), list(grid_q.chunk), list(grid_k.latent), list(grid_k.chunk),
                       float(sparsity))
     # the op's own output, which selective checkpointing caches: with activation offload its
     # bytes wait on the host until the block is recomputed
     keep_on_host(o, "self_attention")
-    return _FromChunks.apply(o, grid_q)
+    return _Regroup.apply(o, grid_q, False)
 
 
 def block_sparse_attention_reference(
