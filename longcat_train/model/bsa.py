@@ -349,9 +349,9 @@ def block_sparse_attention(
     if reason is not None:
         raise RuntimeError(reason)
 
-    o, _, _ = _bsa_op(_Regroup.apply(q, grid_q, True), _Regroup.apply(k, grid_k, True), _Regroup.apply(v, grid_k, True),
-                      list(grid_q.latent), list(grid_q.chunk), list(grid_k.latent), list(grid_k.chunk),
-                      float(sparsity))
+    q_chunks, k_chunks, v_chunks = (_Regroup.apply(t, grid, True) for t, grid in ((q, grid_q), (k, grid_k), (v, grid_k)))
+    o, _, _ = _bsa_op(q_chunks, k_chunks, v_chunks, list(grid_q.latent), list(grid_q.chunk),
+                      list(grid_k.latent), list(grid_k.chunk), float(sparsity))
     # the op's own output, which selective checkpointing caches: with activation offload its
     # bytes wait on the host until the block is recomputed
     keep_on_host(o, "self_attention")
