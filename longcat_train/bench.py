@@ -35,7 +35,7 @@ class BenchSettings:
     checkpointing: str = "selective"
     selective_blocks: int | None = None
     offload_block_inputs: bool = True
-    keep_cross_attention: bool | None = None  # None: kept exactly when offloaded
+    keep_cross_attention: bool = False
     autocast: bool = True  # bf16 autocast, as Accelerate's mixed precision runs `train`
     fused_kernels: bool = True
     compile: bool = False

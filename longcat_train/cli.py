@@ -8,6 +8,7 @@ commands so `--help` and `config check` answer at once.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -16,6 +17,11 @@ from pydantic_core import PydanticCustomError
 from rich.console import Console
 
 from longcat_train.config import ConfigError, ConfigProblem, LoadedConfig, load_config
+
+# Before anything initialises CUDA: growable segments instead of fixed blocks, so a long run's
+# allocation pattern (per-bucket activation sizes, swapped blocks) does not strand reserved memory
+# (a 24 GiB-capped step ran out with 1.29 GiB reserved but unused). A user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from longcat_train.config.examples import ExistingFilesError, write_example_configs
 from longcat_train.config.problems import problems_table
 from longcat_train.config.rules import check_frames, parse_resolution

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,8 +128,10 @@ def main() -> None:
     for row in args.rows.split(","):
         if row not in ROWS:
             sys.exit(f"--rows: unknown row {row!r}; choose from {ROWS}")
+        # the allocator setting `longcat train` uses (longcat_train/cli.py)
+        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}
         done = subprocess.run([sys.executable, __file__, "--one", row, "--steps", str(args.steps),
-                               "--warmup", str(args.warmup)], capture_output=True, text=True)
+                               "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
         lines = [l for l in done.stdout.splitlines() if l.startswith("ROW ")]
         result = json.loads(lines[-1][4:]) if lines else {
             "row": row, "settings": "", "predicted_gib": None, "cap_gib": None,

@@ -29,7 +29,6 @@ import torch
 
 from ..bench import RELEASE_DIT_CONFIG
 from ..config.training import DEFAULT_LORA_TARGETS
-from ..model.activation_offload import cross_attention_kept
 from ..model import LongCatVideoTransformer3DModel
 from .quantize import QUANTIZED_PRECISIONS
 
@@ -48,8 +47,10 @@ IN_FLIGHT_BLOCKS = 2  # block swap: the running block and the prefetched one
 
 def usable_gib(gpu_memory_gib: float) -> float:
     """What a GPU of `gpu_memory_gib` leaves for the predicted peak: the CUDA context and kernel
-    images live outside PyTorch's allocator (~0.5 GiB), and allocator fragmentation needs slack."""
-    return 0.95 * gpu_memory_gib - 0.5
+    images live outside PyTorch's allocator (~0.5 GiB), and allocator fragmentation needs slack
+    (a 24 GiB cap ran out with 21.95 GiB allocated and 1.29 GiB reserved but unused; H200,
+    docs/benchmarks.md)."""
+    return 0.92 * gpu_memory_gib - 1.0
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,14 @@ def parameter_counts(dit_config: dict | None = None) -> ParameterCounts:
 @dataclass(frozen=True)
 class MemorySettings:
     """The memory-relevant training settings (the config's keys; `keep_cross_attention` is the
-    model's `set_activation_checkpointing` flag, left at its default in `train` and `bench`)."""
+    model's `set_activation_checkpointing` flag, off in `train` and `bench`)."""
 
     base_model_precision: str = "bf16"
     blocks_to_swap: int = 0
     gradient_checkpointing: bool = True
     checkpoint_mode: str = "full"  # "full" | "selective" (with gradient_checkpointing)
     selective_blocks: int | None = None  # None: every block
-    keep_cross_attention: bool | None = None
+    keep_cross_attention: bool = False
     offload_block_inputs: bool = False
     group_offload: bool = False
     group_offload_type: str = "block_level"
@@ -203,7 +204,7 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
         activations = kept_inputs * hidden_state + working_set
         if s.checkpoint_mode == "selective":
             selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
-            kept = hidden_state * (2 if cross_attention_kept(s.keep_cross_attention, s.offload_block_inputs) else 1)
+            kept = hidden_state * (2 if s.keep_cross_attention else 1)
             if s.offload_block_inputs:
                 in_flight = min(selective, IN_FLIGHT_BLOCKS)
                 activations += in_flight * kept
@@ -309,7 +310,7 @@ def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySetti
     attention outputs wait on the host: measured free, it copies on a side stream): for each entry
     of `SPEED_ORDER`, 0, 1, … depth − 1 swapped blocks (swapping 8 to 40 blocks measured free)."""
     plain = replace(base, group_offload=False, gradient_checkpointing=True, offload_block_inputs=True,
-                    selective_blocks=None, keep_cross_attention=None)
+                    selective_blocks=None, keep_cross_attention=False)
     for mode, precision in SPEED_ORDER:
         for swap in range(0, depth):
             yield replace(plain, checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap)
