@@ -86,6 +86,15 @@ def test_the_config_keys_reach_the_plan():
     assert (settings.blocks_to_swap, settings.base_model_precision, settings.lora_rank) == (16, "int8-quanto", 32)
 
 
+def test_host_ram_shortfall_is_noted_with_the_settings_that_use_it():
+    settings = MemorySettings(checkpoint_mode="selective", offload_block_inputs=True, lora_rank=32)
+    roomy = plan_memory(settings, [(720, 1280, 93)], 141.0, host_memory_gib=512.0)
+    tight = plan_memory(settings, [(720, 1280, 93)], 141.0, host_memory_gib=32.0)
+    assert not any("host RAM" in note for note in roomy.notes)
+    (note,) = [note for note in tight.notes if "host RAM" in note]
+    assert "720x1280x93" in note and "activation_offload" in note
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="bucket"):
         plan_memory(MemorySettings(), [], 24.0)

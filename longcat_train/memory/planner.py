@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -316,10 +317,16 @@ def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySetti
             yield replace(plain, checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap)
 
 
+def machine_memory_gib() -> float:
+    """This machine's physical RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
 def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
-                dit_config: dict | None = None) -> MemoryPlan:
+                dit_config: dict | None = None, host_memory_gib: float | None = None) -> MemoryPlan:
     """Predict every bucket (H, W, F) under `config` (a TrainingConfig or MemorySettings) on a GPU
-    with `gpu_memory_gib`, and recommend the fastest settings that fit the largest bucket."""
+    with `gpu_memory_gib`, and recommend the fastest settings that fit the largest bucket. A note
+    warns where the predicted host RAM exceeds `host_memory_gib` (default: this machine's)."""
     if not buckets:
         raise ValueError("plan_memory needs at least one (height, width, frames) bucket")
     settings = config if isinstance(config, MemorySettings) else MemorySettings.from_config(config)
@@ -337,6 +344,13 @@ def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: flo
             recommendation, recommendation_estimate = candidate, e
             break
     notes = []
+    host_gib = machine_memory_gib() if host_memory_gib is None else host_memory_gib
+    worst_host = max(rows, key=lambda r: r.estimate.host)
+    if worst_host.estimate.host > host_gib:
+        notes.append(
+            f"bucket {'x'.join(map(str, worst_host.bucket))} is predicted to need {worst_host.estimate.host:.0f} GiB "
+            f"of host RAM, this machine has {host_gib:.0f} GiB: swapped blocks and activation_offload live there "
+            "(pinned); swap fewer blocks, set activation_offload false (more GPU memory), or use shorter clips")
     if settings.blocks_to_swap and not settings.gradient_checkpointing:
         notes.append("block swap saves no memory without gradient_checkpointing (autograd keeps every block's weights)")
     if not math.isfinite(gpu_memory_gib) or gpu_memory_gib <= 0:
