@@ -14,12 +14,31 @@ from peft.utils import get_peft_model_state_dict
 from longcat_train.lora import add_lora, lora_state
 from longcat_train.lora import fused_linear
 from longcat_train.lora.adapters import compute_lora_in_autocast_dtype, load_lora_into_adapter
-from longcat_train.lora.fused_linear import FusedLoraLinear, _LoraLinearFunction, use_fused_lora_linears
+from longcat_train.lora.fused_linear import (
+    FusedLoraLinear,
+    _BaseHalfFunction,
+    _LoraHalfFunction,
+    _LoraLinearFunction,
+    use_fused_lora_linears,
+)
 
 from .reference import load_reference, rel_l2
 
 
-def test_function_equals_lora_math_in_float32():
+def _linear_cases():
+    """The fused function, and the two-function split a block's last linear uses, in float32."""
+    def fused(x, w, b, a, up, s):
+        return _LoraLinearFunction.apply(x, w, b, a, up, s).view(*x.shape[:-1], -1)
+
+    def split(x, w, b, a, up, s):
+        y = _LoraHalfFunction.apply(x, b, a, up, s)
+        return _BaseHalfFunction.apply(y, x, w, a, up, s).view(*x.shape[:-1], -1)
+
+    return {"fused": fused, "split": split}
+
+
+@pytest.mark.parametrize("variant", ["fused", "split"])
+def test_function_equals_lora_math_in_float32(variant):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
     w, b = torch.randn(10, 12, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
@@ -29,13 +48,42 @@ def test_function_equals_lora_math_in_float32():
     for fused in (True, False):
         xs, As, Bs = (t.float().requires_grad_(True) for t in (x, a, up))
         if fused:
-            y = _LoraLinearFunction.apply(xs, w.float(), b.float(), As, Bs, 2.5)
+            y = _linear_cases()[variant](xs, w.float(), b.float(), As, Bs, 2.5)
         else:
             y = torch.nn.functional.linear(xs, w.float(), b.float()) + (xs @ As.t() @ Bs.t()) * 2.5
         y.backward(dy.float())
         results.append([y, xs.grad, As.grad, Bs.grad])
     for fused_t, eager_t in zip(*results):
         assert rel_l2(fused_t, eager_t) < 1e-6
+
+
+@pytest.mark.parametrize("variant, base_gemms", [("fused", 3), ("split", 2)])
+def test_split_last_linear_ends_the_checkpoint_recomputation_before_its_base_gemm(variant, base_gemms):
+    """Under non-reentrant checkpointing a region ending in the split linear (plus a residual that
+    saves nothing) is recomputed only up to its adapter: the base GEMM (an in-place addmm) runs in
+    forward and for the input gradient, not a third time in the recomputation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import checkpoint
+
+    class CountAddmm(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountAddmm.calls += func is torch.ops.aten.addmm_.default
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 12, generator=g)
+    x = torch.randn(2, 7, 12, generator=g, requires_grad=True)
+    a, up = (torch.randn(*shape, generator=g, requires_grad=True) for shape in ((3, 12), (10, 3)))
+    linear = _linear_cases()[variant]
+
+    def region(inp):  # a residual that saves nothing follows the linear
+        return linear(torch.tanh(inp), w, None, a, up, 2.5) + 1.0
+
+    with CountAddmm():
+        checkpoint(region, x, use_reentrant=False).sum().backward()
+    assert CountAddmm.calls == base_gemms
 
 
 def _model(dropout: float = 0.0, dtype: torch.dtype = torch.bfloat16):
@@ -68,13 +116,18 @@ def _loss_and_grads(model, tensors, autocast: bool = True):
 
 def _fused_calls(model, tensors, autocast: bool = True) -> int:
     calls = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: calls.append(type(out.grad_fn).__name__))
-             for m in model.modules() if isinstance(m, LoraLayer)]
+    def record(_module, _inputs, out):
+        node = out.grad_fn
+        if type(node).__name__.startswith("View"):  # the fused path returns a view of its output
+            node = node.next_functions[0][0]
+        calls.append(type(node).__name__)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, LoraLayer)]
     _loss_and_grads(model, tensors, autocast)
     for h in hooks:
         h.remove()
     assert calls
-    return sum("LoraLinearFunction" in name for name in calls)
+    return sum(name.startswith(("_LoraLinearFunction", "_BaseHalfFunction")) for name in calls)
 
 
 @pytest.fixture
@@ -144,3 +197,23 @@ def test_swapped_modules_stay_peft_layers_with_the_same_state():
     load_lora_into_adapter(model, weights)
     reloaded = get_peft_model_state_dict(model, adapter_name="default")
     assert all(torch.equal(before[k], reloaded[k]) for k in before)
+
+
+def test_last_linear_splits_only_where_its_weight_stays_resident(fused_on_cpu):
+    from longcat_train.memory import enable_block_swap
+
+    model, tensors = _model()
+    compute_lora_in_autocast_dtype(model)
+    enable_block_swap(model, 1, device="cpu", offload_device="cpu")  # the last block is swapped
+    kinds = {}
+
+    def record(index):
+        def hook(_module, _inputs, out):
+            kinds[index] = type(out.grad_fn.next_functions[0][0]).__name__
+        return hook
+
+    for index, block in enumerate(model.blocks):
+        block.ffn.w2.register_forward_hook(record(index))
+    loss, grads = _loss_and_grads(model, tensors)
+    assert kinds == {0: "_BaseHalfFunctionBackward", 1: "_LoraLinearFunctionBackward"}
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())

@@ -210,6 +210,9 @@ def enable_block_swap(
             host = _map_tensor(host, lambda t: t.pin_memory()) if pin else host
             slot.host = _as_entry(host, slot.is_parameter)  # wrapped once: reinstalling it allocates nothing
             slot.install(slot.host)
+            # Autograd code that holds a weight outside its saved tensors would keep this block's
+            # temporary GPU copy alive until backward; such code checks the flag (lora.fused_linear).
+            slot.owner.weights_swapped = True
         swapped[index] = _SwappedBlock(slots)
 
     swap = BlockSwap(device, offload_device, swapped, len(blocks),

@@ -275,13 +275,16 @@ class _GatedResidual(torch.autograd.Function):
         out = torch.empty_like(x)
         _gate_kernel[(B * N,)](x, y, gate, out, C, *geometry, HAS_X=True,
                                BLOCK_C=triton.next_power_of_2(C), num_warps=8)
-        ctx.save_for_backward(gate)
+        # A plain attribute, not a saved tensor: the block's recomputation under activation
+        # checkpointing can then stop before the last linear and this residual (see
+        # `lora.fused_linear`). The gate is a small modulation tensor that never needs a gradient here.
+        ctx.gate = gate.detach()
         ctx.geometry, ctx.dtypes = geometry, (x.dtype, y.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        (gate,) = ctx.saved_tensors
+        gate = ctx.gate
         dout = dout.contiguous()
         B, N, C = dout.shape
         dy = torch.empty(dout.shape, dtype=ctx.dtypes[1], device=dout.device)

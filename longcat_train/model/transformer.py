@@ -217,6 +217,9 @@ class LongCatBlock(nn.Module):
         self.attn = SelfAttention(hidden_size, num_heads)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.ffn = FeedForwardSwiGLU(hidden_size, int(hidden_size * mlp_ratio))
+        # only the gated residual follows it: a LoRA on it may end the block's recomputation
+        # before its base GEMM (`lora.fused_linear`)
+        self.ffn.w2.ends_block = True
 
     def forward(self, x, t_emb, text, text_mask, grid, num_cond_latents, rope, attention):
         """x: [B, N, C] in the weight dtype; t_emb: [B, T, C_t] fp32 (one modulation per latent frame)."""
