@@ -247,13 +247,14 @@ def export_lora(
 def plan(
     config: ConfigOption,
     gpu_memory: Annotated[float | None, typer.Option(metavar="GiB", help="GPU memory to plan for (default: this GPU's).")] = None,
+    host_memory: Annotated[float | None, typer.Option(metavar="GiB", help="Host RAM to plan for (default: this machine's).")] = None,
     set_: SetOption = None,
 ) -> None:
     """Predict peak GPU and host memory per bucket and recommend settings that fit."""
     loaded = _load(config, set_, check_checkpoint=False)
     import torch
 
-    from longcat_train.memory import plan_memory
+    from longcat_train.memory import machine_memory_gib, plan_memory
     from longcat_train.training.prepare import scan_datasets
 
     if gpu_memory is None:
@@ -269,7 +270,8 @@ def plan(
     # the checkpoint's own architecture when it is there (the release's otherwise)
     dit_config_path = Path(loaded.training.pretrained_model_name_or_path or "") / "dit" / "config.json"
     dit_config = json.loads(dit_config_path.read_text()) if dit_config_path.is_file() else None
-    plan_memory(loaded.training, buckets, gpu_memory, dit_config).render(_out())
+    host_memory = machine_memory_gib() if host_memory is None else host_memory
+    plan_memory(loaded.training, buckets, gpu_memory, dit_config, host_memory).render(_out())
 
 
 @app.command()

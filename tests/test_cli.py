@@ -104,6 +104,11 @@ def test_plan_predicts_memory_for_the_datasets_buckets(tmp_path: Path) -> None:
     result = RUNNER.invoke(app, ["plan", "--config", str(config), "--gpu-memory", "24"], env=WIDE)
     assert result.exit_code == 0, result.output
     assert "64x64x17" in result.output and "largest bucket that fits: 64x96x17" in result.output
+    # host RAM is planned too: the process alone (Python, CUDA, data pipeline) needs more than 4 GiB
+    starved = RUNNER.invoke(app, ["plan", "--config", str(config), "--gpu-memory", "24", "--host-memory", "4"],
+                            env=WIDE)
+    assert starved.exit_code == 0, starved.output
+    assert "largest bucket that fits: none" in starved.output
 
 
 def test_validate_options_go_through_config_rules(tmp_path: Path) -> None:

@@ -86,13 +86,19 @@ def test_the_config_keys_reach_the_plan():
     assert (settings.blocks_to_swap, settings.base_model_precision, settings.lora_rank) == (16, "int8-quanto", 32)
 
 
-def test_host_ram_shortfall_is_noted_with_the_settings_that_use_it():
+def test_host_ram_shortfall_refuses_and_recommends_settings_that_fit_both():
     settings = MemorySettings(checkpoint_mode="selective", offload_block_inputs=True, lora_rank=32)
-    roomy = plan_memory(settings, [(720, 1280, 93)], 141.0, host_memory_gib=512.0)
-    tight = plan_memory(settings, [(720, 1280, 93)], 141.0, host_memory_gib=32.0)
-    assert not any("host RAM" in note for note in roomy.notes)
-    (note,) = [note for note in tight.notes if "host RAM" in note]
-    assert "720x1280x93" in note and "activation_offload" in note
+    assert plan_memory(settings, [(720, 1280, 93)], 141.0, host_memory_gib=512.0).fits
+    assert plan_memory(settings, [(720, 1280, 93)], 141.0).fits  # host RAM not given: not checked
+    tight = plan_memory(settings, [(720, 1280, 93)], 141.0, host_memory_gib=48.0)
+    (bucket,) = tight.buckets
+    assert bucket.fits_gpu and not bucket.fits_host
+    with pytest.raises(PlanRefusal, match="out of host RAM: bucket 720x1280x93") as refusal:
+        tight.raise_if_oom()
+    # keeping the activations on this roomy GPU frees the host; the advice says so
+    assert tight.recommendation.offload_block_inputs is False
+    assert "activation_offload=false" in str(refusal.value)
+    assert tight.recommendation_estimate.host <= 0.9 * 48.0
 
 
 @pytest.mark.parametrize("tier, gib", [("24gb", 24.0), ("48gb", 48.0), ("80gb", 80.0)])

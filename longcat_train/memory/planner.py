@@ -1,4 +1,5 @@
-"""Predict peak VRAM and host RAM of a LoRA training step per bucket, and pick settings that fit.
+"""Predict peak VRAM and host RAM of a LoRA training step per bucket, and pick settings that fit
+both (a GPU leaves `usable_gib` of its memory to the step, a machine `usable_host_gib` of its RAM).
 
 The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
   weights      frozen parameters × bytes of their storage, minus the blocks that live on the host
@@ -21,6 +22,7 @@ every block keeps its working set (`depth` × the per-block figure); that row is
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -52,6 +54,12 @@ def usable_gib(gpu_memory_gib: float) -> float:
     (a 24 GiB cap ran out with 21.95 GiB allocated and 1.29 GiB reserved but unused; H200,
     docs/benchmarks.md)."""
     return 0.92 * gpu_memory_gib - 1.0
+
+
+def usable_host_gib(host_memory_gib: float) -> float:
+    """What a machine with `host_memory_gib` of RAM leaves for this process's peak (the estimate
+    already counts Python, CUDA and the data pipeline): the OS and page cache keep some."""
+    return 0.9 * host_memory_gib
 
 
 @dataclass(frozen=True)
@@ -222,7 +230,7 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
 
 
 class PlanRefusal(RuntimeError):
-    """A run predicted to run out of GPU memory; the message names the bucket and the advice."""
+    """A run predicted to run out of GPU or host memory; the message names the bucket and the advice."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +238,12 @@ class BucketPlan:
     bucket: tuple[int, int, int]
     tokens: int
     estimate: Estimate
-    fits: bool
+    fits_gpu: bool
+    fits_host: bool
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
 
 
 @dataclass
@@ -241,6 +254,7 @@ class MemoryPlan:
     recommendation: MemorySettings | None
     recommendation_estimate: Estimate | None
     notes: list[str] = field(default_factory=list)
+    host_memory_gib: float | None = None  # None: host RAM not checked
 
     @property
     def fits(self) -> bool:
@@ -260,7 +274,7 @@ class MemoryPlan:
                 f"gradient_checkpointing={str(r.gradient_checkpointing).lower()}"]
         keys.append(f"gradient_checkpointing_mode={r.checkpoint_mode!r}")
         if r.checkpoint_mode == "selective":
-            keys.append(f"selective_checkpointing_blocks={r.selective_blocks}")
+            keys.append(f"selective_checkpointing_blocks={json.dumps(r.selective_blocks)}")
         keys.append(f"activation_offload={str(r.offload_block_inputs).lower()}")
         return f"fastest settings predicted to fit: {r.describe()} ({', '.join(keys)})"
 
@@ -269,13 +283,20 @@ class MemoryPlan:
         over = [b for b in self.buckets if not b.fits]
         if not over:
             return
-        worst = max(over, key=lambda b: b.estimate.vram)
-        h, w, f = worst.bucket
+        gpu_over = [b for b in over if not b.fits_gpu]
+        if gpu_over:
+            worst = max(gpu_over, key=lambda b: b.estimate.vram)
+            need = (f"out of GPU memory: bucket {'x'.join(map(str, worst.bucket))} needs {worst.estimate.vram:.1f} GiB "
+                    f"with {self.settings.describe()}, the GPU has {self.gpu_memory_gib:.1f} GiB, "
+                    f"{usable_gib(self.gpu_memory_gib):.1f} usable")
+        else:
+            worst = max(over, key=lambda b: b.estimate.host)
+            need = (f"out of host RAM: bucket {'x'.join(map(str, worst.bucket))} needs {worst.estimate.host:.1f} GiB "
+                    f"with {self.settings.describe()} (swapped blocks and offloaded activations are pinned there), "
+                    f"the machine has {self.host_memory_gib:.1f} GiB, {usable_host_gib(self.host_memory_gib):.1f} usable")
         raise PlanRefusal(
-            f"predicted out of GPU memory: bucket {h}x{w}x{f} needs {worst.estimate.vram:.1f} GiB with "
-            f"{self.settings.describe()}, the GPU has {self.gpu_memory_gib:.1f} GiB, "
-            f"{usable_gib(self.gpu_memory_gib):.1f} usable ({len(over)} of "
-            f"{len(self.buckets)} buckets over). {self.advice()}. Start anyway with the override flag."
+            f"predicted {need} ({len(over)} of {len(self.buckets)} buckets over). {self.advice()}. "
+            "Start anyway with the override flag."
         )
 
     def render(self, console) -> None:
@@ -307,14 +328,17 @@ SPEED_ORDER = (("selective", "bf16"), ("selective", "int8-quanto"), ("full", "bf
 
 
 def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySettings]:
-    """Settings from fastest to slowest, all with activation offload (block inputs and kept
-    attention outputs wait on the host: measured free, it copies on a side stream): for each entry
-    of `SPEED_ORDER`, 0, 1, … depth − 1 swapped blocks (swapping 8 to 40 blocks measured free)."""
-    plain = replace(base, group_offload=False, gradient_checkpointing=True, offload_block_inputs=True,
-                    selective_blocks=None, keep_cross_attention=False)
+    """Settings from fastest to slowest: for each entry of `SPEED_ORDER`, 0, 1, … depth − 1 swapped
+    blocks (swapping 8 to 40 blocks measured free), each first with activation offload (block inputs
+    and kept attention outputs wait on the host: measured free, less GPU memory) and then without it
+    (less host RAM)."""
+    plain = replace(base, group_offload=False, gradient_checkpointing=True, selective_blocks=None,
+                    keep_cross_attention=False)
     for mode, precision in SPEED_ORDER:
         for swap in range(0, depth):
-            yield replace(plain, checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap)
+            for offload in (True, False):
+                yield replace(plain, checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap,
+                              offload_block_inputs=offload)
 
 
 def machine_memory_gib() -> float:
@@ -325,34 +349,32 @@ def machine_memory_gib() -> float:
 def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
                 dit_config: dict | None = None, host_memory_gib: float | None = None) -> MemoryPlan:
     """Predict every bucket (H, W, F) under `config` (a TrainingConfig or MemorySettings) on a GPU
-    with `gpu_memory_gib`, and recommend the fastest settings that fit the largest bucket. A note
-    warns where the predicted host RAM exceeds `host_memory_gib` (default: this machine's)."""
+    with `gpu_memory_gib` (and, when given, a machine with `host_memory_gib` of RAM), and recommend
+    the fastest settings that fit the largest bucket."""
     if not buckets:
         raise ValueError("plan_memory needs at least one (height, width, frames) bucket")
     settings = config if isinstance(config, MemorySettings) else MemorySettings.from_config(config)
     counts = parameter_counts(dit_config)
+
+    def fits(e: Estimate) -> tuple[bool, bool]:
+        host_ok = host_memory_gib is None or e.host <= usable_host_gib(host_memory_gib)
+        return e.vram <= usable_gib(gpu_memory_gib), host_ok
+
     rows = []
     for bucket in buckets:
         tokens = bucket_tokens(*bucket)
         e = estimate(counts, settings, tokens)
-        rows.append(BucketPlan(tuple(bucket), tokens, e, e.vram <= usable_gib(gpu_memory_gib)))
+        rows.append(BucketPlan(tuple(bucket), tokens, e, *fits(e)))
     largest_tokens = max(r.tokens for r in rows)
     recommendation = recommendation_estimate = None
     for candidate in candidate_settings(settings, counts.depth):
         e = estimate(counts, candidate, largest_tokens)
-        if e.vram <= usable_gib(gpu_memory_gib):
+        if all(fits(e)):
             recommendation, recommendation_estimate = candidate, e
             break
     notes = []
-    host_gib = machine_memory_gib() if host_memory_gib is None else host_memory_gib
-    worst_host = max(rows, key=lambda r: r.estimate.host)
-    if worst_host.estimate.host > host_gib:
-        notes.append(
-            f"bucket {'x'.join(map(str, worst_host.bucket))} is predicted to need {worst_host.estimate.host:.0f} GiB "
-            f"of host RAM, this machine has {host_gib:.0f} GiB: swapped blocks and activation_offload live there "
-            "(pinned); swap fewer blocks, set activation_offload false (more GPU memory), or use shorter clips")
     if settings.blocks_to_swap and not settings.gradient_checkpointing:
         notes.append("block swap saves no memory without gradient_checkpointing (autograd keeps every block's weights)")
     if not math.isfinite(gpu_memory_gib) or gpu_memory_gib <= 0:
         raise ValueError(f"gpu_memory_gib={gpu_memory_gib}: give the GPU's memory in GiB")
-    return MemoryPlan(settings, gpu_memory_gib, rows, recommendation, recommendation_estimate, notes)
+    return MemoryPlan(settings, gpu_memory_gib, rows, recommendation, recommendation_estimate, notes, host_memory_gib)

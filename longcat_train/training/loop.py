@@ -38,6 +38,7 @@ from ..memory import (
     enable_block_swap,
     enable_group_offload,
     load_quantized_transformer,
+    machine_memory_gib,
     plan_memory,
 )
 from ..model import LongCatVideoTransformer3DModel
@@ -115,7 +116,7 @@ def check_memory_plan(loaded: LoadedConfig, data: PreparedData, console: Console
         return None
     buckets = sorted({(i.bucket.height, i.bucket.width, i.bucket.num_frames) for i in data.items})
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    plan = plan_memory(loaded.training, buckets, gpu_gib, dit_config)
+    plan = plan_memory(loaded.training, buckets, gpu_gib, dit_config, machine_memory_gib())
     plan.render(console)
     if os.environ.get("LONGCAT_IGNORE_MEMORY_PLAN") != "1":
         try:
