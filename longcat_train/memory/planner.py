@@ -341,9 +341,13 @@ def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySetti
                               offload_block_inputs=offload)
 
 
-def machine_memory_gib() -> float:
-    """This machine's physical RAM."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+def machine_memory_gib() -> float | None:
+    """This machine's physical RAM (None where the OS does not say, e.g. Windows: then the plan
+    does not check host RAM)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
