@@ -302,7 +302,8 @@ class MemoryPlan:
     def render(self, console) -> None:
         from rich.table import Table
 
-        table = Table(title=f"memory plan: {self.settings.describe()} on {self.gpu_memory_gib:.0f} GiB")
+        host = "" if self.host_memory_gib is None else f", {self.host_memory_gib:.0f} GiB host RAM"
+        table = Table(title=f"memory plan: {self.settings.describe()} on {self.gpu_memory_gib:.0f} GiB{host}")
         for column in ("bucket", "tokens", "weights", "LoRA+Adam", "activations", "peak VRAM", "host RAM", "fits"):
             table.add_column(column, justify="right")
         for b in self.buckets:
