@@ -52,6 +52,25 @@ def _configs() -> list[triton.Config]:
 _TUNE_KEY = ["HEAD_DIM", "CHUNK_M", "CHUNK_N", "HAS_KEY_PAD", "DOT_PRECISION"]
 
 
+@triton.jit
+def _kept_tile_scores(q, k_base, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile, offs_d,
+                      HEAD_DIM: tl.constexpr, CHUNK_N: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr):
+    """One tile of a query chunk's kept key chunks (list slots first .. first + CHUNKS_PER_TILE):
+    (log2-scaled scores with missing slots and padding keys at -inf, the keys, their row offsets)."""
+    slot = first + tile // CHUNK_N
+    in_list = slot < k_keep
+    k_rows = tl.load(index_base + slot, mask=in_list, other=0) * CHUNK_N + tile % CHUNK_N
+    kv_tile = k_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(k_base + kv_tile)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    if HAS_KEY_PAD:
+        in_list = in_list & (tl.load(KEY_VALID + k_rows) != 0)
+    if CHUNKS_PER_TILE > 1 or HAS_KEY_PAD:
+        s = tl.where(in_list[None, :], s, float("-inf"))
+    return s, k, kv_tile
+
+
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def bsa_forward_kernel(
@@ -79,16 +98,8 @@ def bsa_forward_kernel(
     l_i = tl.zeros([CHUNK_M], dtype=tl.float32)
     acc = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
     for first in range(0, k_keep, CHUNKS_PER_TILE):
-        slot = first + tile // CHUNK_N
-        in_list = slot < k_keep
-        k_rows = tl.load(index_base + slot, mask=in_list, other=0) * CHUNK_N + tile % CHUNK_N
-        kv_tile = k_rows[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(k_base + kv_tile)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        if HAS_KEY_PAD:
-            in_list = in_list & (tl.load(KEY_VALID + k_rows) != 0)
-        if CHUNKS_PER_TILE > 1 or HAS_KEY_PAD:
-            s = tl.where(in_list[None, :], s, float("-inf"))
+        s, _, kv_tile = _kept_tile_scores(q, k_base, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile,
+                                          offs_d, HEAD_DIM, CHUNK_N, HAS_KEY_PAD, DOT_PRECISION, CHUNKS_PER_TILE)
         # The first chunk of every tile is kept and holds a real key, so m_new is always finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -132,17 +143,9 @@ def bsa_backward_dq_kernel(
 
     dq = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
     for first in range(0, k_keep, CHUNKS_PER_TILE):
-        slot = first + tile // CHUNK_N
-        in_list = slot < k_keep
-        k_rows = tl.load(index_base + slot, mask=in_list, other=0) * CHUNK_N + tile % CHUNK_N
-        kv_tile = k_rows[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(k_base + kv_tile)
+        s, k, kv_tile = _kept_tile_scores(q, k_base, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile,
+                                          offs_d, HEAD_DIM, CHUNK_N, HAS_KEY_PAD, DOT_PRECISION, CHUNKS_PER_TILE)
         v = tl.load(v_base + kv_tile)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        if HAS_KEY_PAD:
-            in_list = in_list & (tl.load(KEY_VALID + k_rows) != 0)
-        if CHUNKS_PER_TILE > 1 or HAS_KEY_PAD:
-            s = tl.where(in_list[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
