@@ -142,8 +142,10 @@ def _select(q_chunks: torch.Tensor, k_chunks: torch.Tensor, grid_q: _ChunkGrid,
     return kept.sort(dim=-1).values.to(torch.int32).contiguous()
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_q: _ChunkGrid,
-                  grid_k: _ChunkGrid, sparsity: float) -> None:
+def _checked_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, latent_q: Shape3D, latent_k: Shape3D,
+                   chunk_q: Shape3D, chunk_k: Shape3D, sparsity: float) -> tuple[_ChunkGrid, _ChunkGrid]:
+    """The query and key chunk grids, after checking every argument against them."""
+    grid_q, grid_k = _make_grid(latent_q, chunk_q, "q"), _make_grid(latent_k, chunk_k, "k")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, heads, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -158,6 +160,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_q: _Ch
                          f"{grid_k.n_tokens}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
+    return grid_q, grid_k
 
 
 def select_kv_blocks(
@@ -174,9 +177,8 @@ def select_kv_blocks(
     Blocks are numbered row-major over the (padded) chunk grid. q and k are raster-ordered
     ``[B, heads, N, D]``.
     """
-    grid_q = _make_grid(latent_shape_q, chunk_3d_shape_q, "q")
-    grid_k = _make_grid(latent_shape_k, chunk_3d_shape_k, "k")
-    _check_inputs(q, k, k, grid_q, grid_k, sparsity)
+    grid_q, grid_k = _checked_grids(q, k, k, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k,
+                                    sparsity)
     with torch.no_grad():
         return _select(_to_chunks(q, grid_q), _to_chunks(k, grid_k), grid_q, grid_k, sparsity)
 
@@ -336,9 +338,8 @@ def block_sparse_attention(
 
     Returns [B, heads, Nq, D] in q's dtype. Differentiable in q, k and v (Triton backward).
     """
-    grid_q = _make_grid(latent_shape_q, chunk_3d_shape_q, "q")
-    grid_k = _make_grid(latent_shape_k, chunk_3d_shape_k, "k")
-    _check_inputs(q, k, v, grid_q, grid_k, sparsity)
+    grid_q, grid_k = _checked_grids(q, k, v, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k,
+                                    sparsity)
     head_dim = q.shape[-1]
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two >= 16 for the kernel; got {head_dim}")
@@ -377,9 +378,8 @@ def block_sparse_attention_reference(
     positions) evaluates only those query rows, e.g. a slice of a large layer. Returns float32
     ``[B, heads, len(query_index) or Nq, D]``. Memory is O(Nq·Nk): small shapes or slices only.
     """
-    grid_q = _make_grid(latent_shape_q, chunk_3d_shape_q, "q")
-    grid_k = _make_grid(latent_shape_k, chunk_3d_shape_k, "k")
-    _check_inputs(q, k, v, grid_q, grid_k, sparsity)
+    grid_q, grid_k = _checked_grids(q, k, v, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k,
+                                    sparsity)
     if kv_index is None:
         kv_index = select_kv_blocks(q, k, latent_shape_q, latent_shape_k, sparsity,
                                     chunk_3d_shape_q, chunk_3d_shape_k)
