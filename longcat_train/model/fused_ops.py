@@ -103,6 +103,13 @@ def swiglu_eager(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _ln_row_stats(X, row, C, cols, mask, eps):
+        """(x − mean, 1/std) of one token's row in fp32: backward recomputes them, not saves them."""
+        x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, x - tl.sum(x, axis=0) / C, 0.0)
+        return xc, 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
+
+    @triton.jit
     def _ln_scale_shift_fwd(X, A, Bias, Y, C, tokens, tokens_per_row, params_per_batch, eps,
                             BLOCK_C: tl.constexpr):
         # one token per program; A/Bias rows are indexed by (batch, latent frame)
@@ -110,10 +117,7 @@ if triton is not None:
         p = (row // tokens) * params_per_batch + (row % tokens) // tokens_per_row
         cols = tl.arange(0, BLOCK_C)
         mask = cols < C
-        x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / C
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
+        xc, rstd = _ln_row_stats(X, row, C, cols, mask, eps)
         a = tl.load(A + p * C + cols, mask=mask, other=0.0)
         b = tl.load(Bias + p * C + cols, mask=mask, other=0.0)
         y = (xc * rstd) * a + b
@@ -126,10 +130,7 @@ if triton is not None:
         p = (row // tokens) * params_per_batch + (row % tokens) // tokens_per_row
         cols = tl.arange(0, BLOCK_C)
         mask = cols < C
-        x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / C
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
+        xc, rstd = _ln_row_stats(X, row, C, cols, mask, eps)
         xhat = xc * rstd
         a = tl.load(A + p * C + cols, mask=mask, other=0.0)
         g = tl.load(DY + row * C + cols, mask=mask, other=0.0).to(tl.float32) * a
