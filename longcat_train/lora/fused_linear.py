@@ -92,7 +92,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 # 480x832x93) and the residual in every block's recomputation.
 class _LoraHalfFunction(torch.autograd.Function):
     """s·(x Aᵀ) Bᵀ + b, saving what the adapter gradients need; its input gradient comes from
-    `_BaseHalfFunction`, which adds it to the base one in a single GEMM."""
+    `_BaseHalfFunction`, which adds it to the base one in a single GEMM. Both backward passes form
+    s·(dy B) (a rank-sized GEMM over dy): recomputing it is cheaper than passing it between nodes."""
 
     @staticmethod
     def forward(ctx, x, bias, lora_a, lora_b, scaling: float):

@@ -33,6 +33,7 @@ Where we deliberately differ from the official code:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -270,9 +271,11 @@ def _softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+@functools.lru_cache(maxsize=16)
 def _key_valid(grid_k: _ChunkGrid, device: torch.device) -> torch.Tensor:
     """int8 per chunk-order key row (0 for padding); a 1-element dummy when there is no padding
-    (the kernels then never read it, but Triton needs a pointer)."""
+    (the kernels then never read it, but Triton needs a pointer). Cached: every block's forward
+    and backward of a bucket use the same one."""
     if grid_k.has_padding:
         return _real_tokens(grid_k, device).to(torch.int8)
     return torch.ones(1, dtype=torch.int8, device=device)
