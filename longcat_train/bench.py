@@ -4,6 +4,7 @@ code path as `train` (strategy, loss, backward, optimizer) or as renders (`denoi
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .model import LongCatVideoTransformer3DModel
+from .model.activation_offload import HOST_ARENA
 from .model.fused_ops import use_fused_kernels
 from .model.flops import dense_bf16_peak_flops, transformer_flops
 
@@ -36,6 +38,7 @@ class BenchSettings:
     selective_blocks: int | None = None
     offload_block_inputs: bool = True
     keep_cross_attention: bool = False
+    keep_projections: tuple[str, ...] = ()  # `PROJECTION_ROLES` kept by selective checkpointing
     autocast: bool = True  # bf16 autocast, as Accelerate's mixed precision runs `train`
     fused_kernels: bool = True
     compile: bool = False
@@ -102,7 +105,8 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed)
     model.set_attention_implementation(settings.attention)
     model.set_activation_checkpointing(settings.checkpointing, settings.selective_blocks,
-                                       settings.offload_block_inputs, settings.keep_cross_attention)
+                                       settings.offload_block_inputs, settings.keep_cross_attention,
+                                       settings.keep_projections)
     if before_lora is not None:
         before_lora(model)
     add_lora(model, rank=settings.rank)
@@ -149,12 +153,16 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
                               num_cond_latents=1, attention_density=model.attention.bsa.density(grid) if sparse else 1.0)
     peak = dense_bf16_peak_flops()
     tokens = T * (H // 2) * (W // 2)
+    swap_arena = getattr(getattr(model, "_block_swap", None), "host_arena", None)
+    pinned = HOST_ARENA.reserved_bytes + (swap_arena.reserved_bytes if swap_arena is not None else 0)
     return _result(settings, {
         "s_per_step": round(s_per_step, 3),
         "tokens_per_s": round(tokens / s_per_step, 1),
         "model_tflop_per_step": round(flops.total / 1e12, 1),
         "mfu": None if peak is None else round(flops.total / s_per_step / peak, 3),
         "losses": [round(v, 5) for v in losses],
+        "host_pinned_gib": round(pinned / 2**30, 2),  # offloaded activations + swapped weights
+        "host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     })
 
 

@@ -65,7 +65,8 @@ def row_setup(row: str, bench: BenchSettings):
 
 def run_row(row: str, bench: BenchSettings) -> dict:
     bench, memory, cap = row_setup(row, bench)
-    predicted = plan_memory(memory, [BUCKET], 1e9).buckets[0].estimate.vram
+    estimate = plan_memory(memory, [BUCKET], 1e9).buckets[0].estimate
+    predicted = estimate.vram
 
     def before_lora(model):
         if memory.base_model_precision not in ("bf16", "no_change"):
@@ -80,7 +81,8 @@ def run_row(row: str, bench: BenchSettings) -> dict:
         if cap is not None:
             torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
 
-    result = {"row": row, "settings": memory.describe(), "predicted_gib": round(predicted, 2), "cap_gib": cap}
+    result = {"row": row, "settings": memory.describe(), "predicted_gib": round(predicted, 2), "cap_gib": cap,
+              "predicted_host_gib": round(estimate.host, 2)}
     try:
         measured = bench_train(bench, before_lora=before_lora, after_lora=after_lora)
     except Exception as error:  # a refusal or an OOM is a result of this row, not a crash of the table
@@ -88,22 +90,24 @@ def run_row(row: str, bench: BenchSettings) -> dict:
         return result
     result.update(s_per_step=measured["s_per_step"], peak_vram_gib=measured["peak_vram_gib"],
                   losses_finite=all(v == v and abs(v) != float("inf") for v in measured["losses"]),
-                  device=measured["device"])
+                  device=measured["device"], host_pinned_gib=measured["host_pinned_gib"],
+                  host_peak_rss_gib=measured["host_peak_rss_gib"])
     result["prediction_error"] = round(predicted / measured["peak_vram_gib"] - 1, 3)
     return result
 
 
 def print_table(results: list[dict]) -> None:
     base = next((r["s_per_step"] for r in results if r["row"] == "bf16" and "s_per_step" in r), None)
-    print(f"\n| row | settings | s/step | vs bf16 | peak VRAM GiB | planner GiB | planner error |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| row | settings | s/step | vs bf16 | peak VRAM GiB | planner GiB | planner error | host RSS GiB (pinned) | planner host GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
-            print(f"| {r['row']} | {r['settings']} | {r['error']} | | | {r['predicted_gib']} | |")
+            print(f"| {r['row']} | {r['settings']} | {r['error']} | | | {r['predicted_gib']} | | | {r['predicted_host_gib']} |")
             continue
         ratio = f"{r['s_per_step'] / base:.2f}x" if base else ""
         print(f"| {r['row']}{' (cap %g GiB)' % r['cap_gib'] if r['cap_gib'] else ''} | {r['settings']} | "
-              f"{r['s_per_step']} | {ratio} | {r['peak_vram_gib']} | {r['predicted_gib']} | {r['prediction_error']:+.1%} |")
+              f"{r['s_per_step']} | {ratio} | {r['peak_vram_gib']} | {r['predicted_gib']} | {r['prediction_error']:+.1%} | "
+              f"{r['host_peak_rss_gib']} ({r['host_pinned_gib']}) | {r['predicted_host_gib']} |")
 
 
 def main() -> None:
@@ -134,7 +138,7 @@ def main() -> None:
                                "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
         lines = [l for l in done.stdout.splitlines() if l.startswith("ROW ")]
         result = json.loads(lines[-1][4:]) if lines else {
-            "row": row, "settings": "", "predicted_gib": None, "cap_gib": None,
+            "row": row, "settings": "", "predicted_gib": None, "cap_gib": None, "predicted_host_gib": None,
             "error": f"process exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
         print("ROW " + json.dumps(result), flush=True)
         results.append(result)

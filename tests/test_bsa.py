@@ -96,7 +96,7 @@ def _selective_checkpoint_case() -> dict[str, float]:
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     from longcat_train.model.bsa import block_sparse_attention
-    from longcat_train.model.transformer import _save_attention_policy
+    from longcat_train.model.transformer import _keep_policy
 
     class CountOps(TorchDispatchMode):
         calls = 0
@@ -113,7 +113,8 @@ def _selective_checkpoint_case() -> dict[str, float]:
 
     plain_out = layer(q, k, v)
     plain = torch.autograd.grad(plain_out.sum(), (q, k, v))
-    context = functools.partial(create_selective_checkpoint_contexts, _save_attention_policy)
+    policy = functools.partial(_keep_policy, frozenset({"self_attention"}))
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
     with CountOps():
         out = checkpoint(layer, q, k, v, use_reentrant=False, context_fn=context)
         grads = torch.autograd.grad(out.sum(), (q, k, v))

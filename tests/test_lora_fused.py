@@ -18,17 +18,19 @@ from longcat_train.lora.fused_linear import (
     FusedLoraLinear,
     _BaseHalfFunction,
     _LoraHalfFunction,
-    _LoraLinearFunction,
+    lora_linear,
     use_fused_lora_linears,
 )
 
 from .reference import load_reference, rel_l2
 
+FUSED_NODE = "GeneratedBackwardFor_longcat_lora_linear_defaultBackward"  # autograd node of `lora_linear`
+
 
 def _linear_cases():
     """The fused function, and the two-function split a block's last linear uses, in float32."""
     def fused(x, w, b, a, up, s):
-        return _LoraLinearFunction.apply(x, w, b, a, up, s).view(*x.shape[:-1], -1)
+        return lora_linear(x, w, b, a, up, s, "")[0].view(*x.shape[:-1], -1)
 
     def split(x, w, b, a, up, s):
         y = _LoraHalfFunction.apply(x, b, a, up, s)
@@ -69,7 +71,8 @@ def test_split_last_linear_ends_the_checkpoint_recomputation_before_its_base_gem
         calls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountAddmm.calls += func is torch.ops.aten.addmm_.default
+            # the fused op is opaque to dispatch modes: its base GEMM counts as one call
+            CountAddmm.calls += func in (torch.ops.aten.addmm_.default, torch.ops.longcat.lora_linear.default)
             return func(*args, **(kwargs or {}))
 
     g = torch.Generator().manual_seed(0)
@@ -127,7 +130,7 @@ def _fused_calls(model, tensors, autocast: bool = True) -> int:
     for h in hooks:
         h.remove()
     assert calls
-    return sum(name.startswith(("_LoraLinearFunction", "_BaseHalfFunction")) for name in calls)
+    return sum(name.startswith((FUSED_NODE, "_BaseHalfFunction")) for name in calls)
 
 
 @pytest.fixture
@@ -215,5 +218,44 @@ def test_last_linear_splits_only_where_its_weight_stays_resident(fused_on_cpu):
     for index, block in enumerate(model.blocks):
         block.ffn.w2.register_forward_hook(record(index))
     loss, grads = _loss_and_grads(model, tensors)
-    assert kinds == {0: "_BaseHalfFunctionBackward", 1: "_LoraLinearFunctionBackward"}
+    assert kinds == {0: "_BaseHalfFunctionBackward", 1: FUSED_NODE}
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_kept_projections_skip_their_gemm_in_the_recomputation(fused_on_cpu):
+    """Selective checkpointing keeps the outputs of the projections named in `keep_projections`:
+    their fused op runs once per block (forward only), the others twice (forward + recomputation),
+    and the gradients do not change."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountRoles(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.longcat.lora_linear.default:
+                roles[args[6]] += 1
+            return func(*args, **(kwargs or {}))
+
+    model, tensors = _model()
+    compute_lora_in_autocast_dtype(model)  # takes the fused path
+    blocks = len(model.blocks)
+    results = {}
+    for kept in ((), ("qkv", "ffn_w1")):
+        model.set_activation_checkpointing("selective", keep_projections=kept)
+        roles = Counter()
+        with CountRoles():
+            results[kept] = _loss_and_grads(model, tensors)
+        results[kept] += (roles,)
+    assert results[()][2] == {r: 2 * blocks for r in ("qkv", "attention_out", "cross_q", "cross_out", "ffn_w1", "ffn_w3")} \
+        | {"": 2 * blocks}  # cross_attn.kv_linear has no role
+    kept_counts = results[("qkv", "ffn_w1")][2]
+    assert kept_counts["qkv"] == kept_counts["ffn_w1"] == blocks and kept_counts["ffn_w3"] == 2 * blocks
+    (loss, grads, _), (kept_loss, kept_grads, _) = results[()], results[("qkv", "ffn_w1")]
+    assert torch.equal(loss, kept_loss)
+    assert all(torch.equal(grads[n], kept_grads[n]) for n in grads)
+
+
+def test_unknown_projection_names_the_choices():
+    model, _ = _model()
+    with pytest.raises(ValueError, match="keep_projections \\['qkvv'\\].*attention_out"):
+        model.set_activation_checkpointing("selective", keep_projections=["qkvv"])

@@ -18,10 +18,14 @@ subclass swapped in place), so adapter state dicts, merging and unloading are PE
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+from ..model.activation_offload import keep_on_host
 
 # device types whose autocast takes the fused path (tests add "cpu" to exercise it without a GPU)
 FUSED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
@@ -50,9 +54,8 @@ def _input_grad(g, dh, weight, lora_a):
     return (dh @ lora_a).addmm_(g, weight)
 
 
-def _adapter_grads(ctx, g, dh, x, h, scaling: float):
-    """(dL/dA, dL/dB) for the adapter inputs that need them."""
-    need_a, need_b = ctx.needs_input_grad[-3], ctx.needs_input_grad[-2]
+def _adapter_grads(need_a: bool, need_b: bool, g, dh, x, h, scaling: float):
+    """(dL/dA, dL/dB), each None where not needed."""
     da = dh.t() @ x.reshape(-1, x.shape[-1]) if need_a else None
     db = None
     if need_b:
@@ -62,27 +65,42 @@ def _adapter_grads(ctx, g, dh, x, h, scaling: float):
     return da, db
 
 
-class _LoraLinearFunction(torch.autograd.Function):
-    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with frozen W, b; all operands already in one dtype."""
+# A registered op rather than an autograd.Function so that selective activation checkpointing sees
+# one op per projection and can keep its output (`role` names the projection to the checkpoint
+# policy; see `model.transformer`): the recomputation then skips that GEMM.
+@torch.library.custom_op("longcat::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x Wᵀ + b + s·(x Aᵀ) Bᵀ with rows flattened, x Aᵀ) for frozen W, b; operands in one dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        y, h = _lora_output(x, bias, lora_a, lora_b, scaling)
+        y.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    return y, h
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        with torch.autocast(x.device.type, enabled=False):
-            y, h = _lora_output(x, bias, lora_a, lora_b, scaling)
-            y.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
-        ctx.scaling = scaling
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_a, lora_b, h = ctx.saved_tensors
-        g = dy.reshape(-1, dy.shape[-1])
-        with torch.autocast(dy.device.type, enabled=False):
-            dh = _rank_grad(g, lora_b, ctx.scaling)
-            da, db = _adapter_grads(ctx, g, dh, x, h, ctx.scaling)
-            dx = _input_grad(g, dh, weight, lora_a).view(x.shape) if ctx.needs_input_grad[0] else None
-        return dx, None, None, da, db, None
+@lora_linear.register_fake
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, role):
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(rows, weight.shape[0]), x.new_empty(*x.shape[:-1], lora_a.shape[0])
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, _bias, lora_a, lora_b, scaling, _role = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    ctx.scaling = scaling
+
+
+def _lora_linear_backward(ctx, dy, _dh):
+    x, weight, lora_a, lora_b, h = ctx.saved_tensors
+    g = dy.reshape(-1, dy.shape[-1])
+    with torch.autocast(dy.device.type, enabled=False):
+        dh = _rank_grad(g, lora_b, ctx.scaling)
+        da, db = _adapter_grads(ctx.needs_input_grad[3], ctx.needs_input_grad[4], g, dh, x, h, ctx.scaling)
+        dx = _input_grad(g, dh, weight, lora_a).view(x.shape) if ctx.needs_input_grad[0] else None
+    return dx, None, None, da, db, None, None
+
+
+torch.library.register_autograd("longcat::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
 
 
 # A block's last linear runs as two functions so that activation checkpointing's recomputation
@@ -107,7 +125,8 @@ class _LoraHalfFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, lora_a, lora_b, h = ctx.saved_tensors
         with torch.autocast(dy.device.type, enabled=False):
-            da, db = _adapter_grads(ctx, dy, _rank_grad(dy, lora_b, ctx.scaling), x, h, ctx.scaling)
+            da, db = _adapter_grads(ctx.needs_input_grad[2], ctx.needs_input_grad[3], dy,
+                                    _rank_grad(dy, lora_b, ctx.scaling), x, h, ctx.scaling)
         return None, None, da, db, None
 
 
@@ -133,7 +152,7 @@ class _BaseHalfFunction(torch.autograd.Function):
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """`peft.tuners.lora.layer.Linear` whose forward takes `_LoraLinearFunction` when it can."""
+    """`peft.tuners.lora.layer.Linear` whose forward takes `lora_linear` when it can."""
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The one active adapter if the fused path computes exactly PEFT's result, else None."""
@@ -174,7 +193,10 @@ class FusedLoraLinear(PeftLoraLinear):
             y = _LoraHalfFunction.apply(x, self.base_layer.bias, lora_a, lora_b, scaling)
             y = _BaseHalfFunction.apply(y, x, self.base_layer.weight, lora_a, lora_b, scaling)
         else:
-            y = _LoraLinearFunction.apply(x, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, scaling)
+            role = getattr(self.base_layer, "checkpoint_role", "")
+            y, _ = lora_linear(x, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, scaling, role)
+            if role:
+                keep_on_host(y, role)  # acts only where checkpointing keeps this role, under activation offload
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

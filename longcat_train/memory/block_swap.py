@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ..pinned_memory import PinnedArena
+
 
 def _map_tensor(tensor: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply `fn` to each plain tensor inside a (possibly nested) wrapper subclass and rebuild it, so
@@ -78,6 +80,7 @@ class BlockSwap:
     hooks: list = field(default_factory=list)
     stream: torch.cuda.Stream | None = None
     transfers: int = 0
+    host_arena: PinnedArena | None = None  # the pinned host copies (their size is `reserved_bytes`)
 
     # ----- copies ------------------------------------------------------------------------------
     def prefetch(self, index: int) -> None:
@@ -202,12 +205,18 @@ def enable_block_swap(
             param.data = param.data.to(device)  # identity kept: the optimizer may already hold it
 
     swapped = {}
+    arena = PinnedArena()  # exact sizes: pin_memory() would round each weight up to a power of two
+
+    def to_host(t: torch.Tensor) -> torch.Tensor:
+        if pin and t.is_contiguous():
+            return arena.empty(t.shape, t.dtype).copy_(t)
+        host = t.to(offload_device, copy=True)
+        return host.pin_memory() if pin else host
+
     for index in range(first_swapped, len(blocks)):
         slots = _frozen_slots(blocks[index])
         for slot in slots:
-            to_host = lambda t: t.to(offload_device, copy=True)  # noqa: E731
             host = _map_tensor(slot.host, to_host)
-            host = _map_tensor(host, lambda t: t.pin_memory()) if pin else host
             slot.host = _as_entry(host, slot.is_parameter)  # wrapped once: reinstalling it allocates nothing
             slot.install(slot.host)
             # Autograd code that holds a weight outside its saved tensors would keep this block's
@@ -216,7 +225,7 @@ def enable_block_swap(
         swapped[index] = _SwappedBlock(slots)
 
     swap = BlockSwap(device, offload_device, swapped, len(blocks),
-                     stream=torch.cuda.Stream(device) if device.type == "cuda" else None)
+                     stream=torch.cuda.Stream(device) if device.type == "cuda" else None, host_arena=arena)
     for index, block in enumerate(blocks):
         swap.hooks.append(block.register_forward_pre_hook(lambda _m, _a, i=index: swap._before(i)))
         swap.hooks.append(block.register_forward_hook(lambda _m, _a, _o, i=index: swap._after(i)))

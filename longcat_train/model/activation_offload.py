@@ -16,14 +16,28 @@ At 480x832x93 each is 0.29 GiB per block: 28 GiB of GPU memory idle between forw
 Written here rather than `torch.autograd.graph.save_on_cpu` because that copies synchronously on the
 compute stream in both directions and cannot reach selective checkpointing's cache; this copies on a
 side stream and fetches the next block's tensors while the current block's backward runs.
+
+Host copies come from one pinned arena, rewound at each forward once no earlier graph holds host
+copies (a second forward before the first one's backward gets fresh bytes): every step offloads the
+same sizes, so after the first step no pinned memory is allocated, and none is lost to rounding.
+Reuse is safe because all copies run on one side stream per device, in order: a step's copies out
+are queued after the previous step's copies back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
+
+from ..pinned_memory import PinnedArena
+
+HOST_ARENA = PinnedArena()
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+# states whose graph is alive (autograd holds their unpack hooks until backward frees it)
+_live_states: "weakref.WeakSet[_OffloadState]" = weakref.WeakSet()
 
 
 class _Offloaded:
@@ -71,16 +85,16 @@ class _OffloadState:
         self.inputs: dict[int, list[_Offloaded]] = {}
         self.stashed: dict[int, list[_StashedStorage]] = {}
         self.open_stash: list[_StashedStorage] = []
-        self.stream: torch.cuda.Stream | None = None
 
-    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device)
-        return self.stream
+    @staticmethod
+    def _side_stream(device: torch.device) -> torch.cuda.Stream:
+        if device not in _side_streams:
+            _side_streams[device] = torch.cuda.Stream(device)
+        return _side_streams[device]
 
     def _copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         stream = self._side_stream(tensor.device)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host = HOST_ARENA.empty(tensor.shape, tensor.dtype)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(stream):
             host.copy_(tensor, non_blocking=True)
@@ -174,6 +188,9 @@ def host_offload(min_bytes: int = 32 * 2**20) -> Iterator[_OffloadState]:
     the timestep and text states every block shares, stay where they are), and so do the tensors
     passed to `keep_on_host`. Call `begin_block` as each block starts."""
     state = _OffloadState(min_bytes)
+    if not _live_states:
+        HOST_ARENA.rewind()
+    _live_states.add(state)
     _active.append(state)
     try:
         with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack):

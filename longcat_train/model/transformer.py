@@ -29,6 +29,17 @@ from .checkpoint_keys import verify_checkpoint_keys
 from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, rope_eager, swiglu
 
 CHECKPOINT_MODES = ("none", "full", "selective")
+# Projections whose outputs selective checkpointing can keep (`keep_projections`), and the linear
+# each names. Keeping one skips its GEMM in the recomputation; it works where the linear carries
+# a LoRA on the fused path (`lora.fused_linear.lora_linear`, bf16 weights on CUDA).
+PROJECTION_ROLES = {
+    "qkv": ("attn", "qkv"),
+    "attention_out": ("attn", "proj"),
+    "cross_q": ("cross_attn", "q_linear"),
+    "cross_out": ("cross_attn", "proj"),
+    "ffn_w1": ("ffn", "w1"),
+    "ffn_w3": ("ffn", "w3"),
+}
 
 
 def _no_autocast(fn):
@@ -220,6 +231,8 @@ class LongCatBlock(nn.Module):
         # only the gated residual follows it: a LoRA on it may end the block's recomputation
         # before its base GEMM (`lora.fused_linear`)
         self.ffn.w2.ends_block = True
+        for role, (parent, name) in PROJECTION_ROLES.items():
+            getattr(getattr(self, parent), name).checkpoint_role = role
 
     def forward(self, x, t_emb, text, text_mask, grid, num_cond_latents, rope, attention):
         """x: [B, N, C] in the weight dtype; t_emb: [B, T, C_t] fp32 (one modulation per latent frame)."""
@@ -248,16 +261,18 @@ class FinalLayer(nn.Module):
         return linear_fp32(self.linear, modulate(x, shift, scale))
 
 
-def _save_attention_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if is_attention_op(op) else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _save_self_attention_policy(ctx, op, *args, **kwargs):
-    """Like `_save_attention_policy` but recomputes cross-attention (fewer keys than queries): over
-    512 text tokens it costs ~1 ms, while its output costs 0.29 GiB per block at 480x832x93."""
-    if is_attention_op(op) and args[1].shape[-2] >= args[0].shape[-2]:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+def _keep_policy(kept: frozenset[str], ctx, op, *args, **kwargs):
+    """Selective checkpointing's choice per op: keep the outputs of the kinds in `kept` —
+    "self_attention" / "cross_attention" (attention ops over at least as many keys as queries are
+    self-attention: cross-attention sees 512 text tokens) and the `PROJECTION_ROLES` of fused LoRA
+    linears — and recompute everything else."""
+    if is_attention_op(op):
+        kind = "self_attention" if args[1].shape[-2] >= args[0].shape[-2] else "cross_attention"
+    elif getattr(getattr(op, "overloadpacket", op), "_qualified_op_name", None) == "longcat::lora_linear":
+        kind = args[6]
+    else:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if kind in kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -308,6 +323,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.selective_blocks = depth
         self.offload_block_inputs = False
         self.keep_cross_attention = False
+        self.keep_projections: frozenset[str] = frozenset()
 
     # ----- runtime settings -------------------------------------------------------------------
     def set_attention_implementation(self, implementation: str, use_bsa: bool | None = None) -> None:
@@ -318,7 +334,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def set_activation_checkpointing(
         self, mode: str, selective_blocks: int | None = None, offload_block_inputs: bool = False,
-        keep_cross_attention: bool = False,
+        keep_cross_attention: bool = False, keep_projections: Sequence[str] = (),
     ) -> None:
         """`none`, `full` (recompute each block) or `selective` (recompute each block but keep the
         attention outputs and log-sum-exp, so attention never runs twice). `selective_blocks` limits
@@ -328,14 +344,20 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         `offload_block_inputs` also sends the kept attention outputs there. `keep_cross_attention`:
         whether `selective` keeps cross-attention outputs too: ~1 ms of recompute per block saved for
         0.29 GiB per block at 480x832x93, on the GPU or (offloaded) in pinned host memory, where
-        three kinds of kept tensors add up to ~98 GiB at 720x1280x93."""
+        three kinds of kept tensors add up to ~98 GiB at 720x1280x93. `keep_projections`: names from
+        `PROJECTION_ROLES` whose outputs `selective` keeps as well (each skips a GEMM in the
+        recomputation for its output's bytes, e.g. "qkv" 0.86 GiB per block at 480x832x93)."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"activation checkpointing mode {mode!r}: choose one of {CHECKPOINT_MODES}")
+        unknown = sorted(set(keep_projections) - set(PROJECTION_ROLES))
+        if unknown:
+            raise ValueError(f"keep_projections {unknown}: choose from {sorted(PROJECTION_ROLES)}")
         self.gradient_checkpointing = mode != "none"
         self.checkpoint_mode = mode if mode != "none" else "full"
         self.selective_blocks = len(self.blocks) if selective_blocks is None else selective_blocks
         self.offload_block_inputs = offload_block_inputs and mode != "none"
         self.keep_cross_attention = keep_cross_attention
+        self.keep_projections = frozenset(keep_projections)
 
     # ----- loading ----------------------------------------------------------------------------
     @classmethod
@@ -357,14 +379,14 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _run_block(self, index: int, block, *args):
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(*args)
-        keeps_attention = self.checkpoint_mode == "selective" and index < self.selective_blocks
-        kept = ({"self_attention", "cross_attention"} if self.keep_cross_attention else {"self_attention"})
-        begin_block(index, frozenset(kept) if keeps_attention else frozenset())
-        if keeps_attention:
-            policy = _save_attention_policy if self.keep_cross_attention else _save_self_attention_policy
-            context = functools.partial(create_selective_checkpoint_contexts, policy)
-            return checkpoint(block, *args, use_reentrant=False, context_fn=context)
-        return checkpoint(block, *args, use_reentrant=False)
+        if not (self.checkpoint_mode == "selective" and index < self.selective_blocks):
+            begin_block(index, frozenset())
+            return checkpoint(block, *args, use_reentrant=False)
+        kept = frozenset({"self_attention", *self.keep_projections}
+                         | ({"cross_attention"} if self.keep_cross_attention else set()))
+        begin_block(index, kept)
+        context = functools.partial(create_selective_checkpoint_contexts, functools.partial(_keep_policy, kept))
+        return checkpoint(block, *args, use_reentrant=False, context_fn=context)
 
     def forward(
         self,

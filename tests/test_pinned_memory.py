@@ -1,0 +1,37 @@
+import torch
+
+from longcat_train.pinned_memory import ALIGN, PinnedArena
+
+
+def test_cuts_are_exact_disjoint_and_reused_after_rewind():
+    arena = PinnedArena(pin=False)
+    a = arena.empty((3, 1000), torch.bfloat16)
+    b = arena.empty((5,), torch.float32)
+    assert a.shape == (3, 1000) and a.dtype == torch.bfloat16 and a.is_contiguous()
+    a.fill_(1.0)
+    b.fill_(2.0)
+    assert torch.all(a == 1.0)  # b does not overlap a
+    # 6,000 bytes take a page-rounded 8 KiB slab; the next cut opens a slab twice that size
+    assert [s.numel() for s in arena.slabs] == [8192, 16384]
+    arena.rewind()
+    c = arena.empty((3, 1000), torch.bfloat16)
+    d = arena.empty((5,), torch.float32)
+    assert (c.data_ptr(), d.data_ptr()) == (a.data_ptr(), b.data_ptr())
+    assert arena.reserved_bytes == 8192 + 16384
+
+
+def test_slabs_grow_geometrically_and_large_requests_get_their_own():
+    arena = PinnedArena(pin=False)
+    sizes = [ALIGN] * 3
+    for n in sizes:
+        arena.empty((n,), torch.uint8)
+    assert [s.numel() for s in arena.slabs] == [ALIGN, 2 * ALIGN]
+    big = arena.empty((10 * ALIGN + 1,), torch.uint8)
+    assert arena.slabs[-1].numel() == 16 * ALIGN and big.numel() == 10 * ALIGN + 1
+    # the same sequence after a rewind lands in the same places: nothing new is reserved
+    reserved = arena.reserved_bytes
+    arena.rewind()
+    for n in sizes:
+        arena.empty((n,), torch.uint8)
+    assert arena.empty((10 * ALIGN + 1,), torch.uint8).data_ptr() == big.data_ptr()
+    assert arena.reserved_bytes == reserved
