@@ -7,7 +7,7 @@ import json
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -38,7 +38,9 @@ class BenchSettings:
     selective_blocks: int | None = None
     offload_block_inputs: bool = True
     keep_cross_attention: bool = False
-    keep_projections: tuple[str, ...] = ()  # `PROJECTION_ROLES` kept by selective checkpointing
+    # `PROJECTION_ROLES` kept by selective checkpointing; None: the most the planner fits into this
+    # GPU and this machine's RAM (as `longcat plan` would recommend)
+    keep_projections: tuple[str, ...] | None = None
     autocast: bool = True  # bf16 autocast, as Accelerate's mixed precision runs `train`
     fused_kernels: bool = True
     compile: bool = False
@@ -46,6 +48,18 @@ class BenchSettings:
     text_tokens: int = 512
     render_steps: int = 50
     seed: int = 0
+
+    def memory_settings(self, precision: str = "bf16", swap: int = 0, group_offload: bool = False):
+        """The planner's `MemorySettings` for these bench settings (with `precision`, `swap` blocks)."""
+        from .memory.planner import MemorySettings
+
+        checkpointing = self.checkpointing != "none"
+        return MemorySettings(
+            base_model_precision=precision, blocks_to_swap=swap, gradient_checkpointing=checkpointing,
+            checkpoint_mode=self.checkpointing if checkpointing else "full", selective_blocks=self.selective_blocks,
+            keep_cross_attention=self.keep_cross_attention, keep_projections=tuple(self.keep_projections or ()),
+            offload_block_inputs=self.offload_block_inputs, group_offload=group_offload, lora_rank=self.rank,
+        )
 
 
 def random_transformer(device: str, dtype: torch.dtype, depth: int = 48, seed: int = 0, **overrides):
@@ -88,6 +102,14 @@ def _result(settings: BenchSettings, figures: dict) -> dict:
     }
 
 
+def _fitting_projections(settings: BenchSettings) -> tuple[str, ...]:
+    from .memory.planner import fastest_projections, machine_memory_gib
+
+    h, w = (int(v) for v in settings.resolution.lower().split("x"))
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return fastest_projections(settings.memory_settings(), (h, w, settings.frames), gpu_gib, machine_memory_gib())
+
+
 def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None, after_lora=None,
                 before_step=None) -> dict:
     """`before_lora(model)` / `after_lora(model)`: optional setup steps (quantizing, block swap,
@@ -100,6 +122,8 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     from .training.step import flow_matching_loss
     from .training.strategy import ImageToVideo
 
+    if settings.keep_projections is None:
+        settings = replace(settings, keep_projections=_fitting_projections(settings))
     torch.manual_seed(settings.seed)
     use_fused_kernels(settings.fused_kernels)
     model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed)

@@ -22,8 +22,10 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class PinnedArena:
-    """Bump allocator over pinned slabs. `rewind()` makes every byte reusable (for per-step
-    buffers whose users all finished); without it the arena only grows (persistent buffers).
+    """Pinned host memory cut from power-of-two slabs, first fit: each cut goes to the first slab
+    with room at its end, so a slab's tail is left unused only when no later request fits it.
+    `rewind()` makes every byte reusable (for per-step buffers whose users have all finished; the
+    same requests then land in the same places); without it the arena only grows.
 
     Slabs double in size up to `MAX_SLAB` (a tiny model wastes little, a large run few slab ends);
     a request larger than that gets a slab of its own, rounded to a power of two. `pin=False` gives
@@ -32,15 +34,14 @@ class PinnedArena:
     def __init__(self, pin: bool = True) -> None:
         self.pin = pin
         self.slabs: list[torch.Tensor] = []
-        self.slab = 0  # slab the next cut comes from
-        self.offset = 0  # its first free byte
+        self.used: list[int] = []  # bytes cut from each slab since the last rewind
 
     @property
     def reserved_bytes(self) -> int:
         return sum(s.numel() for s in self.slabs)
 
     def rewind(self) -> None:
-        self.slab = self.offset = 0
+        self.used = [0] * len(self.slabs)
 
     def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised pinned tensor of `shape` and `dtype` (contiguous)."""
@@ -49,12 +50,13 @@ class PinnedArena:
 
     def _cut(self, nbytes: int) -> torch.Tensor:
         size = _round_up(max(nbytes, 1), ALIGN)
-        while self.slab < len(self.slabs) and self.offset + size > self.slabs[self.slab].numel():
-            self.slab, self.offset = self.slab + 1, 0
-        if self.slab == len(self.slabs):
+        slab = next((i for i, s in enumerate(self.slabs) if self.used[i] + size <= s.numel()), None)
+        if slab is None:
             previous = self.slabs[-1].numel() if self.slabs else 0
             slab_bytes = max(1 << (size - 1).bit_length(), min(2 * previous, MAX_SLAB))
             self.slabs.append(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self.pin))
-        cut = self.slabs[self.slab][self.offset: self.offset + nbytes]
-        self.offset += size
-        return cut
+            self.used.append(0)
+            slab = len(self.slabs) - 1
+        start = self.used[slab]
+        self.used[slab] += size
+        return self.slabs[slab][start: start + nbytes]

@@ -5,7 +5,7 @@ setting, full-size LongCat-Video (random weights), 480x832x93 I2V, LoRA rank 32,
     python scripts/bench_memory.py --rows bf16,swap8 # some rows (a full run takes ~25 min: split it)
     python scripts/bench_memory.py --block-error     # relative error of one full-size block per precision
 
-Rows: bf16 (no swap), int8-quanto, fp8-torchao, swap 8/16/24/40 blocks (bf16), group offload, and
+Rows: bf16 (no swap), bf16-kept (bf16 keeping the projections the planner fits on this machine), int8-quanto, fp8-torchao, swap 8/16/24/40 blocks (bf16), group offload, and
 the planner's recommendation for a 24 GiB and a 48 GiB cap, run under
 `torch.cuda.set_per_process_memory_fraction`. The model is built on the GPU in bf16 and then
 quantized/swapped; the cap is set after that setup (a real 24 GB card would load with
@@ -29,37 +29,36 @@ import torch  # noqa: E402
 
 from longcat_train.bench import BenchSettings, bench_train  # noqa: E402
 from longcat_train.memory import (  # noqa: E402
-    MemorySettings, enable_block_swap, enable_group_offload, plan_memory, quantize_transformer,
+    enable_block_swap, enable_group_offload, machine_memory_gib, plan_memory, quantize_transformer,
 )
+from longcat_train.memory.planner import fastest_projections  # noqa: E402
 from longcat_train.memory.quantize import relative_block_error  # noqa: E402
 
 BUCKET = (480, 832, 93)
-ROWS = ("bf16", "int8-quanto", "fp8-torchao", "swap8", "swap16", "swap24", "swap40", "group-offload", "cap24", "cap48")
-
-
-def planner_settings(bench: BenchSettings, precision: str = "bf16", swap: int = 0, group_offload: bool = False):
-    return MemorySettings(
-        base_model_precision=precision, blocks_to_swap=swap, gradient_checkpointing=bench.checkpointing != "none",
-        checkpoint_mode=bench.checkpointing if bench.checkpointing != "none" else "full",
-        selective_blocks=bench.selective_blocks, keep_cross_attention=bench.keep_cross_attention,
-        offload_block_inputs=bench.offload_block_inputs, group_offload=group_offload, lora_rank=bench.rank,
-    )
+ROWS = ("bf16", "bf16-kept", "int8-quanto", "fp8-torchao", "swap8", "swap16", "swap24", "swap40", "group-offload",
+        "cap24", "cap48")
 
 
 def row_setup(row: str, bench: BenchSettings):
     """(bench settings, planner settings, memory cap GiB or None) of one row."""
     cap = None
     if row in ("bf16", "int8-quanto", "fp8-torchao"):
-        memory = planner_settings(bench, precision=row)
+        memory = bench.memory_settings(precision=row)
     elif row.startswith("swap"):
-        memory = planner_settings(bench, swap=int(row.removeprefix("swap")))
+        memory = bench.memory_settings(swap=int(row.removeprefix("swap")))
     elif row == "group-offload":
-        memory = planner_settings(bench, group_offload=True)
+        memory = bench.memory_settings(group_offload=True)
+    elif row == "bf16-kept":  # the projections the planner keeps on this GPU and machine
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        projections = fastest_projections(bench.memory_settings(), BUCKET, gpu_gib, machine_memory_gib())
+        bench = dataclasses.replace(bench, keep_projections=projections)
+        memory = bench.memory_settings()
     else:
         cap = float(row.removeprefix("cap"))
-        memory = plan_memory(planner_settings(bench), [BUCKET], cap).recommendation
+        memory = plan_memory(bench.memory_settings(), [BUCKET], cap, host_memory_gib=machine_memory_gib()).recommendation
         bench = dataclasses.replace(bench, checkpointing=memory.checkpoint_mode, selective_blocks=memory.selective_blocks,
-                                    offload_block_inputs=memory.offload_block_inputs)
+                                    offload_block_inputs=memory.offload_block_inputs,
+                                    keep_projections=memory.kept_projections)
     return bench, memory, cap
 
 
@@ -120,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_memory needs a CUDA GPU (it builds the full 13.6B model on it)")
-    bench = BenchSettings(steps=args.steps, warmup=args.warmup, rank=32)
+    bench = BenchSettings(steps=args.steps, warmup=args.warmup, rank=32, keep_projections=())
     if args.block_error:
         for precision in ("int8-quanto", "int4-quanto", "fp8-torchao"):
             print("BLOCK_ERROR " + json.dumps({"precision": precision, "rel_l2": relative_block_error(precision)}), flush=True)

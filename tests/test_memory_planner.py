@@ -1,12 +1,14 @@
 """The VRAM planner: calibrated on the measured H200 step, monotone in what saves memory, and
 refusing (with advice) what will not fit."""
 
+from dataclasses import replace
+
 import pytest
 from rich.console import Console
 
 from longcat_train.config.training import TrainingConfig
 from longcat_train.memory import MemorySettings, PlanRefusal, plan_memory
-from longcat_train.memory.planner import bucket_tokens
+from longcat_train.memory.planner import bucket_tokens, estimate, parameter_counts
 
 BUCKET = (480, 832, 93)
 
@@ -23,6 +25,11 @@ def test_the_bucket_has_the_measured_token_count():
     "settings, measured",
     [  # docs/benchmarks.md, H200, bf16 autocast, fused kernels, LoRA r32, rows of the current code
         (dict(checkpoint_mode="selective", offload_block_inputs=True), 37.38),
+        (dict(checkpoint_mode="selective", offload_block_inputs=True, keep_projections=("qkv", "attention_out")), 38.53),
+        (dict(checkpoint_mode="selective", offload_block_inputs=True,
+              keep_projections=("qkv", "attention_out", "cross_q")), 38.81),
+        *[(dict(checkpoint_mode="selective", offload_block_inputs=True, blocks_to_swap=k), peak)
+          for k, peak in ((8, 33.84), (16, 29.69), (24, 25.54), (34, 20.35), (40, 17.23))],
         (dict(offload_block_inputs=True), 37.02),
         (dict(offload_block_inputs=True, blocks_to_swap=42), 15.93),
         (dict(base_model_precision="int8-quanto", checkpoint_mode="selective", offload_block_inputs=True), 25.96),
@@ -101,6 +108,9 @@ def test_host_ram_shortfall_refuses_and_recommends_settings_that_fit_both():
     assert tight.recommendation_estimate.host <= 0.9 * 48.0
 
 
+TIER_HOST_GIB = 64.0  # the tiers are written for a workstation with 64 GiB of RAM (their comments say so)
+
+
 @pytest.mark.parametrize("tier, gib", [("24gb", 24.0), ("48gb", 48.0), ("80gb", 80.0)])
 def test_each_tier_config_is_predicted_to_fit_its_gpu(tier, gib):
     from pathlib import Path
@@ -109,7 +119,7 @@ def test_each_tier_config_is_predicted_to_fit_its_gpu(tier, gib):
 
     path = Path(__file__).resolve().parents[1] / "configs" / "tiers" / f"{tier}.json"
     config = TrainingConfig(**loads_jsonc(path.read_text()))
-    plan = plan_memory(config, [BUCKET], gib)
+    plan = plan_memory(config, [BUCKET], gib, host_memory_gib=TIER_HOST_GIB)
     plan.raise_if_oom()
     # the tier is the planner's own pick (the fastest settings that fit), not a looser one
     assert plan.recommendation == plan.settings
@@ -120,3 +130,35 @@ def test_bad_inputs_are_named():
         plan_memory(MemorySettings(), [], 24.0)
     with pytest.raises(ValueError, match="gpu_memory_gib"):
         plan_memory(MemorySettings(), [BUCKET], 0)
+
+
+def test_kept_projections_cost_their_output_bytes_on_the_bf16_fused_path_only():
+    from typing import get_args
+
+    from longcat_train.config.training import KeptProjection
+    from longcat_train.model.transformer import PROJECTION_ROLES
+
+    assert set(get_args(KeptProjection)) == set(PROJECTION_ROLES)  # config and model name the same ones
+    tokens = 37_440
+    base = MemorySettings(checkpoint_mode="selective", offload_block_inputs=True)
+    kept = replace(base, keep_projections=("qkv", "attention_out"))
+    plain, more = (estimate(parameter_counts(), s, tokens) for s in (base, kept))
+    per_block = tokens * (3 * 4096 + 4096) * 2 / 2**30  # qkv and attention-out outputs, bf16
+    assert more.vram - plain.vram == pytest.approx(2 * per_block)  # two blocks in flight on the GPU
+    assert more.host - plain.host == pytest.approx(48 * per_block)  # every block's copy on the host
+    # quantized weights take PEFT's path (nothing kept); full checkpointing keeps nothing either
+    for other in (replace(kept, base_model_precision="int8-quanto"), replace(kept, checkpoint_mode="full")):
+        assert other.kept_projections == ()
+        assert estimate(parameter_counts(), other, tokens) == estimate(parameter_counts(), replace(other, keep_projections=()), tokens)
+
+
+def test_projections_are_recommended_as_far_as_host_ram_allows():
+    from longcat_train.memory.planner import fastest_projections
+
+    settings = MemorySettings(checkpoint_mode="selective", offload_block_inputs=True)
+    assert fastest_projections(settings, BUCKET, 141.0, 128.0) == ("qkv", "attention_out", "cross_q")
+    assert fastest_projections(settings, BUCKET, 141.0, 96.0) == ("qkv",)
+    assert fastest_projections(settings, BUCKET, 141.0, 48.0) == ()
+    plan = plan_memory(settings, [BUCKET], 80.0, host_memory_gib=128.0)
+    assert plan.recommendation.kept_projections == ("qkv", "attention_out", "cross_q")
+    assert 'keep_projections=["qkv", "attention_out", "cross_q"]' in plan.advice()

@@ -35,3 +35,12 @@ def test_slabs_grow_geometrically_and_large_requests_get_their_own():
         arena.empty((n,), torch.uint8)
     assert arena.empty((10 * ALIGN + 1,), torch.uint8).data_ptr() == big.data_ptr()
     assert arena.reserved_bytes == reserved
+
+
+def test_a_slab_tail_too_small_for_one_request_takes_a_later_one():
+    arena = PinnedArena(pin=False)
+    arena.empty((3 * ALIGN,), torch.uint8)  # slab 0 (4 pages): one page left
+    arena.empty((2 * ALIGN,), torch.uint8)  # does not fit there: slab 1 (8 pages)
+    tail = arena.empty((ALIGN,), torch.uint8)  # fits the first slab's last page
+    assert [s.numel() for s in arena.slabs] == [4 * ALIGN, 8 * ALIGN]
+    assert tail.data_ptr() == arena.slabs[0].data_ptr() + 3 * ALIGN

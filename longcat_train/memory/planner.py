@@ -6,11 +6,13 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
                (block swap keeps two blocks in flight; group offload its groups)
   LoRA state   trainable parameters × 16 (fp32 weight, grad, two Adam moments)
   activations  checkpointed block inputs B·N·C·2 per block, kept self-attention outputs B·N·C·2
-               per selective block and as much again for kept cross-attention outputs (with
-               activation offload all of them wait on the host, two blocks' worth in flight on the
-               GPU), plus one block's working set
+               per selective block, as much again for kept cross-attention outputs, and the
+               output widths of kept projections × B·N·2 (with activation offload all of them
+               wait on the host, two blocks' worth in flight on the GPU), plus one block's working set
                `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
   workspace    `WORKSPACE_GIB` (cuBLAS/cuDNN workspaces, allocator slack, loss and embedders)
+  host RAM     `HOST_BASE_GIB` + the larger of a bf16 load's full copy and the pinned bytes
+               (swapped blocks + offloaded activations, exact sizes: `pinned_memory.PinnedArena`)
 
 The working-set constant is calibrated on docs/benchmarks.md ("memory settings"): full
 checkpointing with block inputs offloaded, 480x832x93 (37,440 tokens), LoRA r32, bf16 weights,
@@ -33,6 +35,7 @@ import torch
 from ..bench import RELEASE_DIT_CONFIG
 from ..config.training import DEFAULT_LORA_TARGETS
 from ..model import LongCatVideoTransformer3DModel
+from ..model.transformer import PROJECTION_ROLES
 from .quantize import QUANTIZED_PRECISIONS
 
 GIB = 2**30
@@ -70,6 +73,11 @@ class ParameterCounts:
     depth: int
     hidden: int
     lora_per_rank: int  # LoRA parameters per unit of rank over all blocks
+    projection_widths: tuple[tuple[str, int], ...]  # output features of each `PROJECTION_ROLES` linear
+
+    def kept_projection_width(self, roles: Iterable[str]) -> int:
+        widths = dict(self.projection_widths)
+        return sum(widths[r] for r in roles)
 
 
 @functools.lru_cache(maxsize=4)
@@ -85,8 +93,10 @@ def _counts(config_items: tuple) -> ParameterCounts:
         lora += linear.in_features + linear.out_features
     block_total = sum(p.numel() for p in block.parameters())
     outside = sum(p.numel() for p in model.parameters()) - block_total
+    widths = tuple((role, getattr(getattr(block, parent), name).out_features)
+                   for role, (parent, name) in PROJECTION_ROLES.items())
     return ParameterCounts(quantizable, block_total - quantizable, outside, config["depth"], config["hidden_size"],
-                           lora * config["depth"])
+                           lora * config["depth"], widths)
 
 
 def parameter_counts(dit_config: dict | None = None) -> ParameterCounts:
@@ -106,6 +116,7 @@ class MemorySettings:
     checkpoint_mode: str = "full"  # "full" | "selective" (with gradient_checkpointing)
     selective_blocks: int | None = None  # None: every block
     keep_cross_attention: bool = False
+    keep_projections: tuple[str, ...] = ()  # kept only on the fused bf16 path (see `kept_projections`)
     offload_block_inputs: bool = False
     group_offload: bool = False
     group_offload_type: str = "block_level"
@@ -123,6 +134,7 @@ class MemorySettings:
             gradient_checkpointing=cfg.gradient_checkpointing,
             checkpoint_mode=cfg.gradient_checkpointing_mode,
             selective_blocks=cfg.selective_checkpointing_blocks,
+            keep_projections=tuple(cfg.keep_projections),
             offload_block_inputs=cfg.activation_offload,
             group_offload=cfg.enable_group_offload,
             group_offload_type=cfg.group_offload_type,
@@ -132,12 +144,21 @@ class MemorySettings:
             batch_size=cfg.train_batch_size,
         )
 
+    @property
+    def kept_projections(self) -> tuple[str, ...]:
+        """The projections really kept: selective checkpointing on the fused LoRA path, which
+        needs bf16 weights (quantized or fp32 bases recompute them)."""
+        selective = self.gradient_checkpointing and self.checkpoint_mode == "selective"
+        return self.keep_projections if selective and self.base_model_precision == "bf16" else ()
+
     def describe(self) -> str:
         parts = [self.base_model_precision]
         if not self.gradient_checkpointing:
             parts.append("no checkpointing")
         elif self.checkpoint_mode == "selective":
             parts.append(f"selective checkpointing ({self.selective_blocks or 'all'} blocks)")
+            if self.kept_projections:
+                parts.append(f"keeps {'+'.join(self.kept_projections)}")
         else:
             parts.append("full checkpointing")
         if self.offload_block_inputs:
@@ -209,15 +230,16 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
         offloaded = 0.0
     else:
         kept_inputs = IN_FLIGHT_BLOCKS if s.offload_block_inputs else counts.depth
-        offloaded = (counts.depth - kept_inputs) * hidden_state if s.offload_block_inputs else 0.0
+        # every block's tensors get a host copy; two blocks' worth are on the GPU at a time
+        offloaded = counts.depth * hidden_state if s.offload_block_inputs else 0.0
         activations = kept_inputs * hidden_state + working_set
         if s.checkpoint_mode == "selective":
             selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
-            kept = hidden_state * (2 if s.keep_cross_attention else 1)
+            kept = hidden_state * (2 if s.keep_cross_attention else 1) + n * counts.kept_projection_width(s.kept_projections) * 2
             if s.offload_block_inputs:
                 in_flight = min(selective, IN_FLIGHT_BLOCKS)
                 activations += in_flight * kept
-                offloaded += (selective - in_flight) * kept
+                offloaded += selective * kept
             else:
                 activations += selective * kept
     gpu_weights, host_weights = _weight_bytes(counts, s)
@@ -275,6 +297,7 @@ class MemoryPlan:
         keys.append(f"gradient_checkpointing_mode={r.checkpoint_mode!r}")
         if r.checkpoint_mode == "selective":
             keys.append(f"selective_checkpointing_blocks={json.dumps(r.selective_blocks)}")
+            keys.append(f"keep_projections={json.dumps(list(r.kept_projections))}")
         keys.append(f"activation_offload={str(r.offload_block_inputs).lower()}")
         return f"fastest settings predicted to fit: {r.describe()} ({', '.join(keys)})"
 
@@ -326,20 +349,37 @@ class MemoryPlan:
 # checkpointing never recomputes attention; int8 weights cost ~2 %, full checkpointing ~15 %.
 SPEED_ORDER = (("selective", "bf16"), ("selective", "int8-quanto"), ("full", "bf16"), ("full", "int8-quanto"),
                ("selective", "int4-quanto"), ("full", "int4-quanto"))
+# kept projections, from most to none: each GiB kept per block saves ~5.6 ms of recomputed GEMM per
+# block at 480x832x93 (H200, docs/benchmarks.md session 3: 11.16 → 10.82 → 10.72 s/step)
+PROJECTION_SETS = (("qkv", "attention_out", "cross_q"), ("qkv", "attention_out"), ("qkv",), ())
 
 
 def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySettings]:
     """Settings from fastest to slowest: for each entry of `SPEED_ORDER`, 0, 1, … depth − 1 swapped
-    blocks (swapping 8 to 40 blocks measured free), each first with activation offload (block inputs
-    and kept attention outputs wait on the host: measured free, less GPU memory) and then without it
-    (less host RAM)."""
+    blocks (swapping 8 to 40 blocks measured 0–5 %), each with the `PROJECTION_SETS` in turn (bf16
+    selective only), each first with activation offload (block inputs and kept outputs wait on the
+    host: measured free, less GPU memory) and then without it (less host RAM)."""
     plain = replace(base, group_offload=False, gradient_checkpointing=True, selective_blocks=None,
                     keep_cross_attention=False)
     for mode, precision in SPEED_ORDER:
+        keeps = PROJECTION_SETS if (mode, precision) == ("selective", "bf16") else ((),)
         for swap in range(0, depth):
-            for offload in (True, False):
-                yield replace(plain, checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap,
-                              offload_block_inputs=offload)
+            for projections in keeps:
+                for offload in (True, False):
+                    yield replace(plain, checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap,
+                                  offload_block_inputs=offload, keep_projections=projections)
+
+
+def fastest_projections(settings: MemorySettings, bucket: tuple[int, int, int], gpu_memory_gib: float,
+                        host_memory_gib: float | None) -> tuple[str, ...]:
+    """The largest of `PROJECTION_SETS` that `settings` can keep on `bucket` within the GPU's and
+    the machine's memory (() where none fits)."""
+    counts, tokens = parameter_counts(), bucket_tokens(*bucket)
+    for projections in PROJECTION_SETS:
+        e = estimate(counts, replace(settings, keep_projections=projections), tokens)
+        if e.vram <= usable_gib(gpu_memory_gib) and (host_memory_gib is None or e.host <= usable_host_gib(host_memory_gib)):
+            return projections
+    return ()
 
 
 def machine_memory_gib() -> float | None:

@@ -89,6 +89,7 @@ def load_transformer(loaded: LoadedConfig, device: torch.device) -> LongCatVideo
         cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "none",
         cfg.selective_checkpointing_blocks,
         offload_block_inputs=cfg.activation_offload and device.type == "cuda",
+        keep_projections=cfg.keep_projections,
     )
     return transformer
 
