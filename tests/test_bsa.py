@@ -28,8 +28,9 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 # layout: "contiguous" [B, heads, N, D]; "token_major" a [B, N, heads, D] tensor seen as
 # [B, heads, N, D] (the transformer's layout); "token_major_slice" the same, q starting 16 tokens
 # into its storage (the transformer's condition-frame split).
-# The interpreter runs two chunks per tile, so an odd kept count ("odd_keep", 5 of 12) or an odd
-# number of query chunks per key chunk leaves a half-empty remainder tile.
+# Each case runs on both kernel paths (`KERNEL_PATHS`); the pointer path takes two chunks per tile,
+# so an odd kept count ("odd_keep", 5 of 12) or an odd number of query chunks per key chunk leaves a
+# half-empty remainder tile.
 KERNEL_CASES: dict[str, tuple[Any, ...]] = {
     "divisible": ("float32", 1, 2, 16, (4, 8, 8), (4, 8, 8), 0.5, (4, 4, 4), (4, 4, 4), "contiguous"),
     "padded_batch2": ("float32", 2, 2, 32, (5, 6, 10), (5, 6, 10), 0.5, (4, 4, 4), (4, 4, 4), "token_major"),
@@ -41,6 +42,16 @@ KERNEL_CASES: dict[str, tuple[Any, ...]] = {
     "odd_keep": ("float32", 1, 2, 16, (5, 6, 10), (5, 6, 10), 0.55, (4, 4, 4), (4, 4, 4), "token_major"),
     "chunk_16_slice": ("float32", 2, 2, 16, (3, 6, 8), (4, 6, 8), 0.55, (2, 2, 4), (2, 2, 4), "token_major_slice"),
 }
+
+
+KERNEL_PATHS = ("tma", "pointer")  # `bsa_kernels.INTERPRETER_CONFIGS`
+
+
+def _use_kernel_path(path: str) -> None:
+    from longcat_train.model import bsa_kernels
+
+    for name in bsa_kernels.AUTOTUNED_KERNELS:
+        getattr(bsa_kernels, name).configs = [bsa_kernels.INTERPRETER_CONFIGS[path]]
 
 
 def _case_tensor(shape: tuple[int, ...], layout: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -144,24 +155,31 @@ def kernel_report() -> dict[str, dict[str, float]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("case", sorted(KERNEL_CASES))
-def test_kernel_matches_masked_dense_reference(kernel_report: dict[str, dict[str, float]], case: str) -> None:
-    errors, tolerance = kernel_report[case], TOLERANCE[KERNEL_CASES[case][0]]
+def test_kernel_matches_masked_dense_reference(kernel_report: dict[str, dict[str, float]], case: str, path: str) -> None:
+    errors, tolerance = kernel_report[f"{case}/{path}"], TOLERANCE[KERNEL_CASES[case][0]]
     for key in ("out_err", "dq_err", "dk_err", "dv_err"):
         assert errors[key] < tolerance, f"{case}: {key}={errors[key]:.3g}"
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("case", sorted(KERNEL_CASES))
 def test_kernel_is_dense_at_sparsity_zero_and_sparse_otherwise(
-    kernel_report: dict[str, dict[str, float]], case: str
+    kernel_report: dict[str, dict[str, float]], case: str, path: str
 ) -> None:
-    errors, tolerance = kernel_report[case], TOLERANCE[KERNEL_CASES[case][0]]
+    errors, tolerance = kernel_report[f"{case}/{path}"], TOLERANCE[KERNEL_CASES[case][0]]
     sparse = KERNEL_CASES[case][6] > 0
     for key in ("out_vs_sdpa", "dq_vs_sdpa", "dk_vs_sdpa", "dv_vs_sdpa"):
         if sparse:  # dropping blocks must actually change the result, or the reference test proves little
             assert errors[key] > 1e-3, f"{case}: {key}={errors[key]:.3g} looks dense"
         else:
             assert errors[key] < tolerance, f"{case}: {key}={errors[key]:.3g}"
+
+
+def test_both_kernel_paths_really_ran(kernel_report: dict[str, Any]) -> None:
+    assert "USE_TMA: True" in kernel_report["config/tma"]
+    assert "USE_TMA: False" in kernel_report["config/pointer"] and "CHUNKS_PER_TILE: 2" in kernel_report["config/pointer"]
 
 
 def test_selective_checkpointing_keeps_block_sparse_outputs(kernel_report: dict[str, dict[str, float]]) -> None:
@@ -290,7 +308,13 @@ def test_bad_shapes_name_the_argument() -> None:
 if __name__ == "__main__":
     # Subprocess entry for the kernel fixture: TRITON_INTERPRET=1 is set by the caller's env.
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    report = {name: _run_kernel_case(name) for name in KERNEL_CASES}
+    report = {}
+    for kernel_path in KERNEL_PATHS:
+        _use_kernel_path(kernel_path)
+        report |= {f"{name}/{kernel_path}": _run_kernel_case(name) for name in KERNEL_CASES}
+        from longcat_train.model.bsa_kernels import bsa_forward_kernel
+
+        report[f"config/{kernel_path}"] = str(bsa_forward_kernel.best_config)  # the config that really ran
     report["selective_checkpoint"] = _selective_checkpoint_case()
     report["regroup"] = _regroup_case()
     print(json.dumps(report))

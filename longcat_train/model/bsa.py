@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from longcat_train.model import bsa_kernels
 from longcat_train.model.activation_offload import keep_on_host
@@ -209,7 +210,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
     # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    if t.is_cuda:
+        _use_torch_scratch_for_tma()
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+@functools.cache
+def _use_torch_scratch_for_tma() -> None:
+    """Kernels that build TMA descriptors on the device need global scratch memory for them:
+    Triton asks for it through this hook, and PyTorch's caching allocator serves it."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 # A registered op (not a bare autograd.Function) so that selective activation checkpointing sees it

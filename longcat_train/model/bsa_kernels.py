@@ -33,42 +33,74 @@ def triton_interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
-def _configs() -> list[triton.Config]:
-    """Launch shapes for 64-token chunks with head_dim up to 128 on sm_90.
+# Under the interpreter: the TMA path by default; tests run each case through both (tests/test_bsa.py),
+# the pointer one with two chunks per tile so that remainder tiles are exercised.
+INTERPRETER_CONFIGS = {
+    "tma": triton.Config({"CHUNKS_PER_TILE": 1, "USE_TMA": True}, num_warps=4, num_stages=1),
+    "pointer": triton.Config({"CHUNKS_PER_TILE": 2, "USE_TMA": False}, num_warps=4, num_stages=1),
+}
 
-    Under the interpreter one config (two chunks per tile, so remainder tiles are exercised) is
-    enough; the autotuner skips benchmarking then.
-    """
+
+def _configs() -> list[triton.Config]:
+    """Launch shapes for 64-token chunks with head_dim up to 128 on sm_90: gathered chunks read
+    through pointers (one or two chunks per tile) or through TMA descriptors (one chunk per tile:
+    a chunk is one contiguous [CHUNK, HEAD_DIM] box, which the copy engine fetches asynchronously).
+    Under the interpreter a single config (the autotuner then skips benchmarking)."""
     if triton_interpreting():
-        return [triton.Config({"CHUNKS_PER_TILE": 2}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"CHUNKS_PER_TILE": per_tile}, num_warps=warps, num_stages=stages)
-        for per_tile in (1, 2)
-        for warps in (4, 8)
-        for stages in (2, 3)
-    ]
+        return [INTERPRETER_CONFIGS["tma"]]
+    pointer = [triton.Config({"CHUNKS_PER_TILE": per_tile, "USE_TMA": False}, num_warps=warps, num_stages=stages)
+               for per_tile in (1, 2) for warps in (4, 8) for stages in (2, 3)]
+    tma = [triton.Config({"CHUNKS_PER_TILE": 1, "USE_TMA": True}, num_warps=warps, num_stages=stages)
+           for warps in (4, 8) for stages in (2, 3, 4)]
+    return pointer + tma
+
+
+AUTOTUNED_KERNELS = ("bsa_forward_kernel", "bsa_backward_dq_kernel", "bsa_backward_dkdv_kernel")
 
 
 _TUNE_KEY = ["HEAD_DIM", "CHUNK_M", "CHUNK_N", "HAS_KEY_PAD", "DOT_PRECISION"]
 
 
 @triton.jit
-def _kept_tile_scores(q, k_base, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile, offs_d,
-                      HEAD_DIM: tl.constexpr, CHUNK_N: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr):
+def _chunk_rows_desc(base, n_rows, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """A TMA descriptor over all (batch, head) rows of a chunk-order tensor, one chunk per box
+    (the pointer itself on the pointer path, where it is not used)."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                         block_shape=[CHUNK, HEAD_DIM])
+    return base
+
+
+@triton.jit
+def _load_rows(base, desc, row_offset, first_row, tile_ptrs, USE_TMA: tl.constexpr):
+    """The rows of one gathered tile: through the descriptor from `row_offset + first_row` (one
+    chunk), or through `tile_ptrs` (offsets from `base`)."""
+    if USE_TMA:
+        return desc.load([row_offset + first_row, 0])
+    return tl.load(base + tile_ptrs)
+
+
+@triton.jit
+def _kept_tile_scores(q, k_base, k_desc, k_row_offset, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile,
+                      offs_d, HEAD_DIM: tl.constexpr, CHUNK_N: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr, USE_TMA: tl.constexpr):
     """One tile of a query chunk's kept key chunks (list slots first .. first + CHUNKS_PER_TILE):
-    (log2-scaled scores with missing slots and padding keys at -inf, the keys, their row offsets)."""
+    (log2-scaled scores with missing slots and padding keys at -inf, the keys, their row offsets,
+    the tile's first key row)."""
     slot = first + tile // CHUNK_N
     in_list = slot < k_keep
+    first_row = 0
+    if USE_TMA:
+        first_row = tl.load(index_base + first) * CHUNK_N
     k_rows = tl.load(index_base + slot, mask=in_list, other=0) * CHUNK_N + tile % CHUNK_N
     kv_tile = k_rows[:, None] * HEAD_DIM + offs_d[None, :]
-    k = tl.load(k_base + kv_tile)
+    k = _load_rows(k_base, k_desc, k_row_offset, first_row, kv_tile, USE_TMA)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     if HAS_KEY_PAD:
         in_list = in_list & (tl.load(KEY_VALID + k_rows) != 0)
     if CHUNKS_PER_TILE > 1 or HAS_KEY_PAD:
         s = tl.where(in_list[None, :], s, float("-inf"))
-    return s, k, kv_tile
+    return s, k, kv_tile, first_row
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
@@ -80,6 +112,7 @@ def bsa_forward_kernel(
     n_q_rows, n_k_rows, k_keep, qk_scale_log2,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     TILE_N: tl.constexpr = CHUNKS_PER_TILE * CHUNK_N
     q_chunk = tl.program_id(0)
@@ -91,6 +124,10 @@ def bsa_forward_kernel(
     q = tl.load(Q + q_tile)
     k_base = K + bh * n_k_rows * HEAD_DIM
     v_base = V + bh * n_k_rows * HEAD_DIM
+    k_rows_total = tl.num_programs(1) * n_k_rows
+    k_desc = _chunk_rows_desc(K, k_rows_total, CHUNK_N, HEAD_DIM, USE_TMA)
+    v_desc = _chunk_rows_desc(V, k_rows_total, CHUNK_N, HEAD_DIM, USE_TMA)
+    k_row_offset = (bh * n_k_rows).to(tl.int32)
     index_base = KV_INDEX + (bh * n_q_chunks + q_chunk) * k_keep
     tile = tl.arange(0, TILE_N)
 
@@ -98,14 +135,15 @@ def bsa_forward_kernel(
     l_i = tl.zeros([CHUNK_M], dtype=tl.float32)
     acc = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
     for first in range(0, k_keep, CHUNKS_PER_TILE):
-        s, _, kv_tile = _kept_tile_scores(q, k_base, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile,
-                                          offs_d, HEAD_DIM, CHUNK_N, HAS_KEY_PAD, DOT_PRECISION, CHUNKS_PER_TILE)
+        s, _, kv_tile, first_row = _kept_tile_scores(
+            q, k_base, k_desc, k_row_offset, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile, offs_d,
+            HEAD_DIM, CHUNK_N, HAS_KEY_PAD, DOT_PRECISION, CHUNKS_PER_TILE, USE_TMA)
         # The first chunk of every tile is kept and holds a real key, so m_new is always finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kv_tile)
+        v = _load_rows(v_base, v_desc, k_row_offset, first_row, kv_tile, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -122,6 +160,7 @@ def bsa_backward_dq_kernel(
     n_q_rows, n_k_rows, k_keep, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """dQ for one query chunk; also writes DELTA = rowsum(dO * O), which the dK/dV pass reads."""
     TILE_N: tl.constexpr = CHUNKS_PER_TILE * CHUNK_N
@@ -138,14 +177,19 @@ def bsa_backward_dq_kernel(
     lse = tl.load(LSE + bh * n_q_rows + q_rows)
     k_base = K + bh * n_k_rows * HEAD_DIM
     v_base = V + bh * n_k_rows * HEAD_DIM
+    k_rows_total = tl.num_programs(1) * n_k_rows
+    k_desc = _chunk_rows_desc(K, k_rows_total, CHUNK_N, HEAD_DIM, USE_TMA)
+    v_desc = _chunk_rows_desc(V, k_rows_total, CHUNK_N, HEAD_DIM, USE_TMA)
+    k_row_offset = (bh * n_k_rows).to(tl.int32)
     index_base = KV_INDEX + (bh * n_q_chunks + q_chunk) * k_keep
     tile = tl.arange(0, TILE_N)
 
     dq = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
     for first in range(0, k_keep, CHUNKS_PER_TILE):
-        s, k, kv_tile = _kept_tile_scores(q, k_base, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile,
-                                          offs_d, HEAD_DIM, CHUNK_N, HAS_KEY_PAD, DOT_PRECISION, CHUNKS_PER_TILE)
-        v = tl.load(v_base + kv_tile)
+        s, k, kv_tile, first_row = _kept_tile_scores(
+            q, k_base, k_desc, k_row_offset, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile, offs_d,
+            HEAD_DIM, CHUNK_N, HAS_KEY_PAD, DOT_PRECISION, CHUNKS_PER_TILE, USE_TMA)
+        v = _load_rows(v_base, v_desc, k_row_offset, first_row, kv_tile, USE_TMA)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -163,6 +207,7 @@ def bsa_backward_dkdv_kernel(
     n_q_rows, n_k_rows, q_list_len, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """dK and dV for one key chunk, over the query chunks that kept it. Padding keys need no mask:
     their rows are independent of the others and dropped when the gradient leaves chunk order.
@@ -178,6 +223,10 @@ def bsa_backward_dkdv_kernel(
     v = tl.load(V + kv_tile)
     q_base = Q + bh * n_q_rows * HEAD_DIM
     do_base = DO + bh * n_q_rows * HEAD_DIM
+    q_rows_total = tl.num_programs(1) * n_q_rows
+    q_desc = _chunk_rows_desc(Q, q_rows_total, CHUNK_M, HEAD_DIM, USE_TMA)
+    do_desc = _chunk_rows_desc(DO, q_rows_total, CHUNK_M, HEAD_DIM, USE_TMA)
+    q_row_offset = (bh * n_q_rows).to(tl.int32)
     row_stats = bh * n_q_rows
     list_base = Q_LIST + bh * q_list_len
     start_base = Q_LIST_START + bh * (n_k_chunks + 1) + k_chunk
@@ -192,8 +241,11 @@ def bsa_backward_dkdv_kernel(
         in_list = slot < last
         q_rows = tl.load(list_base + slot, mask=in_list, other=0) * CHUNK_M + tile % CHUNK_M
         q_tile = q_rows[:, None] * HEAD_DIM + offs_d[None, :]
-        q = tl.load(q_base + q_tile)
-        do = tl.load(do_base + q_tile)
+        first_row = 0
+        if USE_TMA:
+            first_row = tl.load(list_base + j) * CHUNK_M
+        q = _load_rows(q_base, q_desc, q_row_offset, first_row, q_tile, USE_TMA)
+        do = _load_rows(do_base, do_desc, q_row_offset, first_row, q_tile, USE_TMA)
         # +inf log-sum-exp for slots past the list's end zeroes their P, hence their dS
         lse = tl.load(LSE + row_stats + q_rows, mask=in_list, other=float("inf"))
         delta = tl.load(DELTA + row_stats + q_rows)
