@@ -50,13 +50,35 @@ class PinnedArena:
 
     def _cut(self, nbytes: int) -> torch.Tensor:
         size = _round_up(max(nbytes, 1), ALIGN)
-        slab = next((i for i, s in enumerate(self.slabs) if self.used[i] + size <= s.numel()), None)
-        if slab is None:
-            previous = self.slabs[-1].numel() if self.slabs else 0
-            slab_bytes = max(1 << (size - 1).bit_length(), min(2 * previous, MAX_SLAB))
-            self.slabs.append(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self.pin))
+        slab, new_slab = _place([s.numel() for s in self.slabs], self.used, size)
+        if new_slab:
+            self.slabs.append(torch.empty(new_slab, dtype=torch.uint8, pin_memory=self.pin))
             self.used.append(0)
-            slab = len(self.slabs) - 1
         start = self.used[slab]
         self.used[slab] += size
         return self.slabs[slab][start: start + nbytes]
+
+    @staticmethod
+    def reserved_for(requests: list[int]) -> int:
+        """Bytes of slabs a fresh arena reserves for these requests (in bytes, in this order): the
+        memory planner's figure for a step's offloaded tensors, slab ends included."""
+        slabs: list[int] = []
+        used: list[int] = []
+        for nbytes in requests:
+            size = _round_up(max(nbytes, 1), ALIGN)
+            slab, new_slab = _place(slabs, used, size)
+            if new_slab:
+                slabs.append(new_slab)
+                used.append(0)
+            used[slab] += size
+        return sum(slabs)
+
+
+def _place(slabs: list[int], used: list[int], size: int) -> tuple[int, int]:
+    """(slab index for a cut of `size` bytes, size of the new slab to add first or 0): the first
+    slab with room, else a new one."""
+    for i, slab_bytes in enumerate(slabs):
+        if used[i] + size <= slab_bytes:
+            return i, 0
+    previous = slabs[-1] if slabs else 0
+    return len(slabs), max(1 << (size - 1).bit_length(), min(2 * previous, MAX_SLAB))

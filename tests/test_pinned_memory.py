@@ -44,3 +44,11 @@ def test_a_slab_tail_too_small_for_one_request_takes_a_later_one():
     tail = arena.empty((ALIGN,), torch.uint8)  # fits the first slab's last page
     assert [s.numel() for s in arena.slabs] == [4 * ALIGN, 8 * ALIGN]
     assert tail.data_ptr() == arena.slabs[0].data_ptr() + 3 * ALIGN
+
+
+def test_reserved_for_predicts_what_an_arena_reserves():
+    requests = [3 * ALIGN + 5, 17, 9 * ALIGN, 2 * ALIGN, 40 * ALIGN, ALIGN] * 3
+    arena = PinnedArena(pin=False)
+    for n in requests:
+        arena.empty((n,), torch.uint8)
+    assert PinnedArena.reserved_for(requests) == arena.reserved_bytes > sum(requests)

@@ -36,6 +36,7 @@ from ..bench import RELEASE_DIT_CONFIG
 from ..config.training import DEFAULT_LORA_TARGETS
 from ..model import LongCatVideoTransformer3DModel
 from ..model.transformer import PROJECTION_ROLES
+from ..pinned_memory import PinnedArena
 from .quantize import QUANTIZED_PRECISIONS
 
 GIB = 2**30
@@ -220,6 +221,11 @@ def _lora_bytes(counts: ParameterCounts, rank: int) -> float:
     return counts.lora_per_rank * rank * 16
 
 
+# what selective checkpointing can keep, in the order a block's forward produces it
+KEPT_FORWARD_ORDER = ("qkv", "self_attention", "attention_out", "cross_q", "cross_attention", "cross_out",
+                      "ffn_w1", "ffn_w3")
+
+
 def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimate:
     """Peak memory (GiB) of one training step over `tokens` tokens per sample."""
     n = s.batch_size * tokens
@@ -229,19 +235,24 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
         activations = working_set * counts.depth
         offloaded = 0.0
     else:
-        kept_inputs = IN_FLIGHT_BLOCKS if s.offload_block_inputs else counts.depth
-        # every block's tensors get a host copy; two blocks' worth are on the GPU at a time
-        offloaded = counts.depth * hidden_state if s.offload_block_inputs else 0.0
-        activations = kept_inputs * hidden_state + working_set
+        selective = 0
+        kept: list[int] = []  # per selective block, the kept outputs in forward order
         if s.checkpoint_mode == "selective":
             selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
-            kept = hidden_state * (2 if s.keep_cross_attention else 1) + n * counts.kept_projection_width(s.kept_projections) * 2
-            if s.offload_block_inputs:
-                in_flight = min(selective, IN_FLIGHT_BLOCKS)
-                activations += in_flight * kept
-                offloaded += selective * kept
-            else:
-                activations += selective * kept
+            sizes = {role: n * width * 2 for role, width in counts.projection_widths}
+            sizes["self_attention"] = sizes["cross_attention"] = hidden_state
+            kinds = {"self_attention", *s.kept_projections} | ({"cross_attention"} if s.keep_cross_attention else set())
+            kept = [sizes[kind] for kind in KEPT_FORWARD_ORDER if kind in kinds]
+        if s.offload_block_inputs:
+            # every block's tensors get a host copy (cut from the offload arena in this order); two
+            # blocks' worth are on the GPU at a time
+            requests = [[hidden_state] + (kept if block < selective else []) for block in range(counts.depth)]
+            offloaded = PinnedArena.reserved_for([size for block in requests for size in block])
+            activations = IN_FLIGHT_BLOCKS * hidden_state + min(selective, IN_FLIGHT_BLOCKS) * sum(kept)
+        else:
+            offloaded = 0.0
+            activations = counts.depth * hidden_state + selective * sum(kept)
+        activations += working_set
     gpu_weights, host_weights = _weight_bytes(counts, s)
     # bf16 loads through diffusers hold the whole model on the host once; quantized loads stream
     full_bf16 = (counts.outside_blocks + counts.depth * (counts.per_block_quantizable + counts.per_block_other)) * 2
