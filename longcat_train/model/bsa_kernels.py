@@ -62,13 +62,10 @@ _TUNE_KEY = ["HEAD_DIM", "CHUNK_M", "CHUNK_N", "HAS_KEY_PAD", "DOT_PRECISION"]
 
 
 @triton.jit
-def _chunk_rows_desc(base, n_rows, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
-    """A TMA descriptor over all (batch, head) rows of a chunk-order tensor, one chunk per box
-    (the pointer itself on the pointer path, where it is not used)."""
-    if USE_TMA:
-        return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                         block_shape=[CHUNK, HEAD_DIM])
-    return base
+def _chunk_rows_desc(base, n_rows, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A TMA descriptor over all (batch, head) rows of a chunk-order tensor, one chunk per box."""
+    return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                     block_shape=[CHUNK, HEAD_DIM])
 
 
 @triton.jit
@@ -76,8 +73,10 @@ def _load_rows(base, desc, row_offset, first_row, tile_ptrs, USE_TMA: tl.constex
     """The rows of one gathered tile: through the descriptor from `row_offset + first_row` (one
     chunk), or through `tile_ptrs` (offsets from `base`)."""
     if USE_TMA:
-        return desc.load([row_offset + first_row, 0])
-    return tl.load(base + tile_ptrs)
+        rows = desc.load([row_offset + first_row, 0])
+    else:
+        rows = tl.load(base + tile_ptrs)
+    return rows
 
 
 @triton.jit
@@ -89,9 +88,7 @@ def _kept_tile_scores(q, k_base, k_desc, k_row_offset, index_base, KEY_VALID, fi
     the tile's first key row)."""
     slot = first + tile // CHUNK_N
     in_list = slot < k_keep
-    first_row = 0
-    if USE_TMA:
-        first_row = tl.load(index_base + first) * CHUNK_N
+    first_row = tl.load(index_base + first) * CHUNK_N
     k_rows = tl.load(index_base + slot, mask=in_list, other=0) * CHUNK_N + tile % CHUNK_N
     kv_tile = k_rows[:, None] * HEAD_DIM + offs_d[None, :]
     k = _load_rows(k_base, k_desc, k_row_offset, first_row, kv_tile, USE_TMA)
@@ -124,9 +121,10 @@ def bsa_forward_kernel(
     q = tl.load(Q + q_tile)
     k_base = K + bh * n_k_rows * HEAD_DIM
     v_base = V + bh * n_k_rows * HEAD_DIM
-    k_rows_total = tl.num_programs(1) * n_k_rows
-    k_desc = _chunk_rows_desc(K, k_rows_total, CHUNK_N, HEAD_DIM, USE_TMA)
-    v_desc = _chunk_rows_desc(V, k_rows_total, CHUNK_N, HEAD_DIM, USE_TMA)
+    k_desc, v_desc = K, V  # unused on the pointer path
+    if USE_TMA:
+        k_desc = _chunk_rows_desc(K, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
+        v_desc = _chunk_rows_desc(V, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
     k_row_offset = (bh * n_k_rows).to(tl.int32)
     index_base = KV_INDEX + (bh * n_q_chunks + q_chunk) * k_keep
     tile = tl.arange(0, TILE_N)
@@ -177,9 +175,10 @@ def bsa_backward_dq_kernel(
     lse = tl.load(LSE + bh * n_q_rows + q_rows)
     k_base = K + bh * n_k_rows * HEAD_DIM
     v_base = V + bh * n_k_rows * HEAD_DIM
-    k_rows_total = tl.num_programs(1) * n_k_rows
-    k_desc = _chunk_rows_desc(K, k_rows_total, CHUNK_N, HEAD_DIM, USE_TMA)
-    v_desc = _chunk_rows_desc(V, k_rows_total, CHUNK_N, HEAD_DIM, USE_TMA)
+    k_desc, v_desc = K, V  # unused on the pointer path
+    if USE_TMA:
+        k_desc = _chunk_rows_desc(K, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
+        v_desc = _chunk_rows_desc(V, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
     k_row_offset = (bh * n_k_rows).to(tl.int32)
     index_base = KV_INDEX + (bh * n_q_chunks + q_chunk) * k_keep
     tile = tl.arange(0, TILE_N)
@@ -223,9 +222,10 @@ def bsa_backward_dkdv_kernel(
     v = tl.load(V + kv_tile)
     q_base = Q + bh * n_q_rows * HEAD_DIM
     do_base = DO + bh * n_q_rows * HEAD_DIM
-    q_rows_total = tl.num_programs(1) * n_q_rows
-    q_desc = _chunk_rows_desc(Q, q_rows_total, CHUNK_M, HEAD_DIM, USE_TMA)
-    do_desc = _chunk_rows_desc(DO, q_rows_total, CHUNK_M, HEAD_DIM, USE_TMA)
+    q_desc, do_desc = Q, DO  # unused on the pointer path
+    if USE_TMA:
+        q_desc = _chunk_rows_desc(Q, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM)
+        do_desc = _chunk_rows_desc(DO, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM)
     q_row_offset = (bh * n_q_rows).to(tl.int32)
     row_stats = bh * n_q_rows
     list_base = Q_LIST + bh * q_list_len
@@ -241,9 +241,7 @@ def bsa_backward_dkdv_kernel(
         in_list = slot < last
         q_rows = tl.load(list_base + slot, mask=in_list, other=0) * CHUNK_M + tile % CHUNK_M
         q_tile = q_rows[:, None] * HEAD_DIM + offs_d[None, :]
-        first_row = 0
-        if USE_TMA:
-            first_row = tl.load(list_base + j) * CHUNK_M
+        first_row = tl.load(list_base + j) * CHUNK_M
         q = _load_rows(q_base, q_desc, q_row_offset, first_row, q_tile, USE_TMA)
         do = _load_rows(do_base, do_desc, q_row_offset, first_row, q_tile, USE_TMA)
         # +inf log-sum-exp for slots past the list's end zeroes their P, hence their dS
