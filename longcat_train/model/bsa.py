@@ -211,16 +211,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
     # Triton launches on the current CUDA device; make it the tensors' one.
     if t.is_cuda:
-        _use_torch_scratch_for_tma()
+        # Kernels that build TMA descriptors on the device take global scratch memory through
+        # Triton's allocator hook, a context variable: set in every launching thread (autograd runs
+        # backward in threads of its own), served by PyTorch's caching allocator.
+        triton.set_allocator(_torch_scratch)
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 
 
-@functools.cache
-def _use_torch_scratch_for_tma() -> None:
-    """Kernels that build TMA descriptors on the device need global scratch memory for them:
-    Triton asks for it through this hook, and PyTorch's caching allocator serves it."""
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: `_on_device_of`'s
 
 
 # A registered op (not a bare autograd.Function) so that selective activation checkpointing sees it
