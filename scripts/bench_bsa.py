@@ -30,7 +30,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Runnable from a plain checkout (no `pip install -e .` needed on the device).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longcat_train.model import bsa as bsa_module  # noqa: E402
 from longcat_train.model import bsa_kernels  # noqa: E402
 from longcat_train.model.bsa import (  # noqa: E402
     _make_grid,
@@ -265,10 +264,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10, quick 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations (the first autotunes)")
     parser.add_argument("--error-rows", type=int, default=1024, help="query rows in the error slice")
-    parser.add_argument("--backward-mode", choices=bsa_module.BACKWARD_MODES, default=bsa_module.backward_mode,
-                        help="how dQ is formed (longcat_train.model.bsa.BACKWARD_MODES)")
     args = parser.parse_args()
-    bsa_module.backward_mode = args.backward_mode
     if args.iters is None:
         args.iters = 3 if args.quick else 10
     if not torch.cuda.is_available():
@@ -283,8 +279,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "heads": args.heads, "head_dim": args.head_dim, "dtype": "bfloat16", "sparsity": args.sparsity,
-        "chunk": list(CHUNK), "dense_backend": dense_backend, "iters": args.iters, "backward_mode": bsa_module.backward_mode,
-        "cases": [],
+        "chunk": list(CHUNK), "dense_backend": dense_backend, "iters": args.iters, "cases": [],
     }
     for label, grid in QUICK_CASES if args.quick else FULL_CASES:
         try:
@@ -302,7 +297,7 @@ def main() -> int:
         report["gradient_check"] = {"error": f"{type(err).__name__}: {err}"[:300]}
     report["tuned_configs"] = tuned_configs()
 
-    print(f"\n{report['device']}  torch {report['torch']}  triton {report['triton']}  backward {bsa_module.backward_mode}  "
+    print(f"\n{report['device']}  torch {report['torch']}  triton {report['triton']}  "
           f"{args.heads} heads x {args.head_dim}, bf16, sparsity {args.sparsity}, dense = {dense_backend} SDPA")
     print_table(report["cases"])
     print("gradient check (bf16 vs fp32 masked reference):", report["gradient_check"])

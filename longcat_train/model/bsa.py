@@ -252,13 +252,6 @@ def _bsa_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse, kv_index)
 
 
-# How dQ is formed: "atomic" adds each (query chunk, kept key chunk) share inside the dK/dV pass
-# (P and dS formed once), "two_pass" runs a dQ pass of its own (P and dS formed twice, no atomics).
-BACKWARD_MODES = ("atomic", "two_pass")
-backward_mode = "atomic"
-DELTA_ROWS = 64  # rows per program of the delta kernel
-
-
 def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q, k, v, o, lse, kv_index = ctx.saved_tensors
     grid_q, grid_k = ctx.grids
@@ -267,28 +260,18 @@ def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     n_k = k.shape[2]
     scale = _softmax_scale(d)
     constants = _kernel_constants(q, grid_q, grid_k)
-    key_valid = _key_valid(grid_k, q.device)
-    atomic = backward_mode == "atomic"
     delta = torch.empty_like(lse)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else lse.new_empty(1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     q_list, q_list_start = _queries_by_kv_block(kv_index, grid_k.n_chunks)
     with _on_device_of(q):
-        rows = b * h * n_q
-        bsa_kernels.bsa_backward_delta_kernel[(triton.cdiv(rows, DELTA_ROWS),)](
-            o, do, delta, rows, HEAD_DIM=d, ROWS=DELTA_ROWS)
-        bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
-            q, k, v, do, lse, delta, dk, dv, dq_acc, key_valid, q_list, q_list_start,
-            n_q, n_k, q_list.shape[-1], scale * bsa_kernels.LOG2_E, scale, ACCUMULATE_DQ=atomic, **constants,
+        bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
+            q, k, v, o, do, lse, delta, dq, kv_index, _key_valid(grid_k, q.device),
+            n_q, n_k, kv_index.shape[-1], scale * bsa_kernels.LOG2_E, scale, **constants,
         )
-        if atomic:
-            dq = dq_acc.mul_(scale).to(q.dtype)
-        else:
-            dq = torch.empty_like(q)
-            bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
-                q, k, v, do, lse, delta, dq, kv_index, key_valid,
-                n_q, n_k, kv_index.shape[-1], scale * bsa_kernels.LOG2_E, scale, **constants,
-            )
+        bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
+            q, k, v, do, lse, delta, dk, dv, q_list, q_list_start,
+            n_q, n_k, q_list.shape[-1], scale * bsa_kernels.LOG2_E, scale, **constants,
+        )
     return dq, dk, dv, None, None, None, None, None
 
 

@@ -153,14 +153,14 @@ def bsa_forward_kernel(
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def bsa_backward_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ,
     KV_INDEX, KEY_VALID,
     n_q_rows, n_k_rows, k_keep, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """dQ for one query chunk (the separate pass; see `bsa_backward_dkdv_kernel`'s ACCUMULATE_DQ)."""
+    """dQ for one query chunk; also writes DELTA = rowsum(dO * O), which the dK/dV pass reads."""
     TILE_N: tl.constexpr = CHUNKS_PER_TILE * CHUNK_N
     q_chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -170,7 +170,8 @@ def bsa_backward_dq_kernel(
     q_tile = bh * n_q_rows * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_tile)
     do = tl.load(DO + q_tile)
-    delta = tl.load(DELTA + bh * n_q_rows + q_rows)
+    delta = tl.sum(tl.load(O + q_tile).to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * n_q_rows + q_rows, delta)
     lse = tl.load(LSE + bh * n_q_rows + q_rows)
     k_base = K + bh * n_k_rows * HEAD_DIM
     v_base = V + bh * n_k_rows * HEAD_DIM
@@ -196,25 +197,20 @@ def bsa_backward_dq_kernel(
     tl.store(DQ + q_tile, (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
-# The autotuner runs a config several times: an accumulated dQ must start from zero each time.
-@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["ACCUMULATE_DQ"], reset_to_zero=["DQ_ACC"])
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def bsa_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    DQ_ACC,  # float32 like Q, zeroed: dQ / sm_scale accumulates here when ACCUMULATE_DQ
-    KEY_VALID,  # int8 [n_k_rows]: 0 for padding keys (read only when HAS_KEY_PAD and ACCUMULATE_DQ)
     Q_LIST,  # int32 [B*H, n_q_chunks * k_keep]: query chunks grouped by the key chunk they kept
     Q_LIST_START,  # int32 [B*H, n_k_chunks + 1]: CSR offsets into Q_LIST
     n_q_rows, n_k_rows, q_list_len, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr,
-    USE_TMA: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """dK and dV for one key chunk, over the query chunks that kept it, and with ACCUMULATE_DQ
-    each query chunk's share of dQ (dS K, added atomically: one pass forms P and dS once, where a
-    separate dQ pass forms them again). Padding keys need no mask for dK/dV: their rows are
-    independent of the others and dropped when the gradient leaves chunk order; for dQ their P is
-    zeroed. Padding queries contribute nothing: their dO (and so dP, delta and dS) rows are zero."""
+    """dK and dV for one key chunk, over the query chunks that kept it. Padding keys need no mask:
+    their rows are independent of the others and dropped when the gradient leaves chunk order.
+    Padding queries contribute nothing either: their dO (and so dP, delta and dS) rows are zero."""
     TILE_M: tl.constexpr = CHUNKS_PER_TILE * CHUNK_M
     k_chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -231,10 +227,6 @@ def bsa_backward_dkdv_kernel(
         q_desc = _chunk_rows_desc(Q, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM)
         do_desc = _chunk_rows_desc(DO, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM)
     q_row_offset = (bh * n_q_rows).to(tl.int32)
-    dq_base = DQ_ACC + bh * n_q_rows * HEAD_DIM
-    key_valid = tl.full([CHUNK_N], 1, tl.int1)
-    if ACCUMULATE_DQ and HAS_KEY_PAD:
-        key_valid = tl.load(KEY_VALID + k_rows) != 0
     row_stats = bh * n_q_rows
     list_base = Q_LIST + bh * q_list_len
     start_base = Q_LIST_START + bh * (n_k_chunks + 1) + k_chunk
@@ -257,29 +249,13 @@ def bsa_backward_dkdv_kernel(
         delta = tl.load(DELTA + row_stats + q_rows)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
         p_t = tl.math.exp2(s_t - lse[None, :])
-        if ACCUMULATE_DQ and HAS_KEY_PAD:
-            p_t = tl.where(key_valid[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
-        if ACCUMULATE_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
-            tl.atomic_add(dq_base + q_tile, dq, mask=in_list[:, None], sem="relaxed")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     tl.store(DK + kv_tile, (dk * sm_scale).to(DK.dtype.element_ty))
     tl.store(DV + kv_tile, dv.to(DV.dtype.element_ty))
-
-
-@triton.jit
-def bsa_backward_delta_kernel(O, DO, DELTA, n_rows, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
-    """DELTA = rowsum(dO * O) in float32 over all (batch, head) rows, which both backward passes read."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    in_range = rows < n_rows
-    offsets = rows[:, None].to(tl.int64) * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    o = tl.load(O + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=in_range)
 
 
 @triton.jit
