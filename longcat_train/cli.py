@@ -281,6 +281,9 @@ def bench(
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
     steps: Annotated[int, typer.Option(help="Measured steps.")] = 10,
     mode: Annotated[str, typer.Option(help="train, render or vae.")] = "train",
+    keep_projections: Annotated[str, typer.Option(
+        help="Projection outputs selective checkpointing keeps: 'auto' (the most that fit this GPU and RAM), "
+             "'none', or names from the config key keep_projections, comma-separated.")] = "auto",
 ) -> None:
     """Benchmark full-size training steps (random weights, no checkpoint); prints one JSON line."""
     problems: list[ConfigProblem] = []
@@ -291,12 +294,20 @@ def bench(
             problems.append(_argument_problem(option, value, error.message(), str((error.context or {}).get("fix", ""))))
     if mode not in ("train", "render", "vae"):
         problems.append(_argument_problem("--mode", mode, "unknown mode", "use train, render or vae"))
+    from longcat_train.config.training import KEPT_PROJECTION_MODULES
+
+    kept = {"auto": None, "none": ()}.get(keep_projections, tuple(filter(None, keep_projections.split(","))))
+    unknown = sorted(set(kept or ()) - set(KEPT_PROJECTION_MODULES))
+    if unknown:
+        problems.append(_argument_problem("--keep-projections", keep_projections, f"unknown projections {unknown}",
+                                          f"use auto, none or names from {sorted(KEPT_PROJECTION_MODULES)}"))
     if problems:
         _fail(ConfigError(problems))
     from longcat_train.bench import BenchSettings, run_bench
 
     try:
-        run_bench(BenchSettings(mode=mode, resolution=resolution, frames=frames, rank=rank, steps=steps))
+        run_bench(BenchSettings(mode=mode, resolution=resolution, frames=frames, rank=rank, steps=steps,
+                                keep_projections=kept))
     except RuntimeError as error:
         _err().print(f"[bold red]bench:[/] {error}")
         raise typer.Exit(EXIT_STOPPED) from None

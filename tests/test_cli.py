@@ -145,6 +145,8 @@ def test_commands_without_config(tmp_path: Path) -> None:
     assert bad_format.exit_code == EXIT_CONFIG_ERROR
     bench = RUNNER.invoke(app, ["bench", "--resolution", "480x830", "--frames", "92"], env=WIDE)
     assert bench.exit_code == EXIT_CONFIG_ERROR and "816 or 832" in bench.output and "89 or 93" in bench.output
+    kept = RUNNER.invoke(app, ["bench", "--keep-projections", "qkv,ffn_w2"], env=WIDE)
+    assert kept.exit_code == EXIT_CONFIG_ERROR and "ffn_w2" in kept.output and "attention_out" in kept.output
     if not torch.cuda.is_available():
         no_gpu = RUNNER.invoke(app, ["bench"], env=WIDE)
         assert no_gpu.exit_code == 1 and "CUDA GPU" in no_gpu.output

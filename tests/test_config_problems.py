@@ -66,6 +66,11 @@ def _qwen_text_encoder(training: dict[str, Any], datasets: list[dict[str, Any]],
     training["pretrained_model_name_or_path"] = str(ckpt)
 
 
+def _keep_without_selective(training: dict[str, Any], datasets: list[dict[str, Any]], root: Path) -> None:
+    training["keep_projections"] = ["qkv"]
+    training["gradient_checkpointing_mode"] = "full"
+
+
 def _default_checkpoint_missing(training: dict[str, Any], datasets: list[dict[str, Any]], root: Path) -> None:
     training["pretrained_model_name_or_path"] = None
 
@@ -112,6 +117,8 @@ CASES: list[tuple[str, Mutation, str, str, str]] = [
     ("fps", _set_dataset(0, "fps", 0), "datasets[0].fps", "use 15", "positive"),
     ("i2v probability range", _set_dataset(0, "i2v_probability", 1.5), "datasets[0].i2v_probability", "at most 1", "less than or equal"),
     ("is_i2v on start frames", _set_dataset(1, "is_i2v", True), "datasets[1].is_i2v", "conditioning", "video datasets"),
+    ("kept projection name", _set("keep_projections", ["qkvv"]), "keep_projections[0]", "'attention_out'", "one of"),
+    ("kept projections without selective", _keep_without_selective, "keep_projections", '"selective"', "does not use"),
 ]
 
 
@@ -207,6 +214,15 @@ def test_resolution_off_alignment_is_a_warning(tmp_path: Path) -> None:
     loaded = load_config(write_pair(tmp_path, training, base_datasets()))
     warning = next(p for p in loaded.warnings if p.key == "datasets[0].resolution")
     assert "448 or 512" in warning.rule and "aspect_bucket_alignment to 32" in warning.fix
+
+
+def test_kept_projections_that_cannot_act_are_warnings(tmp_path: Path) -> None:
+    training = base_training(tmp_path)
+    training |= {"keep_projections": ["qkv", "ffn_w1"], "base_model_precision": "int8-quanto",
+                 "lora_target_modules": ["attn.qkv", "attn.proj"]}
+    loaded = load_config(write_pair(tmp_path, training, base_datasets()))
+    rules = [p.rule for p in loaded.warnings if p.key == "keep_projections"]
+    assert any("int8-quanto" in r for r in rules) and any("['ffn_w1']" in r and "ffn.w1" in r for r in rules)
 
 
 def test_error_renders_as_a_rich_table(tmp_path: Path) -> None:

@@ -135,10 +135,12 @@ def test_bad_inputs_are_named():
 def test_kept_projections_cost_their_output_bytes_on_the_bf16_fused_path_only():
     from typing import get_args
 
-    from longcat_train.config.training import KeptProjection
+    from longcat_train.config.training import KEPT_PROJECTION_MODULES, KeptProjection
     from longcat_train.model.transformer import PROJECTION_ROLES
 
-    assert set(get_args(KeptProjection)) == set(PROJECTION_ROLES)  # config and model name the same ones
+    # config and model name the same projections and linears
+    assert set(get_args(KeptProjection)) == set(PROJECTION_ROLES) == set(KEPT_PROJECTION_MODULES)
+    assert all(KEPT_PROJECTION_MODULES[r] == ".".join(path) for r, path in PROJECTION_ROLES.items())
     tokens = 37_440
     base = MemorySettings(checkpoint_mode="selective", offload_block_inputs=True)
     kept = replace(base, keep_projections=("qkv", "attention_out"))

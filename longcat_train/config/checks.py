@@ -14,7 +14,7 @@ from longcat_train.config.datasets import DatasetConfig, TextEmbedsConfig
 from longcat_train.config.model_paths import check_checkpoint_dir
 from longcat_train.config.problems import ProblemList
 from longcat_train.config.rules import PIXEL_MULTIPLE
-from longcat_train.config.training import TrainingConfig
+from longcat_train.config.training import KEPT_PROJECTION_MODULES, TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
             "neither max_train_steps nor num_train_epochs is set, so training has no end",
             "set max_train_steps (e.g. 2000) or num_train_epochs (e.g. 10)",
         )
+    _check_kept_projections(training, file, problems)
     if training.validation_using_datasets and training.eval_dataset_id is None:
         problems.add(
             file,
@@ -65,6 +66,28 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
             "validation_using_datasets is true but no eval_dataset_id names the validation split",
             "set eval_dataset_id to the id of a held-out dataset in multidatabackend.json",
         )
+
+
+def _check_kept_projections(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
+    kept = training.keep_projections
+    if not kept:
+        return
+    if not (training.gradient_checkpointing and training.gradient_checkpointing_mode == "selective"):
+        problems.add(file, "keep_projections", kept,
+                     "projections are kept by selective checkpointing, which this config does not use",
+                     'set "gradient_checkpointing": true and "gradient_checkpointing_mode": "selective", '
+                     "or remove keep_projections")
+    elif training.base_model_precision != "bf16":
+        problems.add(file, "keep_projections", kept,
+                     f"{training.base_model_precision} weights run PEFT's own LoRA forward, which keeps no projection",
+                     'use "base_model_precision": "bf16" for the speed, or remove keep_projections to save the host RAM',
+                     severity="warning")
+    untargeted = [r for r in kept if KEPT_PROJECTION_MODULES[r] not in training.lora_target_modules]
+    if untargeted:
+        problems.add(file, "keep_projections", kept,
+                     f"{untargeted} name linears without a LoRA ({[KEPT_PROJECTION_MODULES[r] for r in untargeted]}), "
+                     "and only LoRA linears can be kept",
+                     "add those modules to lora_target_modules or remove them from keep_projections", severity="warning")
 
 
 def check_datasets(

@@ -13,8 +13,10 @@ ModelFlavour = Literal["final"]
 BasePrecision = Literal["bf16", "no_change", "int8-quanto", "int4-quanto", "fp8-torchao"]
 AttentionImplementation = Literal["auto", "sdpa", "flash", "xformers", "bsa"]
 LoraFormat = Literal["comfyui", "official", "diffusers"]
-# the model's `PROJECTION_ROLES` (tests check both name the same projections)
+# the model's `PROJECTION_ROLES` and the linear each names (tests check both agree with the model)
 KeptProjection = Literal["qkv", "attention_out", "cross_q", "cross_out", "ffn_w1", "ffn_w3"]
+KEPT_PROJECTION_MODULES = {"qkv": "attn.qkv", "attention_out": "attn.proj", "cross_q": "cross_attn.q_linear",
+                           "cross_out": "cross_attn.proj", "ffn_w1": "ffn.w1", "ffn_w3": "ffn.w3"}
 
 # Every linear layer of a block that carries most of the compute; the patch embedder, caption
 # MLP, timestep MLP and final layer are left frozen on purpose.
