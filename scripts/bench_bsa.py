@@ -34,7 +34,7 @@ from longcat_train.model import bsa_kernels  # noqa: E402
 from longcat_train.model.bsa import (  # noqa: E402
     _make_grid,
     _pool_chunks,
-    _pairs_by_kv_block,
+    _queries_by_kv_block,
     _regroup,
     block_sparse_attention,
     block_sparse_attention_reference,
@@ -178,7 +178,7 @@ def selection_breakdown(q: torch.Tensor, k: torch.Tensor, grid: Shape3D, sparsit
         "scores": lambda: pooled_q @ pooled_k.transpose(-1, -2),
         "topk": lambda: torch.topk(scores, keep, dim=-1, sorted=False),
         "sort_kept": lambda: kept.sort(dim=-1),
-        "transpose_index": lambda: _pairs_by_kv_block(kv_index, chunks.n_chunks),
+        "transpose_index": lambda: _queries_by_kv_block(kv_index, chunks.n_chunks),
     }
     with torch.no_grad():
         return {f"select_{name}_ms": time_ms(fn, warmup, iters) for name, fn in stages.items()}

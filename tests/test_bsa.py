@@ -48,13 +48,10 @@ KERNEL_PATHS = ("tma", "pointer")  # `bsa_kernels.INTERPRETER_CONFIGS`
 
 
 def _use_kernel_path(path: str) -> None:
-    """Select a load path; the pointer path also runs the backward one head at a time (a dS
-    buffer too small for two heads), so the head-group launches are exercised."""
-    from longcat_train.model import bsa, bsa_kernels
+    from longcat_train.model import bsa_kernels
 
     for name in bsa_kernels.AUTOTUNED_KERNELS:
         getattr(bsa_kernels, name).configs = [bsa_kernels.INTERPRETER_CONFIGS[path]]
-    bsa.DS_BUFFER_BYTES = 1 if path == "pointer" else 4 * 2**30
 
 
 def _case_tensor(shape: tuple[int, ...], layout: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -185,22 +185,22 @@ def select_kv_blocks(
         return _select(_to_chunks(q, grid_q), _to_chunks(k, grid_k), grid_q, grid_k, sparsity)
 
 
-def _pairs_by_kv_block(kv_index: torch.Tensor, n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _queries_by_kv_block(kv_index: torch.Tensor, n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Transpose the selection into CSR form for the dK/dV pass.
 
-    Returns ``pairs`` int32 [B*H, n_q_blocks * k_keep] (the kept pairs, numbered query block * k_keep +
-    slot, grouped by the key block they kept, query blocks ascending inside a group) and
-    ``starts`` int32 [B*H, n_kv_blocks + 1].
+    Returns ``q_list`` int32 [B*H, n_q_blocks * k_keep] (query blocks grouped by the key block they
+    kept, ascending inside a group) and ``q_list_start`` int32 [B*H, n_kv_blocks + 1].
     """
     b, h, n_q_blocks, keep = kv_index.shape
     flat = kv_index.reshape(b * h, n_q_blocks * keep)
     # A stable sort keeps the original (query-block-major) order inside each key block's group.
-    pairs = torch.sort(flat, dim=-1, stable=True).indices.to(torch.int32).contiguous()
+    order = torch.sort(flat, dim=-1, stable=True).indices
+    q_list = (order // keep).to(torch.int32).contiguous()
     head_offset = torch.arange(b * h, device=flat.device)[:, None] * n_kv_blocks
     counts = torch.bincount((flat + head_offset).reshape(-1), minlength=b * h * n_kv_blocks)
-    starts = torch.zeros(b * h, n_kv_blocks + 1, dtype=torch.int32, device=flat.device)
-    starts[:, 1:] = counts.reshape(b * h, n_kv_blocks).cumsum(-1)
-    return pairs, starts
+    q_list_start = torch.zeros(b * h, n_kv_blocks + 1, dtype=torch.int32, device=flat.device)
+    q_list_start[:, 1:] = counts.reshape(b * h, n_kv_blocks).cumsum(-1)
+    return q_list, q_list_start
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -252,42 +252,26 @@ def _bsa_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse, kv_index)
 
 
-# The dK/dV pass stores each kept pair's dS (bf16, CHUNK_M x CHUNK_N) for the dQ pass, which then
-# needs one GEMM per pair instead of three: 1.06 GiB per head at 720x1280x93, so the backward runs
-# over groups of heads that fit this budget.
-DS_BUFFER_BYTES = 4 * 2**30
-DELTA_ROWS = 64  # rows per program of the delta kernel
-
-
 def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q, k, v, o, lse, kv_index = ctx.saved_tensors
     grid_q, grid_k = ctx.grids
     do = grad_out.contiguous()
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
-    keep = kv_index.shape[-1]
     scale = _softmax_scale(d)
     constants = _kernel_constants(q, grid_q, grid_k)
-    key_valid = _key_valid(grid_k, q.device)
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    pairs, starts = _pairs_by_kv_block(kv_index, grid_k.n_chunks)
-    pair_bytes = grid_q.chunk_tokens * grid_k.chunk_tokens * q.element_size()
-    per_head = grid_q.n_chunks * keep * pair_bytes
-    heads = max(1, min(b * h, DS_BUFFER_BYTES // per_head))
-    ds = q.new_empty(heads * grid_q.n_chunks * keep * pair_bytes // q.element_size())
+    q_list, q_list_start = _queries_by_kv_block(kv_index, grid_k.n_chunks)
     with _on_device_of(q):
-        bsa_kernels.bsa_backward_delta_kernel[(triton.cdiv(b * h * n_q, DELTA_ROWS),)](
-            o, do, delta, b * h * n_q, HEAD_DIM=d, ROWS=DELTA_ROWS)
-        for first in range(0, b * h, heads):
-            count = min(heads, b * h - first)
-            bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, count)](
-                q, k, v, do, lse, delta, dk, dv, ds, key_valid, pairs, starts,
-                first, n_q, n_k, keep, scale * bsa_kernels.LOG2_E, scale, **constants,
-            )
-            bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, count)](
-                k, ds, dq, kv_index, first, n_q, n_k, keep, scale, **constants,
-            )
+        bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
+            q, k, v, o, do, lse, delta, dq, kv_index, _key_valid(grid_k, q.device),
+            n_q, n_k, kv_index.shape[-1], scale * bsa_kernels.LOG2_E, scale, **constants,
+        )
+        bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
+            q, k, v, do, lse, delta, dk, dv, q_list, q_list_start,
+            n_q, n_k, q_list.shape[-1], scale * bsa_kernels.LOG2_E, scale, **constants,
+        )
     return dq, dk, dv, None, None, None, None, None
 
 

@@ -153,45 +153,47 @@ def bsa_forward_kernel(
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def bsa_backward_dq_kernel(
-    K, DS, DQ,
-    KV_INDEX,
-    bh_start, n_q_rows, n_k_rows, k_keep, sm_scale,
+    Q, K, V, O, DO, LSE, DELTA, DQ,
+    KV_INDEX, KEY_VALID,
+    n_q_rows, n_k_rows, k_keep, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """dQ = sum of dS K over a query chunk's kept key chunks, with dS as the dK/dV pass stored it
-    (heads bh_start + program_id(1); DS holds this launch's heads only)."""
+    """dQ for one query chunk; also writes DELTA = rowsum(dO * O), which the dK/dV pass reads."""
     TILE_N: tl.constexpr = CHUNKS_PER_TILE * CHUNK_N
     q_chunk = tl.program_id(0)
-    local = tl.program_id(1).to(tl.int64)
-    bh = bh_start + local
+    bh = tl.program_id(1).to(tl.int64)
     n_q_chunks = tl.num_programs(0)
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = q_chunk * CHUNK_M + tl.arange(0, CHUNK_M)
+    q_tile = bh * n_q_rows * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_tile)
+    do = tl.load(DO + q_tile)
+    delta = tl.sum(tl.load(O + q_tile).to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * n_q_rows + q_rows, delta)
+    lse = tl.load(LSE + bh * n_q_rows + q_rows)
     k_base = K + bh * n_k_rows * HEAD_DIM
-    k_desc = K  # unused on the pointer path
+    v_base = V + bh * n_k_rows * HEAD_DIM
+    k_desc, v_desc = K, V  # unused on the pointer path
     if USE_TMA:
-        k_desc = _chunk_rows_desc(K, (bh_start + tl.num_programs(1)) * n_k_rows, CHUNK_N, HEAD_DIM)
+        k_desc = _chunk_rows_desc(K, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
+        v_desc = _chunk_rows_desc(V, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
     k_row_offset = (bh * n_k_rows).to(tl.int32)
     index_base = KV_INDEX + (bh * n_q_chunks + q_chunk) * k_keep
-    pair_base = DS + (local * n_q_chunks + q_chunk) * k_keep * CHUNK_M * CHUNK_N
     tile = tl.arange(0, TILE_N)
-    rows = tl.arange(0, CHUNK_M)
 
     dq = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
     for first in range(0, k_keep, CHUNKS_PER_TILE):
-        slot = first + tile // CHUNK_N
-        in_list = slot < k_keep
-        first_row = tl.load(index_base + first) * CHUNK_N
-        k_rows = tl.load(index_base + slot, mask=in_list, other=0) * CHUNK_N + tile % CHUNK_N
-        kv_tile = k_rows[:, None] * HEAD_DIM + offs_d[None, :]
-        k = _load_rows(k_base, k_desc, k_row_offset, first_row, kv_tile, USE_TMA)
-        ds_ptrs = pair_base + (slot * CHUNK_M * CHUNK_N + tile % CHUNK_N)[None, :] + rows[:, None] * CHUNK_N
-        ds = tl.load(ds_ptrs, mask=in_list[None, :], other=0.0)
-        dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
+        s, k, kv_tile, first_row = _kept_tile_scores(
+            q, k_base, k_desc, k_row_offset, index_base, KEY_VALID, first, k_keep, qk_scale_log2, tile, offs_d,
+            HEAD_DIM, CHUNK_N, HAS_KEY_PAD, DOT_PRECISION, CHUNKS_PER_TILE, USE_TMA)
+        v = _load_rows(v_base, v_desc, k_row_offset, first_row, kv_tile, USE_TMA)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
-    q_tile = bh * n_q_rows * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + q_tile, (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
@@ -199,23 +201,19 @@ def bsa_backward_dq_kernel(
 @triton.jit
 def bsa_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    DS,  # [launch heads, n_q_chunks * k_keep, CHUNK_M, CHUNK_N]: dS of each kept pair, for the dQ pass
-    KEY_VALID,  # int8 [n_k_rows]: 0 for padding keys (read only when HAS_KEY_PAD)
-    Q_PAIRS,  # int32 [B*H, n_q_chunks * k_keep]: kept pairs (query chunk * k_keep + slot), grouped by key chunk
-    Q_LIST_START,  # int32 [B*H, n_k_chunks + 1]: CSR offsets into Q_PAIRS
-    bh_start, n_q_rows, n_k_rows, k_keep, qk_scale_log2, sm_scale,
+    Q_LIST,  # int32 [B*H, n_q_chunks * k_keep]: query chunks grouped by the key chunk they kept
+    Q_LIST_START,  # int32 [B*H, n_k_chunks + 1]: CSR offsets into Q_LIST
+    n_q_rows, n_k_rows, q_list_len, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNKS_PER_TILE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """dK and dV for one key chunk, over the query chunks that kept it, storing each pair's dS so
-    the dQ pass need not form P and dS again (heads bh_start + program_id(1)). Padding keys get a
-    zero P (their dS must not reach dQ; their own dK/dV rows are dropped when the gradient leaves
-    chunk order). Padding queries contribute nothing: their dO (and so dP, delta and dS) rows are zero."""
+    """dK and dV for one key chunk, over the query chunks that kept it. Padding keys need no mask:
+    their rows are independent of the others and dropped when the gradient leaves chunk order.
+    Padding queries contribute nothing either: their dO (and so dP, delta and dS) rows are zero."""
     TILE_M: tl.constexpr = CHUNKS_PER_TILE * CHUNK_M
     k_chunk = tl.program_id(0)
-    local = tl.program_id(1).to(tl.int64)
-    bh = bh_start + local
+    bh = tl.program_id(1).to(tl.int64)
     n_k_chunks = tl.num_programs(0)
     offs_d = tl.arange(0, HEAD_DIM)
     k_rows = k_chunk * CHUNK_N + tl.arange(0, CHUNK_N)
@@ -226,16 +224,11 @@ def bsa_backward_dkdv_kernel(
     do_base = DO + bh * n_q_rows * HEAD_DIM
     q_desc, do_desc = Q, DO  # unused on the pointer path
     if USE_TMA:
-        q_desc = _chunk_rows_desc(Q, (bh_start + tl.num_programs(1)) * n_q_rows, CHUNK_M, HEAD_DIM)
-        do_desc = _chunk_rows_desc(DO, (bh_start + tl.num_programs(1)) * n_q_rows, CHUNK_M, HEAD_DIM)
+        q_desc = _chunk_rows_desc(Q, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM)
+        do_desc = _chunk_rows_desc(DO, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM)
     q_row_offset = (bh * n_q_rows).to(tl.int32)
     row_stats = bh * n_q_rows
-    n_pairs = (n_q_rows // CHUNK_M) * k_keep
-    list_base = Q_PAIRS + bh * n_pairs
-    ds_base = DS + local * n_pairs * CHUNK_M * CHUNK_N
-    key_valid = tl.full([CHUNK_N], 1, tl.int1)
-    if HAS_KEY_PAD:
-        key_valid = tl.load(KEY_VALID + k_rows) != 0
+    list_base = Q_LIST + bh * q_list_len
     start_base = Q_LIST_START + bh * (n_k_chunks + 1) + k_chunk
     first = tl.load(start_base)
     last = tl.load(start_base + 1)
@@ -246,10 +239,9 @@ def bsa_backward_dkdv_kernel(
     for j in range(first, last, CHUNKS_PER_TILE):
         slot = j + tile // CHUNK_M
         in_list = slot < last
-        pairs = tl.load(list_base + slot, mask=in_list, other=0).to(tl.int64)
-        q_rows = (pairs // k_keep * CHUNK_M).to(tl.int32) + tile % CHUNK_M
+        q_rows = tl.load(list_base + slot, mask=in_list, other=0) * CHUNK_M + tile % CHUNK_M
         q_tile = q_rows[:, None] * HEAD_DIM + offs_d[None, :]
-        first_row = tl.load(list_base + j) // k_keep * CHUNK_M
+        first_row = tl.load(list_base + j) * CHUNK_M
         q = _load_rows(q_base, q_desc, q_row_offset, first_row, q_tile, USE_TMA)
         do = _load_rows(do_base, do_desc, q_row_offset, first_row, q_tile, USE_TMA)
         # +inf log-sum-exp for slots past the list's end zeroes their P, hence their dS
@@ -257,29 +249,13 @@ def bsa_backward_dkdv_kernel(
         delta = tl.load(DELTA + row_stats + q_rows)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
         p_t = tl.math.exp2(s_t - lse[None, :])
-        if HAS_KEY_PAD:
-            p_t = tl.where(key_valid[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
-        # pair-major, query row, key column: the layout the dQ pass reads
-        ds_ptrs = ds_base + (pairs * CHUNK_M * CHUNK_N + tile % CHUNK_M * CHUNK_N)[None, :] + tl.arange(0, CHUNK_N)[:, None]
-        tl.store(ds_ptrs, ds_t, mask=in_list[None, :])
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     tl.store(DK + kv_tile, (dk * sm_scale).to(DK.dtype.element_ty))
     tl.store(DV + kv_tile, dv.to(DV.dtype.element_ty))
-
-
-@triton.jit
-def bsa_backward_delta_kernel(O, DO, DELTA, n_rows, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
-    """DELTA = rowsum(dO * O) in float32 over all (batch, head) rows, read by the dK/dV pass."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    in_range = rows < n_rows
-    offsets = rows[:, None].to(tl.int64) * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    o = tl.load(O + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=in_range)
 
 
 @triton.jit
