@@ -6,7 +6,7 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
                (block swap keeps two blocks in flight; group offload its groups)
   LoRA state   trainable parameters × 16 (fp32 weight, grad, two Adam moments)
   activations  checkpointed block inputs B·N·C·2 per block, kept self-attention outputs B·N·C·2
-               per selective block, as much again for kept cross-attention outputs, and the
+               per selective block (on the chunk-padded grid where block-sparse attention runs), as much again for kept cross-attention outputs, and the
                output widths of kept projections × B·N·2 (with activation offload all of them
                wait on the host, two blocks' worth in flight on the GPU), plus one block's working set
                `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
@@ -35,6 +35,7 @@ import torch
 from ..bench import RELEASE_DIT_CONFIG
 from ..config.training import DEFAULT_LORA_TARGETS
 from ..model import LongCatVideoTransformer3DModel
+from ..model.attention import bsa_decision
 from ..model.transformer import PROJECTION_ROLES
 from ..pinned_memory import PinnedArena
 from .quantize import QUANTIZED_PRECISIONS
@@ -118,6 +119,10 @@ class MemorySettings:
     selective_blocks: int | None = None  # None: every block
     keep_cross_attention: bool = False
     keep_projections: tuple[str, ...] = ()  # kept only on the fused bf16 path (see `kept_projections`)
+    # attention: block-sparse self-attention keeps its output on a token grid padded to whole chunks
+    attention_implementation: str = "auto"
+    enable_bsa: bool = False  # the checkpoint's dit/config.json key
+    bsa_chunk: tuple[int, int, int] = (4, 4, 4)
     offload_block_inputs: bool = False
     group_offload: bool = False
     group_offload_type: str = "block_level"
@@ -136,6 +141,7 @@ class MemorySettings:
             checkpoint_mode=cfg.gradient_checkpointing_mode,
             selective_blocks=cfg.selective_checkpointing_blocks,
             keep_projections=tuple(cfg.keep_projections),
+            attention_implementation=cfg.attention_implementation,
             offload_block_inputs=cfg.activation_offload,
             group_offload=cfg.enable_group_offload,
             group_offload_type=cfg.group_offload_type,
@@ -171,10 +177,14 @@ class MemorySettings:
         return ", ".join(parts)
 
 
-def bucket_tokens(height: int, width: int, frames: int, patch: int = 2, vae_stride: int = 8) -> int:
-    """Transformer tokens of one (H, W, F) clip: latent frames × (H/16) × (W/16)."""
-    latent_frames = 1 + (frames - 1) // 4
-    return latent_frames * (height // (vae_stride * patch)) * (width // (vae_stride * patch))
+def bucket_grid(height: int, width: int, frames: int, patch: int = 2, vae_stride: int = 8) -> tuple[int, int, int]:
+    """The transformer's token grid of one (H, W, F) clip: (latent frames, H/16, W/16)."""
+    return 1 + (frames - 1) // 4, height // (vae_stride * patch), width // (vae_stride * patch)
+
+
+def bucket_tokens(height: int, width: int, frames: int) -> int:
+    """Transformer tokens of one (H, W, F) clip."""
+    return math.prod(bucket_grid(height, width, frames))
 
 
 @dataclass(frozen=True)
@@ -226,9 +236,9 @@ KEPT_FORWARD_ORDER = ("qkv", "self_attention", "attention_out", "cross_q", "cros
                       "ffn_w1", "ffn_w3")
 
 
-def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimate:
-    """Peak memory (GiB) of one training step over `tokens` tokens per sample."""
-    n = s.batch_size * tokens
+def estimate(counts: ParameterCounts, s: MemorySettings, grid: tuple[int, int, int]) -> Estimate:
+    """Peak memory (GiB) of one training step over a `grid` of tokens (`bucket_grid`) per sample."""
+    n = s.batch_size * math.prod(grid)
     hidden_state = n * counts.hidden * 2  # one bf16 [B, N, C] tensor
     working_set = _per_token_working_set(counts) * n
     if not s.gradient_checkpointing:
@@ -241,6 +251,9 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
             selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
             sizes = {role: n * width * 2 for role, width in counts.projection_widths}
             sizes["self_attention"] = sizes["cross_attention"] = hidden_state
+            if bsa_decision(s.attention_implementation, s.enable_bsa, True, grid)[0]:
+                padded = math.prod(-(-size // chunk) * chunk for size, chunk in zip(grid, s.bsa_chunk))
+                sizes["self_attention"] = s.batch_size * padded * counts.hidden * 2
             kinds = {"self_attention", *s.kept_projections} | ({"cross_attention"} if s.keep_cross_attention else set())
             kept = [sizes[kind] for kind in KEPT_FORWARD_ORDER if kind in kinds]
         if s.offload_block_inputs:
@@ -385,9 +398,9 @@ def fastest_projections(settings: MemorySettings, bucket: tuple[int, int, int], 
                         host_memory_gib: float | None) -> tuple[str, ...]:
     """The largest of `PROJECTION_SETS` that `settings` can keep on `bucket` within the GPU's and
     the machine's memory (() where none fits)."""
-    counts, tokens = parameter_counts(), bucket_tokens(*bucket)
+    counts, grid = parameter_counts(), bucket_grid(*bucket)
     for projections in PROJECTION_SETS:
-        e = estimate(counts, replace(settings, keep_projections=projections), tokens)
+        e = estimate(counts, replace(settings, keep_projections=projections), grid)
         if e.vram <= usable_gib(gpu_memory_gib) and (host_memory_gib is None or e.host <= usable_host_gib(host_memory_gib)):
             return projections
     return ()
@@ -410,6 +423,9 @@ def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: flo
     if not buckets:
         raise ValueError("plan_memory needs at least one (height, width, frames) bucket")
     settings = config if isinstance(config, MemorySettings) else MemorySettings.from_config(config)
+    if dit_config is not None:
+        chunk = (dit_config.get("bsa_params") or {}).get("chunk_3d_shape_q", settings.bsa_chunk)
+        settings = replace(settings, enable_bsa=bool(dit_config.get("enable_bsa")), bsa_chunk=tuple(chunk))
     counts = parameter_counts(dit_config)
 
     def fits(e: Estimate) -> tuple[bool, bool]:
@@ -418,13 +434,12 @@ def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: flo
 
     rows = []
     for bucket in buckets:
-        tokens = bucket_tokens(*bucket)
-        e = estimate(counts, settings, tokens)
-        rows.append(BucketPlan(tuple(bucket), tokens, e, *fits(e)))
-    largest_tokens = max(r.tokens for r in rows)
+        e = estimate(counts, settings, bucket_grid(*bucket))
+        rows.append(BucketPlan(tuple(bucket), bucket_tokens(*bucket), e, *fits(e)))
+    largest = bucket_grid(*max(rows, key=lambda r: r.tokens).bucket)
     recommendation = recommendation_estimate = None
     for candidate in candidate_settings(settings, counts.depth):
-        e = estimate(counts, candidate, largest_tokens)
+        e = estimate(counts, candidate, largest)
         if all(fits(e)):
             recommendation, recommendation_estimate = candidate, e
             break
