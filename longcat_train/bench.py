@@ -49,6 +49,12 @@ class BenchSettings:
     render_steps: int = 50
     seed: int = 0
 
+    @property
+    def pixel_size(self) -> tuple[int, int]:
+        """(height, width) of `resolution`."""
+        h, w = (int(v) for v in self.resolution.lower().split("x"))
+        return h, w
+
     def memory_settings(self, precision: str = "bf16", swap: int = 0, group_offload: bool = False):
         """The planner's `MemorySettings` for these bench settings (with `precision`, `swap` blocks)."""
         from .memory.planner import MemorySettings
@@ -88,7 +94,7 @@ def random_transformer(device: str, dtype: torch.dtype, depth: int = 48, seed: i
 
 
 def _latent_shape(settings: BenchSettings):
-    h, w = (int(v) for v in settings.resolution.lower().split("x"))
+    h, w = settings.pixel_size
     return 1 + (settings.frames - 1) // 4, h // 8, w // 8
 
 
@@ -103,12 +109,13 @@ def _result(settings: BenchSettings, figures: dict) -> dict:
     }
 
 
-def _fitting_projections(settings: BenchSettings) -> tuple[str, ...]:
+def fitting_projections(settings: BenchSettings) -> tuple[str, ...]:
+    """The most projections the planner keeps for `settings` on this GPU and this machine's RAM."""
     from .memory.planner import fastest_projections, machine_memory_gib
 
-    h, w = (int(v) for v in settings.resolution.lower().split("x"))
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return fastest_projections(settings.memory_settings(), (h, w, settings.frames), gpu_gib, machine_memory_gib())
+    return fastest_projections(settings.memory_settings(), (*settings.pixel_size, settings.frames), gpu_gib,
+                               machine_memory_gib())
 
 
 def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None, after_lora=None,
@@ -124,7 +131,7 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     from .training.strategy import ImageToVideo
 
     if settings.keep_projections is None:
-        settings = replace(settings, keep_projections=_fitting_projections(settings))
+        settings = replace(settings, keep_projections=fitting_projections(settings))
     torch.manual_seed(settings.seed)
     use_fused_kernels(settings.fused_kernels)
     model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed)
@@ -225,7 +232,7 @@ def bench_vae(settings: BenchSettings, device: str = "cuda") -> dict:
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan().to(device, torch.bfloat16).eval()
-    h, w = (int(v) for v in settings.resolution.lower().split("x"))
+    h, w = settings.pixel_size
     clip = torch.rand(1, 3, settings.frames, h, w, device=device, dtype=torch.bfloat16) * 2 - 1
     with torch.no_grad():
         vae.encode(clip)  # warm-up

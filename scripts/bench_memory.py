@@ -27,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from longcat_train.bench import BenchSettings, bench_train  # noqa: E402
+from longcat_train.bench import BenchSettings, bench_train, fitting_projections  # noqa: E402
 from longcat_train.memory import (  # noqa: E402
     enable_block_swap, enable_group_offload, machine_memory_gib, plan_memory, quantize_transformer,
 )
-from longcat_train.memory.planner import fastest_projections  # noqa: E402
 from longcat_train.memory.quantize import relative_block_error  # noqa: E402
 
 BUCKET = (480, 832, 93)
@@ -49,9 +48,7 @@ def row_setup(row: str, bench: BenchSettings):
     elif row == "group-offload":
         memory = bench.memory_settings(group_offload=True)
     elif row == "bf16-kept":  # the projections the planner keeps on this GPU and machine
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-        projections = fastest_projections(bench.memory_settings(), BUCKET, gpu_gib, machine_memory_gib())
-        bench = dataclasses.replace(bench, keep_projections=projections)
+        bench = dataclasses.replace(bench, keep_projections=fitting_projections(bench))
         memory = bench.memory_settings()
     else:
         cap = float(row.removeprefix("cap"))

@@ -49,3 +49,26 @@ def test_bsa_kernel_compiles_for_hopper(name, path):
                        constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()})
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": 4, "num_stages": 2})
     assert "wgmma" in compiled.asm["ptx"]  # Hopper tensor-core instructions, not a fallback
+
+
+FUSED_OP_KERNELS = {  # name: (signature, constants)
+    "_ln_scale_shift_fwd": (dict(X="*bf16", A="*fp32", Bias="*fp32", Y="*bf16", C="i32", tokens="i32",
+                                 tokens_per_row="i32", params_per_batch="i32", eps="fp32"), dict(BLOCK_C=4096)),
+    "_ln_scale_shift_bwd": (dict(X="*bf16", A="*fp32", DY="*bf16", DX="*bf16", C="i32", tokens="i32",
+                                 tokens_per_row="i32", params_per_batch="i32", eps="fp32"), dict(BLOCK_C=4096)),
+    "_gate_kernel": (dict(X="*bf16", Y="*bf16", G="*fp32", OUT="*bf16", C="i32", tokens="i32", tokens_per_row="i32",
+                          params_per_batch="i32"), dict(HAS_X=True, BLOCK_C=4096)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_OP_KERNELS))
+def test_fused_op_kernel_compiles_for_hopper(name):
+    from longcat_train.model import fused_ops
+
+    fn = getattr(fused_ops, name)
+    signature, constants = FUSED_OP_KERNELS[name]
+    signature = signature | {key: "constexpr" for key in constants}
+    assert set(signature) == set(fn.arg_names)
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()})
+    assert "st.global" in triton.compile(source, target=HOPPER, options={"num_warps": 4}).asm["ptx"]

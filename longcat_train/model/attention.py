@@ -41,10 +41,14 @@ KEPT_ATTENTION_OPS = frozenset({
 })
 
 
+def qualified_op_name(op) -> str | None:
+    """"namespace::name" of a dispatched op (overload or packet), as checkpoint policies see it."""
+    return getattr(getattr(op, "overloadpacket", op), "_qualified_op_name", None)
+
+
 def is_attention_op(op) -> bool:
     """Whether a dispatched op (overload or packet) is one of `KEPT_ATTENTION_OPS`."""
-    packet = getattr(op, "overloadpacket", op)
-    return getattr(packet, "_qualified_op_name", None) in KEPT_ATTENTION_OPS
+    return qualified_op_name(op) in KEPT_ATTENTION_OPS
 
 
 class AttentionBackendUnavailable(RuntimeError):

@@ -62,10 +62,28 @@ _TUNE_KEY = ["HEAD_DIM", "CHUNK_M", "CHUNK_N", "HAS_KEY_PAD", "DOT_PRECISION"]
 
 
 @triton.jit
-def _chunk_rows_desc(base, n_rows, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A TMA descriptor over all (batch, head) rows of a chunk-order tensor, one chunk per box."""
-    return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                     block_shape=[CHUNK, HEAD_DIM])
+def _chunk_rows_desc(base, n_rows, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """A TMA descriptor over all (batch, head) rows of a chunk-order tensor, one chunk per box (the
+    pointer itself on the pointer path, where it is not used). One return: Triton rejects returns
+    of different types from one function."""
+    desc = base
+    if USE_TMA:
+        desc = tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                         block_shape=[CHUNK, HEAD_DIM])
+    return desc
+
+
+@triton.jit
+def _kept_key_sources(K, V, KV_INDEX, bh, q_chunk, n_q_chunks, n_k_rows, k_keep,
+                      CHUNK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """What a query chunk's program reads its kept keys and values through: (K and V of its head,
+    their descriptors, the head's first row, the start of its kept-chunk list)."""
+    n_rows = tl.num_programs(1) * n_k_rows
+    k_desc = _chunk_rows_desc(K, n_rows, CHUNK_N, HEAD_DIM, USE_TMA)
+    v_desc = _chunk_rows_desc(V, n_rows, CHUNK_N, HEAD_DIM, USE_TMA)
+    head = bh * n_k_rows * HEAD_DIM
+    index_base = KV_INDEX + (bh * n_q_chunks + q_chunk) * k_keep
+    return K + head, V + head, k_desc, v_desc, (bh * n_k_rows).to(tl.int32), index_base
 
 
 @triton.jit
@@ -119,14 +137,8 @@ def bsa_forward_kernel(
     q_rows = q_chunk * CHUNK_M + tl.arange(0, CHUNK_M)
     q_tile = bh * n_q_rows * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_tile)
-    k_base = K + bh * n_k_rows * HEAD_DIM
-    v_base = V + bh * n_k_rows * HEAD_DIM
-    k_desc, v_desc = K, V  # unused on the pointer path
-    if USE_TMA:
-        k_desc = _chunk_rows_desc(K, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
-        v_desc = _chunk_rows_desc(V, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
-    k_row_offset = (bh * n_k_rows).to(tl.int32)
-    index_base = KV_INDEX + (bh * n_q_chunks + q_chunk) * k_keep
+    k_base, v_base, k_desc, v_desc, k_row_offset, index_base = _kept_key_sources(
+        K, V, KV_INDEX, bh, q_chunk, n_q_chunks, n_k_rows, k_keep, CHUNK_N, HEAD_DIM, USE_TMA)
     tile = tl.arange(0, TILE_N)
 
     m_i = tl.full([CHUNK_M], float("-inf"), dtype=tl.float32)
@@ -173,14 +185,8 @@ def bsa_backward_dq_kernel(
     delta = tl.sum(tl.load(O + q_tile).to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * n_q_rows + q_rows, delta)
     lse = tl.load(LSE + bh * n_q_rows + q_rows)
-    k_base = K + bh * n_k_rows * HEAD_DIM
-    v_base = V + bh * n_k_rows * HEAD_DIM
-    k_desc, v_desc = K, V  # unused on the pointer path
-    if USE_TMA:
-        k_desc = _chunk_rows_desc(K, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
-        v_desc = _chunk_rows_desc(V, tl.num_programs(1) * n_k_rows, CHUNK_N, HEAD_DIM)
-    k_row_offset = (bh * n_k_rows).to(tl.int32)
-    index_base = KV_INDEX + (bh * n_q_chunks + q_chunk) * k_keep
+    k_base, v_base, k_desc, v_desc, k_row_offset, index_base = _kept_key_sources(
+        K, V, KV_INDEX, bh, q_chunk, n_q_chunks, n_k_rows, k_keep, CHUNK_N, HEAD_DIM, USE_TMA)
     tile = tl.arange(0, TILE_N)
 
     dq = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
@@ -222,10 +228,8 @@ def bsa_backward_dkdv_kernel(
     v = tl.load(V + kv_tile)
     q_base = Q + bh * n_q_rows * HEAD_DIM
     do_base = DO + bh * n_q_rows * HEAD_DIM
-    q_desc, do_desc = Q, DO  # unused on the pointer path
-    if USE_TMA:
-        q_desc = _chunk_rows_desc(Q, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM)
-        do_desc = _chunk_rows_desc(DO, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM)
+    q_desc = _chunk_rows_desc(Q, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM, USE_TMA)
+    do_desc = _chunk_rows_desc(DO, tl.num_programs(1) * n_q_rows, CHUNK_M, HEAD_DIM, USE_TMA)
     q_row_offset = (bh * n_q_rows).to(tl.int32)
     row_stats = bh * n_q_rows
     list_base = Q_LIST + bh * q_list_len

@@ -103,6 +103,15 @@ def swiglu_eager(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _token_program(C, tokens, tokens_per_row, params_per_batch, BLOCK_C: tl.constexpr):
+        """(token row, its (batch, latent frame) parameter row, columns, column mask) of a program
+        that handles one token: per-frame parameters (modulation, gates) are indexed by p."""
+        row = tl.program_id(0)
+        p = (row // tokens) * params_per_batch + (row % tokens) // tokens_per_row
+        cols = tl.arange(0, BLOCK_C)
+        return row, p, cols, cols < C
+
+    @triton.jit
     def _ln_row_stats(X, row, C, cols, mask, eps):
         """(x − mean, 1/std) of one token's row in fp32: backward recomputes them, not saves them."""
         x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
@@ -112,11 +121,7 @@ if triton is not None:
     @triton.jit
     def _ln_scale_shift_fwd(X, A, Bias, Y, C, tokens, tokens_per_row, params_per_batch, eps,
                             BLOCK_C: tl.constexpr):
-        # one token per program; A/Bias rows are indexed by (batch, latent frame)
-        row = tl.program_id(0)
-        p = (row // tokens) * params_per_batch + (row % tokens) // tokens_per_row
-        cols = tl.arange(0, BLOCK_C)
-        mask = cols < C
+        row, p, cols, mask = _token_program(C, tokens, tokens_per_row, params_per_batch, BLOCK_C)
         xc, rstd = _ln_row_stats(X, row, C, cols, mask, eps)
         a = tl.load(A + p * C + cols, mask=mask, other=0.0)
         b = tl.load(Bias + p * C + cols, mask=mask, other=0.0)
@@ -126,10 +131,7 @@ if triton is not None:
     @triton.jit
     def _ln_scale_shift_bwd(X, A, DY, DX, C, tokens, tokens_per_row, params_per_batch, eps,
                             BLOCK_C: tl.constexpr):
-        row = tl.program_id(0)
-        p = (row // tokens) * params_per_batch + (row % tokens) // tokens_per_row
-        cols = tl.arange(0, BLOCK_C)
-        mask = cols < C
+        row, p, cols, mask = _token_program(C, tokens, tokens_per_row, params_per_batch, BLOCK_C)
         xc, rstd = _ln_row_stats(X, row, C, cols, mask, eps)
         xhat = xc * rstd
         a = tl.load(A + p * C + cols, mask=mask, other=0.0)
@@ -143,10 +145,7 @@ if triton is not None:
     def _gate_kernel(X, Y, G, OUT, C, tokens, tokens_per_row, params_per_batch,
                      HAS_X: tl.constexpr, BLOCK_C: tl.constexpr):
         # OUT = X + G·Y (or G·Y), in fp32, one token per program
-        row = tl.program_id(0)
-        p = (row // tokens) * params_per_batch + (row % tokens) // tokens_per_row
-        cols = tl.arange(0, BLOCK_C)
-        mask = cols < C
+        row, p, cols, mask = _token_program(C, tokens, tokens_per_row, params_per_batch, BLOCK_C)
         out = tl.load(G + p * C + cols, mask=mask, other=0.0) * tl.load(Y + row * C + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_X:
             out = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32) + out

@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .activation_offload import begin_block, host_offload
-from .attention import AttentionDispatcher, BsaSettings, is_attention_op
+from .attention import AttentionDispatcher, BsaSettings, is_attention_op, qualified_op_name
 from .checkpoint_keys import verify_checkpoint_keys
 from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, rope_eager, swiglu
 
@@ -268,7 +268,7 @@ def _keep_policy(kept: frozenset[str], ctx, op, *args, **kwargs):
     linears — and recompute everything else."""
     if is_attention_op(op):
         kind = "self_attention" if args[1].shape[-2] >= args[0].shape[-2] else "cross_attention"
-    elif getattr(getattr(op, "overloadpacket", op), "_qualified_op_name", None) == "longcat::lora_linear":
+    elif qualified_op_name(op) == "longcat::lora_linear":
         kind = args[6]
     else:
         return CheckpointPolicy.PREFER_RECOMPUTE
