@@ -152,61 +152,65 @@ if triton is not None:
         tl.store(OUT + row * C + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _head_rows(rows, tokens, BLOCK_R: tl.constexpr):
+        """(token index n, batch·head index bh, row mask [BLOCK_R, 1]) of this program's rows of a
+        [B, heads, N, D] tensor."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        return r % tokens, r // tokens, (r < rows)[:, None]
+
+    @triton.jit
+    def _row_offsets(bh, n, heads, stride_b, stride_h, stride_n):
+        return (bh // heads) * stride_b + (bh % heads) * stride_h + n * stride_n
+
+    @triton.jit
+    def _rotate_pairs(y, COS, SIN, n, m2, BLOCK_R: tl.constexpr, D: tl.constexpr, INVERSE: tl.constexpr):
+        """RoPE on adjacent pairs of y's rows, by +angle (or −angle when INVERSE, for the gradient)."""
+        j = tl.arange(0, D // 2)
+        c = tl.load(COS + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
+        s = tl.load(SIN + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
+        if INVERSE:
+            s = -s
+        y0, y1 = tl.split(tl.reshape(y, (BLOCK_R, D // 2, 2)))
+        return tl.reshape(tl.join(y0 * c - y1 * s, y1 * c + y0 * s), (BLOCK_R, D))
+
+    @triton.jit
     def _rms_rope_fwd(X, W, COS, SIN, Y, rows, heads, tokens, s_b, s_h, s_n, o_b, o_h, o_n, eps,
                       D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
         # rows of X [B, heads, N, D] → Y (each with its own strides, unit stride on D). Rows are
         # read and written whole (vectorised); RoPE's adjacent pairs are split apart in registers
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = r < rows
-        n = r % tokens
-        bh = r // tokens
-        src = (bh // heads) * s_b + (bh % heads) * s_h + n * s_n
-        dst = (bh // heads) * o_b + (bh % heads) * o_h + n * o_n
+        n, bh, m2 = _head_rows(rows, tokens, BLOCK_R)
         d = tl.arange(0, D)
-        m2 = rmask[:, None]
-        x = tl.load(X + src[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(X + _row_offsets(bh, n, heads, s_b, s_h, s_n)[:, None] + d[None, :], mask=m2, other=0.0)
+        x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         w = tl.load(W + d).to(tl.float32)
         dt = Y.dtype.element_ty
         y = ((x * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]).to(dt).to(tl.float32)
         if HAS_ROPE:
-            j = tl.arange(0, D // 2)
-            c = tl.load(COS + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
-            s = tl.load(SIN + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
-            y0, y1 = tl.split(tl.reshape(y, (BLOCK_R, D // 2, 2)))
-            y = tl.reshape(tl.join(y0 * c - y1 * s, y1 * c + y0 * s), (BLOCK_R, D))
-        tl.store(Y + dst[:, None] + d[None, :], y.to(dt), mask=m2)
+            y = _rotate_pairs(y, COS, SIN, n, m2, BLOCK_R, D, False)
+        tl.store(Y + _row_offsets(bh, n, heads, o_b, o_h, o_n)[:, None] + d[None, :], y.to(dt), mask=m2)
 
     @triton.jit
     def _rms_rope_bwd(X, W, COS, SIN, DY, DX, rows, heads, tokens, s_b, s_h, s_n, g_b, g_h, g_n,
                       o_b, o_h, o_n, eps,
                       D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = r < rows
-        n = r % tokens
-        bh = r // tokens
-        src = (bh // heads) * s_b + (bh % heads) * s_h + n * s_n
+        n, bh, m2 = _head_rows(rows, tokens, BLOCK_R)
         d = tl.arange(0, D)
-        m2 = rmask[:, None]
         dt = DX.dtype.element_ty
-        grad = (bh // heads) * g_b + (bh % heads) * g_h + n * g_n
-        dst = (bh // heads) * o_b + (bh % heads) * o_h + n * o_n
-        g = tl.load(DY + grad[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(DY + _row_offsets(bh, n, heads, g_b, g_h, g_n)[:, None] + d[None, :], mask=m2, other=0.0)
+        g = g.to(tl.float32)
         if HAS_ROPE:
-            j = tl.arange(0, D // 2)
-            c = tl.load(COS + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
-            s = tl.load(SIN + n[:, None] * (D // 2) + j[None, :], mask=m2, other=0.0)
-            g0, g1 = tl.split(tl.reshape(g, (BLOCK_R, D // 2, 2)))
-            g = tl.reshape(tl.join(g0 * c + g1 * s, g1 * c - g0 * s), (BLOCK_R, D))
+            g = _rotate_pairs(g, COS, SIN, n, m2, BLOCK_R, D, True)
         # the eager graph rounds the gradient to the input dtype at each cast and bf16 multiply
         w = tl.load(W + d).to(tl.float32)
         dn = (g.to(dt).to(tl.float32) * w[None, :]).to(dt).to(tl.float32)
-        x = tl.load(X + src[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(X + _row_offsets(bh, n, heads, s_b, s_h, s_n)[:, None] + d[None, :], mask=m2, other=0.0)
+        x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         h = x * rstd[:, None]
         dot = tl.sum(dn * h, axis=1) / D
         dx = (dn - h * dot[:, None]) * rstd[:, None]
-        tl.store(DX + dst[:, None] + d[None, :], dx.to(dt), mask=m2)
+        tl.store(DX + _row_offsets(bh, n, heads, o_b, o_h, o_n)[:, None] + d[None, :], dx.to(dt), mask=m2)
 
     @triton.jit
     def _swiglu_fwd(A, B, OUT, numel, BLOCK: tl.constexpr):
