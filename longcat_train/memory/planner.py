@@ -6,9 +6,10 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
                (block swap keeps two blocks in flight; group offload its groups)
   LoRA state   trainable parameters × 16 (fp32 weight, grad, two Adam moments)
   activations  checkpointed block inputs B·N·C·2 per block, kept self-attention outputs B·N·C·2
-               per selective block (on the chunk-padded grid where block-sparse attention runs), as much again for kept cross-attention outputs, and the
-               output widths of kept projections × B·N·2 (with activation offload all of them
-               wait on the host, two blocks' worth in flight on the GPU), plus one block's working set
+               per selective block (on the chunk-padded grid where block-sparse attention runs),
+               as much again for kept cross-attention outputs, and the output widths of kept
+               projections × B·N·2 (with activation offload all of them wait on the host, two
+               blocks' worth in flight on the GPU), plus one block's working set
                `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
   workspace    `WORKSPACE_GIB` (cuBLAS/cuDNN workspaces, allocator slack, loss and embedders)
   host RAM     `HOST_BASE_GIB` + the larger of a bf16 load's full copy and the pinned bytes
@@ -76,10 +77,6 @@ class ParameterCounts:
     hidden: int
     lora_per_rank: int  # LoRA parameters per unit of rank over all blocks
     projection_widths: tuple[tuple[str, int], ...]  # output features of each `PROJECTION_ROLES` linear
-
-    def kept_projection_width(self, roles: Iterable[str]) -> int:
-        widths = dict(self.projection_widths)
-        return sum(widths[r] for r in roles)
 
 
 @functools.lru_cache(maxsize=4)
@@ -394,14 +391,20 @@ def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySetti
                                   offload_block_inputs=offload, keep_projections=projections)
 
 
+def _fits(e: Estimate, gpu_memory_gib: float, host_memory_gib: float | None) -> tuple[bool, bool]:
+    """(fits the GPU, fits the machine's RAM; True where the RAM is not known)."""
+    host_ok = host_memory_gib is None or e.host <= usable_host_gib(host_memory_gib)
+    return e.vram <= usable_gib(gpu_memory_gib), host_ok
+
+
 def fastest_projections(settings: MemorySettings, bucket: tuple[int, int, int], gpu_memory_gib: float,
                         host_memory_gib: float | None) -> tuple[str, ...]:
     """The largest of `PROJECTION_SETS` that `settings` can keep on `bucket` within the GPU's and
     the machine's memory (() where none fits)."""
     counts, grid = parameter_counts(), bucket_grid(*bucket)
     for projections in PROJECTION_SETS:
-        e = estimate(counts, replace(settings, keep_projections=projections), grid)
-        if e.vram <= usable_gib(gpu_memory_gib) and (host_memory_gib is None or e.host <= usable_host_gib(host_memory_gib)):
+        if all(_fits(estimate(counts, replace(settings, keep_projections=projections), grid), gpu_memory_gib,
+                     host_memory_gib)):
             return projections
     return ()
 
@@ -428,19 +431,15 @@ def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: flo
         settings = replace(settings, enable_bsa=bool(dit_config.get("enable_bsa")), bsa_chunk=tuple(chunk))
     counts = parameter_counts(dit_config)
 
-    def fits(e: Estimate) -> tuple[bool, bool]:
-        host_ok = host_memory_gib is None or e.host <= usable_host_gib(host_memory_gib)
-        return e.vram <= usable_gib(gpu_memory_gib), host_ok
-
     rows = []
     for bucket in buckets:
         e = estimate(counts, settings, bucket_grid(*bucket))
-        rows.append(BucketPlan(tuple(bucket), bucket_tokens(*bucket), e, *fits(e)))
+        rows.append(BucketPlan(tuple(bucket), bucket_tokens(*bucket), e, *_fits(e, gpu_memory_gib, host_memory_gib)))
     largest = bucket_grid(*max(rows, key=lambda r: r.tokens).bucket)
     recommendation = recommendation_estimate = None
     for candidate in candidate_settings(settings, counts.depth):
         e = estimate(counts, candidate, largest)
-        if all(fits(e)):
+        if all(_fits(e, gpu_memory_gib, host_memory_gib)):
             recommendation, recommendation_estimate = candidate, e
             break
     notes = []
