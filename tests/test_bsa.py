@@ -28,9 +28,6 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 # layout: "contiguous" [B, heads, N, D]; "token_major" a [B, N, heads, D] tensor seen as
 # [B, heads, N, D] (the transformer's layout); "token_major_slice" the same, q starting 16 tokens
 # into its storage (the transformer's condition-frame split).
-# Each case runs on both kernel paths (`KERNEL_PATHS`); the pointer path takes two chunks per tile,
-# so an odd kept count ("odd_keep", 5 of 12) or an odd number of query chunks per key chunk leaves a
-# half-empty remainder tile.
 KERNEL_CASES: dict[str, tuple[Any, ...]] = {
     "divisible": ("float32", 1, 2, 16, (4, 8, 8), (4, 8, 8), 0.5, (4, 4, 4), (4, 4, 4), "contiguous"),
     "padded_batch2": ("float32", 2, 2, 32, (5, 6, 10), (5, 6, 10), 0.5, (4, 4, 4), (4, 4, 4), "token_major"),
@@ -42,16 +39,6 @@ KERNEL_CASES: dict[str, tuple[Any, ...]] = {
     "odd_keep": ("float32", 1, 2, 16, (5, 6, 10), (5, 6, 10), 0.55, (4, 4, 4), (4, 4, 4), "token_major"),
     "chunk_16_slice": ("float32", 2, 2, 16, (3, 6, 8), (4, 6, 8), 0.55, (2, 2, 4), (2, 2, 4), "token_major_slice"),
 }
-
-
-KERNEL_PATHS = ("tma", "pointer")  # `bsa_kernels.INTERPRETER_CONFIGS`
-
-
-def _use_kernel_path(path: str) -> None:
-    from longcat_train.model import bsa_kernels
-
-    for name in bsa_kernels.AUTOTUNED_KERNELS:
-        getattr(bsa_kernels, name).configs = [bsa_kernels.INTERPRETER_CONFIGS[path]]
 
 
 def _case_tensor(shape: tuple[int, ...], layout: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -134,15 +121,32 @@ def _selective_checkpoint_case() -> dict[str, float]:
 
 
 def _regroup_case() -> dict[str, float]:
-    """The Triton regroup (token-major input, padded grid, two batches) against `_to_chunks`."""
-    from longcat_train.model.bsa import _make_grid, _regroup, _to_chunks
+    """The Triton regroup and pooling (token-major input, padded grid, two batches) against
+    `_to_chunks` and `_pool_chunks`."""
+    from longcat_train.model.bsa import _make_grid, _pool_chunks, _regroup, _to_chunks
 
     grid = _make_grid((5, 6, 10), (4, 4, 4), "q")
     x = torch.randn(2, grid.n_tokens, 3, 16).transpose(1, 2)
-    chunks = _regroup(x, grid, to_chunks=True)
-    back = _regroup(chunks, grid, to_chunks=False)
-    return {"to_chunks_err": (chunks - _to_chunks(x, grid)).abs().max().item(),
-            "round_trip_err": (back - x).abs().max().item()}
+    chunks, pooled = _regroup(x, grid, pool=True)
+    reference = _to_chunks(x, grid)
+    return {"to_chunks_err": (chunks - reference).abs().max().item(),
+            "pooled_err": (pooled - _pool_chunks(reference, grid)).abs().max().item()}
+
+
+def _top_chunks_case() -> dict[str, Any]:
+    """The Triton top-k against torch.topk on random scores (no ties), and its tie rule."""
+    from longcat_train.model import bsa
+
+    gen = torch.Generator().manual_seed(4)
+    pooled_q, pooled_k = torch.randn(2, 3, 7, 16, generator=gen), torch.randn(2, 3, 40, 16, generator=gen)
+    scores = pooled_q @ pooled_k.transpose(-1, -2)
+    expected = torch.topk(scores, 9, dim=-1).indices.sort(-1).values.to(torch.int32)
+    # Scores in {0, 1, 2}: keeping 5 of the 8 columns takes every 2, then the lowest-numbered 1s.
+    tied_q = torch.tensor([[1.0, 0.0]]).reshape(1, 1, 1, 2)
+    tied_k = torch.tensor([[1, 0], [2, 0], [0, 0], [1, 0], [1, 0], [2, 0], [1, 0], [0, 0]], dtype=torch.float32)
+    return {"random_equal": torch.equal(bsa._top_chunks(pooled_q, pooled_k, 9), expected),
+            "tied": bsa._top_chunks(tied_q, tied_k.reshape(1, 1, 8, 2), 5).reshape(-1).tolist(),
+            "keep_all": bsa._top_chunks(pooled_q, pooled_k, 40)[0, 0, 0].tolist()}
 
 
 @pytest.fixture(scope="module")
@@ -155,31 +159,23 @@ def kernel_report() -> dict[str, dict[str, float]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("case", sorted(KERNEL_CASES))
-def test_kernel_matches_masked_dense_reference(kernel_report: dict[str, dict[str, float]], case: str, path: str) -> None:
-    errors, tolerance = kernel_report[f"{case}/{path}"], TOLERANCE[KERNEL_CASES[case][0]]
+def test_kernel_matches_masked_dense_reference(kernel_report: dict[str, dict[str, float]], case: str) -> None:
+    errors, tolerance = kernel_report[case], TOLERANCE[KERNEL_CASES[case][0]]
     for key in ("out_err", "dq_err", "dk_err", "dv_err"):
         assert errors[key] < tolerance, f"{case}: {key}={errors[key]:.3g}"
 
 
-@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("case", sorted(KERNEL_CASES))
-def test_kernel_is_dense_at_sparsity_zero_and_sparse_otherwise(
-    kernel_report: dict[str, dict[str, float]], case: str, path: str
-) -> None:
-    errors, tolerance = kernel_report[f"{case}/{path}"], TOLERANCE[KERNEL_CASES[case][0]]
+def test_kernel_is_dense_at_sparsity_zero_and_sparse_otherwise(kernel_report: dict[str, dict[str, float]],
+                                                                case: str) -> None:
+    errors, tolerance = kernel_report[case], TOLERANCE[KERNEL_CASES[case][0]]
     sparse = KERNEL_CASES[case][6] > 0
     for key in ("out_vs_sdpa", "dq_vs_sdpa", "dk_vs_sdpa", "dv_vs_sdpa"):
         if sparse:  # dropping blocks must actually change the result, or the reference test proves little
             assert errors[key] > 1e-3, f"{case}: {key}={errors[key]:.3g} looks dense"
         else:
             assert errors[key] < tolerance, f"{case}: {key}={errors[key]:.3g}"
-
-
-def test_both_kernel_paths_really_ran(kernel_report: dict[str, Any]) -> None:
-    assert "USE_TMA: True" in kernel_report["config/tma"]
-    assert "USE_TMA: False" in kernel_report["config/pointer"] and "CHUNKS_PER_TILE: 2" in kernel_report["config/pointer"]
 
 
 def test_selective_checkpointing_keeps_block_sparse_outputs(kernel_report: dict[str, dict[str, float]]) -> None:
@@ -210,8 +206,16 @@ def test_chunk_regroup_follows_3d_chunks_and_pools_real_tokens() -> None:
         torch.testing.assert_close(pooled[0, :, chunk], x[0, chunk_of == chunk].mean(0))
 
 
-def test_triton_regroup_equals_the_reference_and_round_trips(kernel_report: dict[str, dict[str, float]]) -> None:
-    assert kernel_report["regroup"] == {"to_chunks_err": 0.0, "round_trip_err": 0.0}
+def test_triton_regroup_and_pooling_equal_the_reference(kernel_report: dict[str, dict[str, float]]) -> None:
+    assert kernel_report["regroup"]["to_chunks_err"] == 0.0
+    assert kernel_report["regroup"]["pooled_err"] < 1e-6
+
+
+def test_triton_top_k_keeps_the_best_chunks_ascending_ties_to_lower_columns(kernel_report: dict[str, Any]) -> None:
+    report = kernel_report["top_chunks"]
+    assert report["random_equal"]
+    assert report["tied"] == [0, 1, 3, 4, 5]
+    assert report["keep_all"] == list(range(40))
 
 
 def test_kept_block_count_follows_official_rule_with_floor_of_one() -> None:
@@ -308,13 +312,8 @@ def test_bad_shapes_name_the_argument() -> None:
 if __name__ == "__main__":
     # Subprocess entry for the kernel fixture: TRITON_INTERPRET=1 is set by the caller's env.
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    report = {}
-    for kernel_path in KERNEL_PATHS:
-        _use_kernel_path(kernel_path)
-        report |= {f"{name}/{kernel_path}": _run_kernel_case(name) for name in KERNEL_CASES}
-        from longcat_train.model.bsa_kernels import bsa_forward_kernel
-
-        report[f"config/{kernel_path}"] = str(bsa_forward_kernel.best_config)  # the config that really ran
+    report: dict[str, Any] = {name: _run_kernel_case(name) for name in KERNEL_CASES}
     report["selective_checkpoint"] = _selective_checkpoint_case()
     report["regroup"] = _regroup_case()
+    report["top_chunks"] = _top_chunks_case()
     print(json.dumps(report))

@@ -15,40 +15,49 @@ from triton.compiler import ASTSource
 from longcat_train.model import bsa_kernels
 
 HOPPER = GPUTarget("cuda", 90, 32)
-COMMON = dict(n_q_rows="i32", n_k_rows="i32", qk_scale_log2="fp32")
+COMMON = dict(n_q_rows="i32", n_k_rows="i32", n_heads="i32", qk_scale_log2="fp32")
 SIGNATURES = {
     "bsa_forward_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", KV_INDEX="*i32",
-                               KEY_VALID="*i8", k_keep="i32", **COMMON),
-    "bsa_backward_dq_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", DO="*bf16", LSE="*fp32",
-                                   DELTA="*fp32", DQ="*bf16", KV_INDEX="*i32", KEY_VALID="*i8", k_keep="i32",
-                                   sm_scale="fp32", **COMMON),
+                               Q_TOKENS="*i32", K_TOKENS="*i32", n_q_tokens="i32", k_keep="i32", **COMMON),
+    "bsa_backward_dq_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", DO="*bf16", DO_CHUNKS="*bf16",
+                                   LSE="*fp32", DELTA="*fp32", DQ="*bf16", KV_INDEX="*i32", Q_TOKENS="*i32",
+                                   K_TOKENS="*i32", n_q_tokens="i32", k_keep="i32", sm_scale="fp32", **COMMON),
     "bsa_backward_dkdv_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", LSE="*fp32", DELTA="*fp32",
-                                     DK="*bf16", DV="*bf16", Q_LIST="*i32", Q_LIST_START="*i32", q_list_len="i32",
-                                     sm_scale="fp32", **COMMON),
+                                     DK="*bf16", DV="*bf16", Q_LIST="*i32", Q_LIST_START="*i32", K_ORDER="*i32",
+                                     K_TOKENS="*i32", n_k_tokens="i32", q_list_len="i32", sm_scale="fp32", **COMMON),
 }
-# one launch shape per code path the autotuner chooses between
-PATHS = [dict(CHUNKS_PER_TILE=1, USE_TMA=False), dict(CHUNKS_PER_TILE=2, USE_TMA=False),
-         dict(CHUNKS_PER_TILE=1, USE_TMA=True)]
+BSA_HELPER_KERNELS = {  # name: (signature, constants)
+    "bsa_regroup_kernel": (dict(RASTER="*bf16", CHUNKS="*bf16", POOLED="*fp32", TOKENS="*i32", stride_b="i64",
+                                stride_h="i64", stride_n="i64", n_heads="i32", n_chunk_rows="i32"),
+                           dict(HEAD_DIM=128, CHUNK=64, POOL=True)),
+    "bsa_topk_kernel": (dict(SCORES="*fp32", KV_INDEX="*i32", n_cols="i32", keep="i32"), dict(BLOCK=2048)),
+}
 
 
-def test_every_autotuned_path_is_offered_on_the_gpu():
-    offered = {(c.kwargs["CHUNKS_PER_TILE"], c.kwargs["USE_TMA"]) for c in bsa_kernels._configs()}
-    assert offered == {(p["CHUNKS_PER_TILE"], p["USE_TMA"]) for p in PATHS}
-
-
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: f"tile{p['CHUNKS_PER_TILE']}-{'tma' if p['USE_TMA'] else 'ptr'}")
-@pytest.mark.parametrize("name", sorted(SIGNATURES))
-def test_bsa_kernel_compiles_for_hopper(name, path):
-    if bsa_kernels.triton_interpreting():
-        pytest.skip("the interpreter is on in this process")
-    fn = getattr(bsa_kernels, name).fn
-    constants = dict(HEAD_DIM=128, CHUNK_M=64, CHUNK_N=64, HAS_KEY_PAD=True, DOT_PRECISION="tf32", **path)
-    signature = SIGNATURES[name] | {key: "constexpr" for key in constants}
+def _compile(fn, signature, constants, **options):
+    """PTX and machine code for sm_90 of a Triton kernel (checking the signature names every argument)."""
+    signature = signature | {key: "constexpr" for key in constants}
     assert set(signature) == set(fn.arg_names)
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()})
-    compiled = triton.compile(source, target=HOPPER, options={"num_warps": 4, "num_stages": 2})
-    assert "wgmma" in compiled.asm["ptx"]  # Hopper tensor-core instructions, not a fallback
+    return triton.compile(source, target=HOPPER, options=options)
+
+
+@pytest.mark.parametrize("stages", sorted({c.num_stages for c in bsa_kernels._configs()} | {2}))
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_bsa_kernel_compiles_for_hopper(name, stages):
+    if bsa_kernels.triton_interpreting():
+        pytest.skip("the interpreter is on in this process")
+    constants = dict(HEAD_DIM=128, CHUNK_M=64, CHUNK_N=64, HAS_KEY_PAD=True, DOT_PRECISION="tf32")
+    compiled = _compile(getattr(bsa_kernels, name).fn, SIGNATURES[name], constants, num_warps=4, num_stages=stages)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma" in ptx and "cp.async.bulk.tensor" in ptx  # Hopper tensor cores fed by the copy engine
+
+
+@pytest.mark.parametrize("name", sorted(BSA_HELPER_KERNELS))
+def test_bsa_helper_kernel_compiles_for_hopper(name):
+    signature, constants = BSA_HELPER_KERNELS[name]
+    assert "st.global" in _compile(getattr(bsa_kernels, name), signature, constants, num_warps=4).asm["ptx"]
 
 
 FUSED_OP_KERNELS = {  # name: (signature, constants)
@@ -71,10 +80,5 @@ FUSED_OP_KERNELS = {  # name: (signature, constants)
 def test_fused_op_kernel_compiles_for_hopper(name):
     from longcat_train.model import fused_ops
 
-    fn = getattr(fused_ops, name)
     signature, constants = FUSED_OP_KERNELS[name]
-    signature = signature | {key: "constexpr" for key in constants}
-    assert set(signature) == set(fn.arg_names)
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()})
-    assert "st.global" in triton.compile(source, target=HOPPER, options={"num_warps": 4}).asm["ptx"]
+    assert "st.global" in _compile(getattr(fused_ops, name), signature, constants, num_warps=4).asm["ptx"]
