@@ -167,11 +167,11 @@ def selection_breakdown(q: torch.Tensor, v: torch.Tensor, grid: Shape3D, sparsit
     chunk means, the block selection (gate scores and top-k), and the backward's transposed index."""
     chunks = _make_grid(grid, CHUNK, "q")
     keep = kept_kv_block_count(chunks.n_chunks, sparsity)
-    _, pooled = _regroup(q, chunks, pool=True)
+    _, pooled, _ = _regroup(q, chunks, pool=True)
     kv_index = _top_chunks(pooled, pooled, keep)
     stages = {
         "regroup_pool_one": lambda: _regroup(q, chunks, pool=True),
-        "regroup_one": lambda: _regroup(v, chunks, pool=False),
+        "regroup_one": lambda: _regroup(v, chunks),
         "top_chunks": lambda: _top_chunks(pooled, pooled, keep),
         "transpose_index": lambda: _queries_by_kv_block(kv_index, chunks.n_chunks),
     }
@@ -224,10 +224,17 @@ def bench_case(label: str, grid: Shape3D, args: argparse.Namespace,
     return result
 
 
-def tuned_configs() -> dict[str, str]:
+def tuned_configs() -> dict[str, Any]:
+    """Per kernel: the config the autotuner chose, and each candidate's median ms from its last tuning."""
     kernels = {"forward": bsa_kernels.bsa_forward_kernel, "backward_dq": bsa_kernels.bsa_backward_dq_kernel,
                "backward_dkdv": bsa_kernels.bsa_backward_dkdv_kernel}
-    return {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
+    report: dict[str, Any] = {}
+    for name, kernel in kernels.items():
+        timings = getattr(kernel, "configs_timings", None) or {}
+        report[name] = {"best": str(getattr(kernel, "best_config", None)),
+                        "candidates_ms": {str(config): round(float(ms[0] if isinstance(ms, (list, tuple)) else ms), 3)
+                                          for config, ms in timings.items()}}
+    return report
 
 
 def print_table(cases: list[dict[str, Any]]) -> None:

@@ -127,10 +127,13 @@ def _regroup_case() -> dict[str, float]:
 
     grid = _make_grid((5, 6, 10), (4, 4, 4), "q")
     x = torch.randn(2, grid.n_tokens, 3, 16).transpose(1, 2)
-    chunks, pooled = _regroup(x, grid, pool=True)
+    chunks, pooled, _ = _regroup(x, grid, pool=True)
     reference = _to_chunks(x, grid)
+    o = torch.randn(2, grid.n_tokens, 3, 16).transpose(1, 2)
+    _, _, delta = _regroup(x, grid, delta_of=o)
     return {"to_chunks_err": (chunks - reference).abs().max().item(),
-            "pooled_err": (pooled - _pool_chunks(reference, grid)).abs().max().item()}
+            "pooled_err": (pooled - _pool_chunks(reference, grid)).abs().max().item(),
+            "delta_err": (delta - (reference * _to_chunks(o, grid)).sum(-1)).abs().max().item()}
 
 
 def _top_chunks_case() -> dict[str, Any]:
@@ -209,6 +212,7 @@ def test_chunk_regroup_follows_3d_chunks_and_pools_real_tokens() -> None:
 def test_triton_regroup_and_pooling_equal_the_reference(kernel_report: dict[str, dict[str, float]]) -> None:
     assert kernel_report["regroup"]["to_chunks_err"] == 0.0
     assert kernel_report["regroup"]["pooled_err"] < 1e-6
+    assert kernel_report["regroup"]["delta_err"] < 1e-5
 
 
 def test_triton_top_k_keeps_the_best_chunks_ascending_ties_to_lower_columns(kernel_report: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ COMMON = dict(n_q_rows="i32", n_k_rows="i32", n_heads="i32", qk_scale_log2="fp32
 SIGNATURES = {
     "bsa_forward_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", KV_INDEX="*i32",
                                Q_TOKENS="*i32", K_TOKENS="*i32", n_q_tokens="i32", k_keep="i32", **COMMON),
-    "bsa_backward_dq_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", DO="*bf16", DO_CHUNKS="*bf16",
+    "bsa_backward_dq_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16",
                                    LSE="*fp32", DELTA="*fp32", DQ="*bf16", KV_INDEX="*i32", Q_TOKENS="*i32",
                                    K_TOKENS="*i32", n_q_tokens="i32", k_keep="i32", sm_scale="fp32", **COMMON),
     "bsa_backward_dkdv_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", LSE="*fp32", DELTA="*fp32",
@@ -27,9 +27,9 @@ SIGNATURES = {
                                      K_TOKENS="*i32", n_k_tokens="i32", q_list_len="i32", sm_scale="fp32", **COMMON),
 }
 BSA_HELPER_KERNELS = {  # name: (signature, constants)
-    "bsa_regroup_kernel": (dict(RASTER="*bf16", CHUNKS="*bf16", POOLED="*fp32", TOKENS="*i32", stride_b="i64",
-                                stride_h="i64", stride_n="i64", n_heads="i32", n_chunk_rows="i32"),
-                           dict(HEAD_DIM=128, CHUNK=64, POOL=True)),
+    "bsa_regroup_kernel": (dict(RASTER="*bf16", CHUNKS="*bf16", TOKENS="*i32", stride_b="i64", stride_h="i64",
+                                stride_n="i64", n_heads="i32", n_chunk_rows="i32", POOLED="*fp32", O="*bf16",
+                                DELTA="*fp32"), dict(HEAD_DIM=128, CHUNK=64, POOL=True, DELTA_OF_O=True)),
     "bsa_topk_kernel": (dict(SCORES="*fp32", KV_INDEX="*i32", n_cols="i32", keep="i32"), dict(BLOCK=2048)),
 }
 

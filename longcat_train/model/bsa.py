@@ -274,22 +274,24 @@ def _bsa_setup_context(ctx, inputs, output) -> None:
 def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q_chunks, k_chunks, v_chunks, o, lse, kv_index = ctx.saved_tensors
     grid_q, grid_k = ctx.grids
-    do = grad_out if grad_out.transpose(1, 2).is_contiguous() else _token_major_copy(grad_out)
+    # the transposed index (a few small sorting kernels) runs alongside the dO regroup and dQ pass
+    transposed_index = _alongside(_queries_by_kv_block, kv_index, grid_k.n_chunks)
+    do = grad_out if grad_out.stride() == o.stride() else _token_major_copy(grad_out)
+    do_chunks, _, delta = _regroup(do, grid_q, delta_of=o)
     b, h, n_q_rows, d = q_chunks.shape
     n_k_rows = k_chunks.shape[2]
     scale = _softmax_scale(d)
     constants = _kernel_constants(q_chunks, grid_q, grid_k)
     q_tokens, k_tokens = _chunk_tokens(grid_q, o.device), _chunk_tokens(grid_k, o.device)
-    do_chunks, delta = torch.empty_like(q_chunks), torch.empty_like(lse)
     dq = _token_major_empty(q_chunks, grid_q.n_tokens)
     dk, dv = _token_major_empty(k_chunks, grid_k.n_tokens), _token_major_empty(v_chunks, grid_k.n_tokens)
-    q_list, q_list_start, k_order = _queries_by_kv_block(kv_index, grid_k.n_chunks)
     with _on_device_of(o):
         bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
-            q_chunks, k_chunks, v_chunks, o, do, do_chunks, lse, delta, dq, kv_index, q_tokens, k_tokens,
+            q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dq, kv_index, q_tokens, k_tokens,
             n_q_rows, n_k_rows, grid_q.n_tokens, h, kv_index.shape[-1], scale * bsa_kernels.LOG2_E, scale,
             **constants,
         )
+        q_list, q_list_start, k_order = transposed_index()
         bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
             q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dk, dv, q_list, q_list_start, k_order, k_tokens,
             n_q_rows, n_k_rows, grid_k.n_tokens, h, q_list.shape[-1], scale * bsa_kernels.LOG2_E, scale,
@@ -299,6 +301,35 @@ def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
 
 
 torch.library.register_autograd("longcat::block_sparse_attention", _bsa_backward, setup_context=_bsa_setup_context)
+
+
+def _alongside(fn, first: torch.Tensor, *args):
+    """Start `fn(first, *args)` (returning a tuple of tensors) on a side stream when `first` is on a
+    GPU, so that it runs alongside what the current stream is given next; returns a function that
+    makes the current stream wait for it and hands its result over."""
+    if not first.is_cuda:
+        result = fn(first, *args)
+        return lambda: result
+    current, side = torch.cuda.current_stream(first.device), _side_stream(first.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        result = fn(first, *args)
+    first.record_stream(side)
+
+    def join():
+        current.wait_stream(side)
+        for tensor in result:
+            tensor.record_stream(current)
+        return result
+
+    return join
+
+
+@functools.lru_cache(maxsize=8)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    # High priority: its small kernels take multiprocessors as soon as the big kernel's programs
+    # retire, instead of queueing behind all of them.
+    return torch.cuda.Stream(device=device, priority=-1)
 
 
 def _token_major_empty(like: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -321,20 +352,28 @@ def _kernel_constants(q: torch.Tensor, grid_q: _ChunkGrid, grid_k: _ChunkGrid) -
                 HAS_KEY_PAD=grid_k.has_padding, DOT_PRECISION=_dot_precision(q.dtype))
 
 
-def _regroup(src: torch.Tensor, grid: _ChunkGrid, pool: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _regroup(src: torch.Tensor, grid: _ChunkGrid, pool: bool = False, delta_of: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Triton copy of raster [B, H, N, D] (any strides with a contiguous head dim) into contiguous
-    chunk order, and with `pool` the chunks' float32 means over their real tokens [B, H, n_chunks, D]
-    (the block selection's input). `_to_chunks` and `_pool_chunks` are the PyTorch references."""
+    chunk order. With `pool` also the chunks' float32 means over their real tokens
+    [B, H, n_chunks, D] (the block selection's input); with `delta_of` (src being the output
+    gradient, `delta_of` the output, same strides) also rowsum(src * output) per chunk-order row,
+    float32 [B, H, n_chunk_rows]. `_to_chunks` and `_pool_chunks` are the PyTorch references."""
     b, h, _, d = src.shape
     raster = src if src.stride(-1) == 1 else src.contiguous()
     chunked = src.new_empty(b, h, grid.n_chunks * grid.chunk_tokens, d)
     pooled = torch.empty(b, h, grid.n_chunks, d, dtype=torch.float32, device=src.device) if pool else None
+    delta = torch.empty(chunked.shape[:3], dtype=torch.float32, device=src.device) if delta_of is not None else None
+    if delta_of is not None and delta_of.stride() != raster.stride():
+        raise ValueError(f"delta_of strides {delta_of.stride()} differ from the gradient's {raster.stride()}")
     with _on_device_of(src):
         bsa_kernels.bsa_regroup_kernel[(grid.n_chunks, b * h)](
-            raster, chunked, pooled if pool else chunked, _chunk_tokens(grid, src.device), *raster.stride()[:3], h,
-            chunked.shape[2], HEAD_DIM=d, CHUNK=grid.chunk_tokens, POOL=pool,
+            raster, chunked, _chunk_tokens(grid, src.device), *raster.stride()[:3], h, chunked.shape[2],
+            chunked if pooled is None else pooled, raster if delta_of is None else delta_of,
+            chunked if delta is None else delta,
+            HEAD_DIM=d, CHUNK=grid.chunk_tokens, POOL=pool, DELTA_OF_O=delta_of is not None,
         )
-    return chunked, pooled
+    return chunked, pooled, delta
 
 
 def bsa_unavailable_reason(device: torch.device) -> str | None:
@@ -371,8 +410,9 @@ def block_sparse_attention(
     if reason is not None:
         raise RuntimeError(reason)
 
-    (q_chunks, pooled_q), (k_chunks, pooled_k) = _regroup(q, grid_q, pool=True), _regroup(k, grid_k, pool=True)
-    v_chunks, _ = _regroup(v, grid_k, pool=False)
+    q_chunks, pooled_q, _ = _regroup(q, grid_q, pool=True)
+    k_chunks, pooled_k, _ = _regroup(k, grid_k, pool=True)
+    v_chunks, _, _ = _regroup(v, grid_k)
     o, _, _ = _bsa_op(q, k, v, q_chunks, k_chunks, v_chunks, pooled_q, pooled_k, list(grid_q.latent),
                       list(grid_q.chunk), list(grid_k.latent), list(grid_k.chunk), float(sparsity))
     # the op's own output, which selective checkpointing caches: with activation offload its

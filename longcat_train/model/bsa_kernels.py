@@ -4,9 +4,8 @@ The attention kernels gather q, k, v (and dO) in chunk order: ``[B*H, n_chunks *
 contiguous, so token chunk ``c`` of a (batch, head) is rows ``c*CHUNK .. (c+1)*CHUNK``, one contiguous
 16 KiB block per 64-token chunk. (Gathering straight from the raster layout made the forward ~1.7x
 slower on an H200: a chunk's rows are then scattered over the whole tensor.) What each program
-touches once — its own output rows, the output gradient, the input gradients — goes straight
-to or from the token-major raster layout through a per-row token map (-1 for padding rows), which
-saves a regrouping copy each. Scores are kept in log2 units (pre-multiplied by
+writes once — its output rows, the input gradients — goes straight into the token-major raster
+layout through a per-row token map (-1 for padding rows), which saves a regrouping copy each. Scores are kept in log2 units (pre-multiplied by
 ``sm_scale * log2(e)``) so the kernels can use ``exp2``; the saved log-sum-exp ``LSE`` and ``DELTA``
 are per chunk-order row.
 
@@ -39,11 +38,11 @@ INTERPRETER_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
 
 def _configs() -> list[triton.Config]:
     """Launch shapes for 64-token chunks with head_dim up to 128 on sm_90: one warpgroup per chunk;
-    2-4 pipeline stages (more gathered chunks in flight; the forward ran 9 % faster with 3 than with
-    2 at 720p on an H200)."""
+    2 or 3 pipeline stages (at 720p on an H200 the forward runs best with 3, the backward passes
+    with 2; a fourth stage leaves room for only one program per multiprocessor)."""
     if triton_interpreting():
         return [INTERPRETER_CONFIG]
-    return [triton.Config({}, num_warps=4, num_stages=stages) for stages in (2, 3, 4)]
+    return [triton.Config({}, num_warps=4, num_stages=stages) for stages in (2, 3)]
 
 
 AUTOTUNED_KERNELS = ("bsa_forward_kernel", "bsa_backward_dq_kernel", "bsa_backward_dkdv_kernel")
@@ -87,8 +86,8 @@ def _kept_chunk_scores(q, k_desc, head_row, chunk, K_TOKENS, qk_scale_log2, CHUN
 @triton.jit
 def _next_entry(LIST, i, end):
     """Entry i of an index list (0 past its end). The loops read each entry one iteration ahead so
-    that the copy engine's next address is known when the pipeliner issues the next loads (-7 %
-    forward time at 720p on an H200)."""
+    that the copy engine's next address is ready when the pipeliner issues the next loads (-1 % on
+    the forward and dK/dV passes at 720p on an H200)."""
     return tl.load(LIST + i, mask=i < end, other=0)
 
 
@@ -139,27 +138,22 @@ def bsa_forward_kernel(
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def bsa_backward_dq_kernel(
-    Q, K, V, O, DO, DO_CHUNKS, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ,
     KV_INDEX, Q_TOKENS, K_TOKENS,
     n_q_rows, n_k_rows, n_q_tokens, n_heads, k_keep, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ for one query chunk, into the token-major raster gradient. On the way it reads dO from
-    the raster output gradient, writes it in chunk order for the dK/dV pass (padding rows zero) and
-    writes DELTA = rowsum(dO * O)."""
+    """dQ for one query chunk, into the token-major raster gradient."""
     q_chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = q_chunk * CHUNK_M + tl.arange(0, CHUNK_M)
     q_tile = bh * n_q_rows * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_tile)
-    raster, real = _raster_tile(Q_TOKENS, q_rows, bh, n_q_tokens, n_heads, HEAD_DIM)
-    do = tl.load(DO + raster, mask=real, other=0.0)
-    tl.store(DO_CHUNKS + q_tile, do)
-    delta = tl.sum(tl.load(O + raster, mask=real, other=0.0).to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * n_q_rows + q_rows, delta)
+    do = tl.load(DO + q_tile)
     lse = tl.load(LSE + bh * n_q_rows + q_rows)
+    delta = tl.load(DELTA + bh * n_q_rows + q_rows)
     n_rows = tl.num_programs(1) * n_k_rows
     k_desc, v_desc = _chunk_desc(K, n_rows, CHUNK_N, HEAD_DIM), _chunk_desc(V, n_rows, CHUNK_N, HEAD_DIM)
     head_row = (bh * n_k_rows).to(tl.int32)
@@ -178,6 +172,7 @@ def bsa_backward_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
+    raster, real = _raster_tile(Q_TOKENS, q_rows, bh, n_q_tokens, n_heads, HEAD_DIM)
     tl.store(DQ + raster, (dq * sm_scale).to(DQ.dtype.element_ty), mask=real)
 
 
@@ -241,14 +236,17 @@ def bsa_backward_dkdv_kernel(
 
 @triton.jit
 def bsa_regroup_kernel(
-    RASTER, CHUNKS, POOLED, TOKENS,  # RASTER: [B, H, N, D] with any strides (head dim contiguous)
+    RASTER, CHUNKS, TOKENS,  # RASTER: [B, H, N, D] with any strides (head dim contiguous)
     stride_b, stride_h, stride_n, n_heads, n_chunk_rows,
-    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, POOL: tl.constexpr,
+    POOLED,  # with POOL: float32 [B*H, n_chunks, D]
+    O, DELTA,  # with DELTA_OF_O: O in RASTER's layout; float32 [B*H, n_chunk_rows]
+    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, POOL: tl.constexpr, DELTA_OF_O: tl.constexpr,
 ):
     """Copy one chunk of one (batch, head) from raster order into chunk order
-    ([B*H, n_chunks * CHUNK, D], padding rows zero); with POOL also the chunk's mean over its real
-    tokens (float32, [B*H, n_chunks, D]), which the block selection scores. A plain copy at memory
-    bandwidth: PyTorch's permute-copy of the same 9-d view ran at a third of it (2.6 ms per
+    ([B*H, n_chunks * CHUNK, D], padding rows zero). With POOL also the chunk's mean over its real
+    tokens (what the block selection scores); with DELTA_OF_O (RASTER being the output gradient
+    dO) also DELTA = rowsum(dO * O) per row, which both backward passes read. A plain copy at
+    memory bandwidth: PyTorch's permute-copy of the same 9-d view ran at a third of it (2.6 ms per
     86,400 x 4096 bf16 tensor on an H200)."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -256,13 +254,16 @@ def bsa_regroup_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     token = tl.load(TOKENS + rows)
     real = token >= 0
-    raster = (RASTER + bh // n_heads * stride_b + bh % n_heads * stride_h
+    raster = (bh // n_heads * stride_b + bh % n_heads * stride_h
               + tl.maximum(token, 0).to(tl.int64)[:, None] * stride_n + offs_d[None, :])
-    x = tl.load(raster, mask=real[:, None], other=0.0)
+    x = tl.load(RASTER + raster, mask=real[:, None], other=0.0)
     tl.store(CHUNKS + (bh * n_chunk_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :], x)
     if POOL:
         mean = tl.sum(x.to(tl.float32), 0) / tl.sum(real.to(tl.float32), 0)
         tl.store(POOLED + (bh * tl.num_programs(0) + chunk) * HEAD_DIM + offs_d, mean)
+    if DELTA_OF_O:
+        o = tl.load(O + raster, mask=real[:, None], other=0.0)
+        tl.store(DELTA + bh * n_chunk_rows + rows, tl.sum(x.to(tl.float32) * o.to(tl.float32), 1))
 
 
 @triton.jit
