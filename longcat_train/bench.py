@@ -64,7 +64,6 @@ class BenchSettings:
             base_model_precision=precision, blocks_to_swap=swap, gradient_checkpointing=checkpointing,
             checkpoint_mode=self.checkpointing if checkpointing else "full", selective_blocks=self.selective_blocks,
             keep_cross_attention=self.keep_cross_attention, keep_projections=tuple(self.keep_projections or ()),
-            attention_implementation=self.attention,
             offload_block_inputs=self.offload_block_inputs, group_offload=group_offload, lora_rank=self.rank,
         )
 

@@ -121,19 +121,23 @@ def _selective_checkpoint_case() -> dict[str, float]:
 
 
 def _regroup_case() -> dict[str, float]:
-    """The Triton regroup and pooling (token-major input, padded grid, two batches) against
-    `_to_chunks` and `_pool_chunks`."""
+    """The Triton regroup, pooling and DELTA (token-major inputs, one a slice of a longer buffer as
+    the model's output gradient is; padded grid, two batches) against the PyTorch references."""
     from longcat_train.model.bsa import _make_grid, _pool_chunks, _regroup, _to_chunks
 
     grid = _make_grid((5, 6, 10), (4, 4, 4), "q")
     x = torch.randn(2, grid.n_tokens, 3, 16).transpose(1, 2)
     chunks, pooled, _ = _regroup(x, grid, pool=True)
     reference = _to_chunks(x, grid)
+    # the output gradient as the model hands it over: a slice of a longer token-major buffer
+    grad = torch.randn(2, grid.n_tokens + 5, 3, 16).transpose(1, 2)[:, :, 5:]
     o = torch.randn(2, grid.n_tokens, 3, 16).transpose(1, 2)
-    _, _, delta = _regroup(x, grid, delta_of=o)
-    return {"to_chunks_err": (chunks - reference).abs().max().item(),
+    grad_chunks, _, delta = _regroup(grad, grid, delta_of=o)
+    expected_delta = (_to_chunks(grad, grid) * _to_chunks(o, grid)).sum(-1)
+    return {"to_chunks_err": max((chunks - reference).abs().max().item(),
+                                 (grad_chunks - _to_chunks(grad, grid)).abs().max().item()),
             "pooled_err": (pooled - _pool_chunks(reference, grid)).abs().max().item(),
-            "delta_err": (delta - (reference * _to_chunks(o, grid)).sum(-1)).abs().max().item()}
+            "delta_err": (delta - expected_delta).abs().max().item()}
 
 
 def _top_chunks_case() -> dict[str, Any]:

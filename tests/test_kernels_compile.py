@@ -29,7 +29,7 @@ SIGNATURES = {
 BSA_HELPER_KERNELS = {  # name: (signature, constants)
     "bsa_regroup_kernel": (dict(RASTER="*bf16", CHUNKS="*bf16", TOKENS="*i32", stride_b="i64", stride_h="i64",
                                 stride_n="i64", n_heads="i32", n_chunk_rows="i32", POOLED="*fp32", O="*bf16",
-                                DELTA="*fp32"), dict(HEAD_DIM=128, CHUNK=64, POOL=True, DELTA_OF_O=True)),
+                                o_stride_b="i64", o_stride_h="i64", o_stride_n="i64", DELTA="*fp32"), dict(HEAD_DIM=128, CHUNK=64, POOL=True, DELTA_OF_O=True)),
     "bsa_topk_kernel": (dict(SCORES="*fp32", KV_INDEX="*i32", n_cols="i32", keep="i32"), dict(BLOCK=2048)),
 }
 

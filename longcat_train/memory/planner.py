@@ -6,8 +6,7 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
                (block swap keeps two blocks in flight; group offload its groups)
   LoRA state   trainable parameters × 16 (fp32 weight, grad, two Adam moments)
   activations  checkpointed block inputs B·N·C·2 per block, kept self-attention outputs B·N·C·2
-               per selective block (on the chunk-padded grid where block-sparse attention runs),
-               as much again for kept cross-attention outputs, and the output widths of kept
+               per selective block (dense or block-sparse attention alike), as much again for kept cross-attention outputs, and the output widths of kept
                projections × B·N·2 (with activation offload all of them wait on the host, two
                blocks' worth in flight on the GPU), plus one block's working set
                `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
@@ -36,7 +35,6 @@ import torch
 from ..bench import RELEASE_DIT_CONFIG
 from ..config.training import DEFAULT_LORA_TARGETS
 from ..model import LongCatVideoTransformer3DModel
-from ..model.attention import bsa_decision
 from ..model.transformer import PROJECTION_ROLES
 from ..pinned_memory import PinnedArena
 from .quantize import QUANTIZED_PRECISIONS
@@ -116,10 +114,6 @@ class MemorySettings:
     selective_blocks: int | None = None  # None: every block
     keep_cross_attention: bool = False
     keep_projections: tuple[str, ...] = ()  # kept only on the fused bf16 path (see `kept_projections`)
-    # attention: block-sparse self-attention keeps its output on a token grid padded to whole chunks
-    attention_implementation: str = "auto"
-    enable_bsa: bool = False  # the checkpoint's dit/config.json key
-    bsa_chunk: tuple[int, int, int] = (4, 4, 4)
     offload_block_inputs: bool = False
     group_offload: bool = False
     group_offload_type: str = "block_level"
@@ -138,7 +132,6 @@ class MemorySettings:
             checkpoint_mode=cfg.gradient_checkpointing_mode,
             selective_blocks=cfg.selective_checkpointing_blocks,
             keep_projections=tuple(cfg.keep_projections),
-            attention_implementation=cfg.attention_implementation,
             offload_block_inputs=cfg.activation_offload,
             group_offload=cfg.enable_group_offload,
             group_offload_type=cfg.group_offload_type,
@@ -248,9 +241,6 @@ def estimate(counts: ParameterCounts, s: MemorySettings, grid: tuple[int, int, i
             selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
             sizes = {role: n * width * 2 for role, width in counts.projection_widths}
             sizes["self_attention"] = sizes["cross_attention"] = hidden_state
-            if bsa_decision(s.attention_implementation, s.enable_bsa, True, grid)[0]:
-                padded = math.prod(-(-size // chunk) * chunk for size, chunk in zip(grid, s.bsa_chunk))
-                sizes["self_attention"] = s.batch_size * padded * counts.hidden * 2
             kinds = {"self_attention", *s.kept_projections} | ({"cross_attention"} if s.keep_cross_attention else set())
             kept = [sizes[kind] for kind in KEPT_FORWARD_ORDER if kind in kinds]
         if s.offload_block_inputs:
@@ -426,9 +416,6 @@ def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: flo
     if not buckets:
         raise ValueError("plan_memory needs at least one (height, width, frames) bucket")
     settings = config if isinstance(config, MemorySettings) else MemorySettings.from_config(config)
-    if dit_config is not None:
-        chunk = (dit_config.get("bsa_params") or {}).get("chunk_3d_shape_q", settings.bsa_chunk)
-        settings = replace(settings, enable_bsa=bool(dit_config.get("enable_bsa")), bsa_chunk=tuple(chunk))
     counts = parameter_counts(dit_config)
 
     rows = []

@@ -276,8 +276,7 @@ def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     grid_q, grid_k = ctx.grids
     # the transposed index (a few small sorting kernels) runs alongside the dO regroup and dQ pass
     transposed_index = _alongside(_queries_by_kv_block, kv_index, grid_k.n_chunks)
-    do = grad_out if grad_out.stride() == o.stride() else _token_major_copy(grad_out)
-    do_chunks, _, delta = _regroup(do, grid_q, delta_of=o)
+    do_chunks, _, delta = _regroup(grad_out, grid_q, delta_of=o)
     b, h, n_q_rows, d = q_chunks.shape
     n_k_rows = k_chunks.shape[2]
     scale = _softmax_scale(d)
@@ -339,10 +338,6 @@ def _token_major_empty(like: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return like.new_empty(b, n_tokens, h, d).transpose(1, 2)
 
 
-def _token_major_copy(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
@@ -357,20 +352,18 @@ def _regroup(src: torch.Tensor, grid: _ChunkGrid, pool: bool = False, delta_of: 
     """Triton copy of raster [B, H, N, D] (any strides with a contiguous head dim) into contiguous
     chunk order. With `pool` also the chunks' float32 means over their real tokens
     [B, H, n_chunks, D] (the block selection's input); with `delta_of` (src being the output
-    gradient, `delta_of` the output, same strides) also rowsum(src * output) per chunk-order row,
-    float32 [B, H, n_chunk_rows]. `_to_chunks` and `_pool_chunks` are the PyTorch references."""
+    gradient, `delta_of` the output, any strides with a contiguous head dim) also
+    rowsum(src * output) per chunk-order row, float32 [B, H, n_chunk_rows]. `_to_chunks` and `_pool_chunks` are the PyTorch references."""
     b, h, _, d = src.shape
     raster = src if src.stride(-1) == 1 else src.contiguous()
     chunked = src.new_empty(b, h, grid.n_chunks * grid.chunk_tokens, d)
     pooled = torch.empty(b, h, grid.n_chunks, d, dtype=torch.float32, device=src.device) if pool else None
     delta = torch.empty(chunked.shape[:3], dtype=torch.float32, device=src.device) if delta_of is not None else None
-    if delta_of is not None and delta_of.stride() != raster.stride():
-        raise ValueError(f"delta_of strides {delta_of.stride()} differ from the gradient's {raster.stride()}")
+    o_args = (raster, 0, 0, 0) if delta_of is None else (delta_of, *delta_of.stride()[:3])
     with _on_device_of(src):
         bsa_kernels.bsa_regroup_kernel[(grid.n_chunks, b * h)](
             raster, chunked, _chunk_tokens(grid, src.device), *raster.stride()[:3], h, chunked.shape[2],
-            chunked if pooled is None else pooled, raster if delta_of is None else delta_of,
-            chunked if delta is None else delta,
+            chunked if pooled is None else pooled, *o_args, chunked if delta is None else delta,
             HEAD_DIM=d, CHUNK=grid.chunk_tokens, POOL=pool, DELTA_OF_O=delta_of is not None,
         )
     return chunked, pooled, delta

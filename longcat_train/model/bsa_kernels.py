@@ -239,7 +239,7 @@ def bsa_regroup_kernel(
     RASTER, CHUNKS, TOKENS,  # RASTER: [B, H, N, D] with any strides (head dim contiguous)
     stride_b, stride_h, stride_n, n_heads, n_chunk_rows,
     POOLED,  # with POOL: float32 [B*H, n_chunks, D]
-    O, DELTA,  # with DELTA_OF_O: O in RASTER's layout; float32 [B*H, n_chunk_rows]
+    O, o_stride_b, o_stride_h, o_stride_n, DELTA,  # with DELTA_OF_O: O [B, H, N, D]; float32 [B*H, n_chunk_rows]
     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, POOL: tl.constexpr, DELTA_OF_O: tl.constexpr,
 ):
     """Copy one chunk of one (batch, head) from raster order into chunk order
@@ -254,15 +254,15 @@ def bsa_regroup_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     token = tl.load(TOKENS + rows)
     real = token >= 0
-    raster = (bh // n_heads * stride_b + bh % n_heads * stride_h
-              + tl.maximum(token, 0).to(tl.int64)[:, None] * stride_n + offs_d[None, :])
-    x = tl.load(RASTER + raster, mask=real[:, None], other=0.0)
+    b, h, n = bh // n_heads, bh % n_heads, tl.maximum(token, 0).to(tl.int64)[:, None]
+    x = tl.load(RASTER + b * stride_b + h * stride_h + n * stride_n + offs_d[None, :], mask=real[:, None], other=0.0)
     tl.store(CHUNKS + (bh * n_chunk_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :], x)
     if POOL:
         mean = tl.sum(x.to(tl.float32), 0) / tl.sum(real.to(tl.float32), 0)
         tl.store(POOLED + (bh * tl.num_programs(0) + chunk) * HEAD_DIM + offs_d, mean)
     if DELTA_OF_O:
-        o = tl.load(O + raster, mask=real[:, None], other=0.0)
+        o = tl.load(O + b * o_stride_b + h * o_stride_h + n * o_stride_n + offs_d[None, :], mask=real[:, None],
+                    other=0.0)
         tl.store(DELTA + bh * n_chunk_rows + rows, tl.sum(x.to(tl.float32) * o.to(tl.float32), 1))
 
 
