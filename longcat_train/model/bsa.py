@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -208,9 +209,10 @@ def _queries_by_kv_block(kv_index: torch.Tensor, n_kv_blocks: int) -> tuple[torc
     # A stable sort keeps the original (query-block-major) order inside each key block's group.
     order = torch.sort(flat, dim=-1, stable=True).indices
     q_list = (order // keep).to(torch.int32).contiguous()
-    head_offset = torch.arange(b * h, device=flat.device)[:, None] * n_kv_blocks
-    counts = torch.bincount((flat + head_offset).reshape(-1), minlength=b * h * n_kv_blocks)
-    counts = counts.reshape(b * h, n_kv_blocks)
+    # Counted by scatter-add, not bincount: bincount reads its input's maximum back to the host,
+    # which stalls the launching thread (and the side stream's overlap with the dQ pass).
+    counts = torch.zeros(b * h, n_kv_blocks, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(1, flat.long(), torch.ones_like(flat))
     q_list_start = torch.zeros(b * h, n_kv_blocks + 1, dtype=torch.int32, device=flat.device)
     q_list_start[:, 1:] = counts.cumsum(-1)
     k_order = torch.argsort(counts, dim=-1, descending=True, stable=True).to(torch.int32)
@@ -274,8 +276,6 @@ def _bsa_setup_context(ctx, inputs, output) -> None:
 def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q_chunks, k_chunks, v_chunks, o, lse, kv_index = ctx.saved_tensors
     grid_q, grid_k = ctx.grids
-    # the transposed index (a few small sorting kernels) runs alongside the dO regroup and dQ pass
-    transposed_index = _alongside(_queries_by_kv_block, kv_index, grid_k.n_chunks)
     do_chunks, _, delta = _regroup(grad_out, grid_q, delta_of=o)
     b, h, n_q_rows, d = q_chunks.shape
     n_k_rows = k_chunks.shape[2]
@@ -284,51 +284,49 @@ def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q_tokens, k_tokens = _chunk_tokens(grid_q, o.device), _chunk_tokens(grid_k, o.device)
     dq = _token_major_empty(q_chunks, grid_q.n_tokens)
     dk, dv = _token_major_empty(k_chunks, grid_k.n_tokens), _token_major_empty(v_chunks, grid_k.n_tokens)
+
+    def key_pass() -> None:
+        q_list, q_list_start, k_order = _queries_by_kv_block(kv_index, grid_k.n_chunks)
+        with _on_device_of(o):
+            bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
+                q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dk, dv, q_list, q_list_start, k_order,
+                k_tokens, n_q_rows, n_k_rows, grid_k.n_tokens, h, q_list.shape[-1], scale * bsa_kernels.LOG2_E,
+                scale, **constants,
+            )
+
+    # The two passes are independent: the dK/dV pass (with its transposed index) runs alongside the
+    # dQ pass, so multiprocessors mix the gather-bound dQ programs with the matmul-bound dK/dV ones.
+    key_pass_done = _alongside(o.device, key_pass)
     with _on_device_of(o):
         bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
             q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dq, kv_index, q_tokens, k_tokens,
             n_q_rows, n_k_rows, grid_q.n_tokens, h, kv_index.shape[-1], scale * bsa_kernels.LOG2_E, scale,
             **constants,
         )
-        q_list, q_list_start, k_order = transposed_index()
-        bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
-            q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dk, dv, q_list, q_list_start, k_order, k_tokens,
-            n_q_rows, n_k_rows, grid_k.n_tokens, h, q_list.shape[-1], scale * bsa_kernels.LOG2_E, scale,
-            **constants,
-        )
+    key_pass_done()
     return (dq, dk, dv) + (None,) * 10
 
 
 torch.library.register_autograd("longcat::block_sparse_attention", _bsa_backward, setup_context=_bsa_setup_context)
 
 
-def _alongside(fn, first: torch.Tensor, *args):
-    """Start `fn(first, *args)` (returning a tuple of tensors) on a side stream when `first` is on a
-    GPU, so that it runs alongside what the current stream is given next; returns a function that
-    makes the current stream wait for it and hands its result over."""
-    if not first.is_cuda:
-        result = fn(first, *args)
-        return lambda: result
-    current, side = torch.cuda.current_stream(first.device), _side_stream(first.device)
+def _alongside(device: torch.device, fn: Callable[[], None]) -> Callable[[], None]:
+    """Start `fn()` on a side stream (on a GPU), after the work already given to the current stream
+    and alongside what it is given next; returns a function that makes the current stream wait
+    for it. The caller keeps fn's tensors alive until then."""
+    if device.type != "cuda":
+        fn()
+        return lambda: None
+    current, side = torch.cuda.current_stream(device), _side_stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
-        result = fn(first, *args)
-    first.record_stream(side)
-
-    def join():
-        current.wait_stream(side)
-        for tensor in result:
-            tensor.record_stream(current)
-        return result
-
-    return join
+        fn()
+    return lambda: current.wait_stream(side)
 
 
 @functools.lru_cache(maxsize=8)
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    # High priority: its small kernels take multiprocessors as soon as the big kernel's programs
-    # retire, instead of queueing behind all of them.
-    return torch.cuda.Stream(device=device, priority=-1)
+    return torch.cuda.Stream(device=device)
 
 
 def _token_major_empty(like: torch.Tensor, n_tokens: int) -> torch.Tensor:
