@@ -276,6 +276,8 @@ def _bsa_setup_context(ctx, inputs, output) -> None:
 def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q_chunks, k_chunks, v_chunks, o, lse, kv_index = ctx.saved_tensors
     grid_q, grid_k = ctx.grids
+    # the transposed index (a few small sorting kernels) runs alongside the dO regroup and dQ pass
+    transposed_index = _alongside(_queries_by_kv_block, kv_index, grid_k.n_chunks)
     do_chunks, _, delta = _regroup(grad_out, grid_q, delta_of=o)
     b, h, n_q_rows, d = q_chunks.shape
     n_k_rows = k_chunks.shape[2]
@@ -284,44 +286,44 @@ def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q_tokens, k_tokens = _chunk_tokens(grid_q, o.device), _chunk_tokens(grid_k, o.device)
     dq = _token_major_empty(q_chunks, grid_q.n_tokens)
     dk, dv = _token_major_empty(k_chunks, grid_k.n_tokens), _token_major_empty(v_chunks, grid_k.n_tokens)
-
-    def key_pass() -> None:
-        q_list, q_list_start, k_order = _queries_by_kv_block(kv_index, grid_k.n_chunks)
-        with _on_device_of(o):
-            bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
-                q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dk, dv, q_list, q_list_start, k_order,
-                k_tokens, n_q_rows, n_k_rows, grid_k.n_tokens, h, q_list.shape[-1], scale * bsa_kernels.LOG2_E,
-                scale, **constants,
-            )
-
-    # The two passes are independent: the dK/dV pass (with its transposed index) runs alongside the
-    # dQ pass, so multiprocessors mix the gather-bound dQ programs with the matmul-bound dK/dV ones.
-    key_pass_done = _alongside(o.device, key_pass)
     with _on_device_of(o):
         bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
             q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dq, kv_index, q_tokens, k_tokens,
             n_q_rows, n_k_rows, grid_q.n_tokens, h, kv_index.shape[-1], scale * bsa_kernels.LOG2_E, scale,
             **constants,
         )
-    key_pass_done()
+        q_list, q_list_start, k_order = transposed_index()
+        bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
+            q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dk, dv, q_list, q_list_start, k_order, k_tokens,
+            n_q_rows, n_k_rows, grid_k.n_tokens, h, q_list.shape[-1], scale * bsa_kernels.LOG2_E, scale,
+            **constants,
+        )
     return (dq, dk, dv) + (None,) * 10
 
 
 torch.library.register_autograd("longcat::block_sparse_attention", _bsa_backward, setup_context=_bsa_setup_context)
 
 
-def _alongside(device: torch.device, fn: Callable[[], None]) -> Callable[[], None]:
-    """Start `fn()` on a side stream (on a GPU), after the work already given to the current stream
-    and alongside what it is given next; returns a function that makes the current stream wait
-    for it. The caller keeps fn's tensors alive until then."""
-    if device.type != "cuda":
-        fn()
-        return lambda: None
-    current, side = torch.cuda.current_stream(device), _side_stream(device)
+def _alongside(fn: Callable[..., tuple[torch.Tensor, ...]], first: torch.Tensor, *args) -> Callable[[], tuple]:
+    """Start `fn(first, *args)` (returning a tuple of tensors) on a side stream when `first` is on a
+    GPU, so that it runs alongside what the current stream is given next; returns a function that
+    makes the current stream wait for it and hands its result over."""
+    if not first.is_cuda:
+        result = fn(first, *args)
+        return lambda: result
+    current, side = torch.cuda.current_stream(first.device), _side_stream(first.device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
-        fn()
-    return lambda: current.wait_stream(side)
+        result = fn(first, *args)
+    first.record_stream(side)
+
+    def join() -> tuple:
+        current.wait_stream(side)
+        for tensor in result:
+            tensor.record_stream(current)
+        return result
+
+    return join
 
 
 @functools.lru_cache(maxsize=8)
