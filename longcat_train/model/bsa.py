@@ -276,9 +276,9 @@ def _bsa_setup_context(ctx, inputs, output) -> None:
 def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     q_chunks, k_chunks, v_chunks, o, lse, kv_index = ctx.saved_tensors
     grid_q, grid_k = ctx.grids
-    # the transposed index (a few small sorting kernels) runs alongside the dO regroup and dQ pass
-    transposed_index = _alongside(_queries_by_kv_block, kv_index, grid_k.n_chunks)
     do_chunks, _, delta = _regroup(grad_out, grid_q, delta_of=o)
+    # the transposed index (a few small sorting kernels) runs alongside the dQ pass
+    transposed_index = _alongside(_queries_by_kv_block, kv_index, grid_k.n_chunks)
     b, h, n_q_rows, d = q_chunks.shape
     n_k_rows = k_chunks.shape[2]
     scale = _softmax_scale(d)
@@ -328,7 +328,9 @@ def _alongside(fn: Callable[..., tuple[torch.Tensor, ...]], first: torch.Tensor,
 
 @functools.lru_cache(maxsize=8)
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=device)
+    # High priority: its kernels take multiprocessors as the running kernel's programs retire, not
+    # after all of them (at default priority the transposed index waited out the whole dQ pass).
+    return torch.cuda.Stream(device=device, priority=-1)
 
 
 def _token_major_empty(like: torch.Tensor, n_tokens: int) -> torch.Tensor:
