@@ -8,7 +8,7 @@ from rich.console import Console
 
 from longcat_train.config.training import TrainingConfig
 from longcat_train.memory import MemorySettings, PlanRefusal, plan_memory
-from longcat_train.memory.planner import bucket_grid, bucket_tokens, estimate, parameter_counts
+from longcat_train.memory.planner import bucket_tokens, estimate, parameter_counts
 
 BUCKET = (480, 832, 93)
 
@@ -141,10 +141,10 @@ def test_kept_projections_cost_their_output_bytes_on_the_bf16_fused_path_only():
     # config and model name the same projections and linears
     assert set(get_args(KeptProjection)) == set(PROJECTION_ROLES) == set(KEPT_PROJECTION_MODULES)
     assert all(KEPT_PROJECTION_MODULES[r] == ".".join(path) for r, path in PROJECTION_ROLES.items())
-    tokens, grid = 37_440, bucket_grid(*BUCKET)
+    tokens = bucket_tokens(*BUCKET)
     base = MemorySettings(checkpoint_mode="selective", offload_block_inputs=True)
     kept = replace(base, keep_projections=("qkv", "attention_out"))
-    plain, more = (estimate(parameter_counts(), s, grid) for s in (base, kept))
+    plain, more = (estimate(parameter_counts(), s, tokens) for s in (base, kept))
     per_block = tokens * (3 * 4096 + 4096) * 2 / 2**30  # qkv and attention-out outputs, bf16
     assert more.vram - plain.vram == pytest.approx(2 * per_block)  # two blocks in flight on the GPU
     # every block's copy on the host (plus the ends of the arena's slabs)
@@ -152,7 +152,7 @@ def test_kept_projections_cost_their_output_bytes_on_the_bf16_fused_path_only():
     # quantized weights take PEFT's path (nothing kept); full checkpointing keeps nothing either
     for other in (replace(kept, base_model_precision="int8-quanto"), replace(kept, checkpoint_mode="full")):
         assert other.kept_projections == ()
-        assert estimate(parameter_counts(), other, grid) == estimate(parameter_counts(), replace(other, keep_projections=()), grid)
+        assert estimate(parameter_counts(), other, tokens) == estimate(parameter_counts(), replace(other, keep_projections=()), tokens)
 
 
 @pytest.mark.parametrize("bucket, settings, pinned", [  # docs/benchmarks.md session 3, H200: pinned bytes

@@ -167,14 +167,10 @@ class MemorySettings:
         return ", ".join(parts)
 
 
-def bucket_grid(height: int, width: int, frames: int, patch: int = 2, vae_stride: int = 8) -> tuple[int, int, int]:
-    """The transformer's token grid of one (H, W, F) clip: (latent frames, H/16, W/16)."""
-    return 1 + (frames - 1) // 4, height // (vae_stride * patch), width // (vae_stride * patch)
-
-
-def bucket_tokens(height: int, width: int, frames: int) -> int:
-    """Transformer tokens of one (H, W, F) clip."""
-    return math.prod(bucket_grid(height, width, frames))
+def bucket_tokens(height: int, width: int, frames: int, patch: int = 2, vae_stride: int = 8) -> int:
+    """Transformer tokens of one (H, W, F) clip: latent frames × (H/16) × (W/16)."""
+    latent_frames = 1 + (frames - 1) // 4
+    return latent_frames * (height // (vae_stride * patch)) * (width // (vae_stride * patch))
 
 
 @dataclass(frozen=True)
@@ -226,9 +222,9 @@ KEPT_FORWARD_ORDER = ("qkv", "self_attention", "attention_out", "cross_q", "cros
                       "ffn_w1", "ffn_w3")
 
 
-def estimate(counts: ParameterCounts, s: MemorySettings, grid: tuple[int, int, int]) -> Estimate:
-    """Peak memory (GiB) of one training step over a `grid` of tokens (`bucket_grid`) per sample."""
-    n = s.batch_size * math.prod(grid)
+def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimate:
+    """Peak memory (GiB) of one training step over `tokens` tokens per sample."""
+    n = s.batch_size * tokens
     hidden_state = n * counts.hidden * 2  # one bf16 [B, N, C] tensor
     working_set = _per_token_working_set(counts) * n
     if not s.gradient_checkpointing:
@@ -391,9 +387,9 @@ def fastest_projections(settings: MemorySettings, bucket: tuple[int, int, int], 
                         host_memory_gib: float | None) -> tuple[str, ...]:
     """The largest of `PROJECTION_SETS` that `settings` can keep on `bucket` within the GPU's and
     the machine's memory (() where none fits)."""
-    counts, grid = parameter_counts(), bucket_grid(*bucket)
+    counts, tokens = parameter_counts(), bucket_tokens(*bucket)
     for projections in PROJECTION_SETS:
-        if all(_fits(estimate(counts, replace(settings, keep_projections=projections), grid), gpu_memory_gib,
+        if all(_fits(estimate(counts, replace(settings, keep_projections=projections), tokens), gpu_memory_gib,
                      host_memory_gib)):
             return projections
     return ()
@@ -420,9 +416,10 @@ def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: flo
 
     rows = []
     for bucket in buckets:
-        e = estimate(counts, settings, bucket_grid(*bucket))
-        rows.append(BucketPlan(tuple(bucket), bucket_tokens(*bucket), e, *_fits(e, gpu_memory_gib, host_memory_gib)))
-    largest = bucket_grid(*max(rows, key=lambda r: r.tokens).bucket)
+        tokens = bucket_tokens(*bucket)
+        e = estimate(counts, settings, tokens)
+        rows.append(BucketPlan(tuple(bucket), tokens, e, *_fits(e, gpu_memory_gib, host_memory_gib)))
+    largest = max(r.tokens for r in rows)
     recommendation = recommendation_estimate = None
     for candidate in candidate_settings(settings, counts.depth):
         e = estimate(counts, candidate, largest)
