@@ -117,24 +117,6 @@ class BsaSettings:
         )
 
 
-def bsa_decision(implementation: str, enable_bsa: bool, on_cuda: bool, grid_k: tuple[int, int, int]) -> tuple[bool, str]:
-    """(use block-sparse attention?, why) for a self-attention over the `grid_k` token grid under
-    `attention_implementation` and the checkpoint's `enable_bsa` (the memory planner asks too)."""
-    if implementation not in ("auto", "bsa"):
-        return False, f"attention_implementation={implementation}"
-    if grid_k[0] <= 1:
-        return False, "a single latent frame (images never use block-sparse attention)"
-    if implementation == "bsa":
-        return True, "attention_implementation=bsa"
-    if not on_cuda:
-        return False, "not on CUDA"
-    if enable_bsa:
-        return True, "enable_bsa in the config"
-    if grid_k[1] * grid_k[2] >= BSA_AUTO_MIN_TOKENS_PER_FRAME:
-        return True, f"720p-class clip ({grid_k[1]}x{grid_k[2]} tokens per frame)"
-    return False, f"below the 720p class ({grid_k[1]}x{grid_k[2]} tokens per frame)"
-
-
 def check_backend_available(name: str) -> None:
     """Raise a clear error when a backend named explicitly cannot run here."""
     if name not in BACKENDS:
@@ -188,7 +170,19 @@ class AttentionDispatcher:
 
     def bsa_decision(self, on_cuda: bool, grid_k: tuple[int, int, int]) -> tuple[bool, str]:
         """(use block-sparse attention?, why) for a self-attention over the `grid_k` token grid."""
-        return bsa_decision(self.implementation, self.bsa_enabled, on_cuda, grid_k)
+        if self.implementation not in ("auto", "bsa"):
+            return False, f"attention_implementation={self.implementation}"
+        if grid_k[0] <= 1:
+            return False, "a single latent frame (images never use block-sparse attention)"
+        if self.implementation == "bsa":
+            return True, "attention_implementation=bsa"
+        if not on_cuda:
+            return False, "not on CUDA"
+        if self.bsa_enabled:
+            return True, "enable_bsa in the config"
+        if grid_k[1] * grid_k[2] >= BSA_AUTO_MIN_TOKENS_PER_FRAME:
+            return True, f"720p-class clip ({grid_k[1]}x{grid_k[2]} tokens per frame)"
+        return False, f"below the 720p class ({grid_k[1]}x{grid_k[2]} tokens per frame)"
 
     def self_attention(self, q, k, v, grid_q: tuple[int, int, int], grid_k: tuple[int, int, int]):
         use, why = self.bsa_decision(q.is_cuda, grid_k)
