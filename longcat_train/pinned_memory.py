@@ -21,6 +21,29 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+class _SlabLayout:
+    """Where cuts land: slab sizes and the bytes cut from each since the last rewind (first fit;
+    the shared bookkeeping of `PinnedArena` and of the planner's `PinnedArena.reserved_for`)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.used: list[int] = []
+
+    def cut(self, nbytes: int) -> tuple[int, int]:
+        """(slab index, byte offset) of a cut of `nbytes`, adding a slab when none has room: the
+        first slab with room at its end, else a new one doubling the last (up to `MAX_SLAB`; a
+        larger request gets a slab of its own, rounded to a power of two)."""
+        size = _round_up(max(nbytes, 1), ALIGN)
+        slab = next((i for i, s in enumerate(self.sizes) if self.used[i] + size <= s), len(self.sizes))
+        if slab == len(self.sizes):
+            previous = self.sizes[-1] if self.sizes else 0
+            self.sizes.append(max(1 << (size - 1).bit_length(), min(2 * previous, MAX_SLAB)))
+            self.used.append(0)
+        offset = self.used[slab]
+        self.used[slab] += size
+        return slab, offset
+
+
 class PinnedArena:
     """Pinned host memory cut from power-of-two slabs, first fit: each cut goes to the first slab
     with room at its end, so a slab's tail is left unused only when no later request fits it.
@@ -34,51 +57,28 @@ class PinnedArena:
     def __init__(self, pin: bool = True) -> None:
         self.pin = pin
         self.slabs: list[torch.Tensor] = []
-        self.used: list[int] = []  # bytes cut from each slab since the last rewind
+        self.layout = _SlabLayout()
 
     @property
     def reserved_bytes(self) -> int:
         return sum(s.numel() for s in self.slabs)
 
     def rewind(self) -> None:
-        self.used = [0] * len(self.slabs)
+        self.layout.used = [0] * len(self.slabs)
 
     def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised pinned tensor of `shape` and `dtype` (contiguous)."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        return self._cut(nbytes).view(dtype).view(shape)
-
-    def _cut(self, nbytes: int) -> torch.Tensor:
-        size = _round_up(max(nbytes, 1), ALIGN)
-        slab, new_slab = _place([s.numel() for s in self.slabs], self.used, size)
-        if new_slab:
-            self.slabs.append(torch.empty(new_slab, dtype=torch.uint8, pin_memory=self.pin))
-            self.used.append(0)
-        start = self.used[slab]
-        self.used[slab] += size
-        return self.slabs[slab][start: start + nbytes]
+        slab, offset = self.layout.cut(nbytes)
+        if slab == len(self.slabs):
+            self.slabs.append(torch.empty(self.layout.sizes[slab], dtype=torch.uint8, pin_memory=self.pin))
+        return self.slabs[slab][offset: offset + nbytes].view(dtype).view(shape)
 
     @staticmethod
     def reserved_for(requests: list[int]) -> int:
         """Bytes of slabs a fresh arena reserves for these requests (in bytes, in this order): the
         memory planner's figure for a step's offloaded tensors, slab ends included."""
-        slabs: list[int] = []
-        used: list[int] = []
+        layout = _SlabLayout()
         for nbytes in requests:
-            size = _round_up(max(nbytes, 1), ALIGN)
-            slab, new_slab = _place(slabs, used, size)
-            if new_slab:
-                slabs.append(new_slab)
-                used.append(0)
-            used[slab] += size
-        return sum(slabs)
-
-
-def _place(slabs: list[int], used: list[int], size: int) -> tuple[int, int]:
-    """(slab index for a cut of `size` bytes, size of the new slab to add first or 0): the first
-    slab with room, else a new one."""
-    for i, slab_bytes in enumerate(slabs):
-        if used[i] + size <= slab_bytes:
-            return i, 0
-    previous = slabs[-1] if slabs else 0
-    return len(slabs), max(1 << (size - 1).bit_length(), min(2 * previous, MAX_SLAB))
+            layout.cut(nbytes)
+        return sum(layout.sizes)
