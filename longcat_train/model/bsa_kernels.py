@@ -61,13 +61,23 @@ def _chunk_desc(base, n_rows, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _raster_offsets(token, bh, n_heads, stride_b, stride_h, stride_n, HEAD_DIM: tl.constexpr):
+    """Offsets of (batch, head) `bh`'s rows at raster positions `token` in a [B, H, N, D] tensor with
+    these strides (head dim contiguous). Padding rows (token -1) point at token 0: mask them."""
+    n = tl.maximum(token, 0).to(tl.int64)
+    rows = bh // n_heads * stride_b + bh % n_heads * stride_h + n * stride_n
+    return rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
 def _raster_tile(TOKENS, rows, bh, n_tokens, n_heads, HEAD_DIM: tl.constexpr):
     """Offsets of chunk-order `rows` of (batch, head) `bh` in a token-major raster tensor
-    ([B, N, heads, D] storage, the transformer's layout), and a mask of the rows that are real
-    tokens (`TOKENS` holds -1 for padding rows)."""
+    ([B, N, heads, D] storage, the transformer's layout, which the kernels allocate their outputs
+    in), and a mask of the rows that are real tokens (`TOKENS` holds -1 for padding rows)."""
     token = tl.load(TOKENS + rows)
-    row = (bh // n_heads * n_tokens + tl.maximum(token, 0)) * n_heads + bh % n_heads
-    return row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], (token >= 0)[:, None]
+    offsets = _raster_offsets(token, bh, n_heads, n_tokens.to(tl.int64) * n_heads * HEAD_DIM, HEAD_DIM,
+                              n_heads * HEAD_DIM, HEAD_DIM)
+    return offsets, (token >= 0)[:, None]
 
 
 @triton.jit
@@ -256,15 +266,15 @@ def bsa_regroup_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     token = tl.load(TOKENS + rows)
     real = token >= 0
-    b, h, n = bh // n_heads, bh % n_heads, tl.maximum(token, 0).to(tl.int64)[:, None]
-    x = tl.load(RASTER + b * stride_b + h * stride_h + n * stride_n + offs_d[None, :], mask=real[:, None], other=0.0)
+    x = tl.load(RASTER + _raster_offsets(token, bh, n_heads, stride_b, stride_h, stride_n, HEAD_DIM),
+                mask=real[:, None], other=0.0)
     tl.store(CHUNKS + (bh * n_chunk_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :], x)
     if POOL:
         mean = tl.sum(x.to(tl.float32), 0) / tl.sum(real.to(tl.float32), 0)
         tl.store(POOLED + (bh * tl.num_programs(0) + chunk) * HEAD_DIM + offs_d, mean)
     if DELTA_OF_O:
-        o = tl.load(O + b * o_stride_b + h * o_stride_h + n * o_stride_n + offs_d[None, :], mask=real[:, None],
-                    other=0.0)
+        o = tl.load(O + _raster_offsets(token, bh, n_heads, o_stride_b, o_stride_h, o_stride_n, HEAD_DIM),
+                    mask=real[:, None], other=0.0)
         tl.store(DELTA + bh * n_chunk_rows + rows, tl.sum(x.to(tl.float32) * o.to(tl.float32), 1))
 
 
