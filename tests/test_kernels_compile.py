@@ -31,6 +31,8 @@ BSA_HELPER_KERNELS = {  # name: (signature, constants)
                                 stride_n="i64", n_heads="i32", n_chunk_rows="i32", POOLED="*fp32", O="*bf16",
                                 o_stride_b="i64", o_stride_h="i64", o_stride_n="i64", DELTA="*fp32"), dict(HEAD_DIM=128, CHUNK=64, POOL=True, DELTA_OF_O=True)),
     "bsa_topk_kernel": (dict(SCORES="*fp32", KV_INDEX="*i32", n_cols="i32", keep="i32"), dict(BLOCK=2048)),
+    "bsa_gate_scores_kernel": (dict(POOLED_Q="*fp32", POOLED_K="*fp32", SCORES="*fp32", n_q_chunks="i32",
+                                    n_k_chunks="i32", head_dim="i32"), dict(BLOCK=64, BLOCK_D=128)),
 }
 
 

@@ -23,9 +23,10 @@ Where we deliberately differ from the official code:
   divisible grid this is exactly the official behaviour.
 * The top-k count is at least 1 (the official code would select nothing and return zeros when
   ``int((1 - sparsity) * n) == 0``).
-* Pooling and gating scores are computed in float32 (the official code uses the input dtype, bf16);
-  only near-ties can rank differently. Kept indices are sorted ascending for memory locality (the
-  order of the kept chunks changes only floating-point rounding).
+* Pooling and gating scores are computed in float32 (the official code uses the input dtype, bf16;
+  on the GPU the score products run as three-pass TF32, which matches float32 to about 1e-6
+  relative); only near-ties can rank differently. Kept indices are sorted ascending for memory
+  locality (the order of the kept chunks changes only floating-point rounding).
 * The dK/dV pass walks a transposed (CSR) index — per key chunk, the query chunks that kept it —
   like the official kernel, so gradients are deterministic (no atomics).
 """
@@ -140,19 +141,25 @@ def _pool_chunks(x_chunks: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
 
 
 def _top_chunks(pooled_q: torch.Tensor, pooled_k: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` key chunks with the highest gate scores per query chunk, ascending, int32."""
-    scores = (pooled_q @ pooled_k.transpose(-1, -2)).contiguous()
-    n_cols = scores.shape[-1]
-    if scores.is_cuda or bsa_kernels.triton_interpreting():
-        kv_index = torch.empty(*scores.shape[:-1], keep, dtype=torch.int32, device=scores.device)
-        with _on_device_of(scores):
-            bsa_kernels.bsa_topk_kernel[(scores.shape[:-1].numel(),)](
-                scores, kv_index, n_cols, keep, BLOCK=max(16, triton.next_power_of_2(n_cols)))
-        return kv_index
-    # Without Triton (the CPU reference path) the same selection through PyTorch; only exact ties
-    # may resolve differently (the kernel keeps the lower column).
-    kept = torch.topk(scores, keep, dim=-1, sorted=False).indices
-    return kept.sort(dim=-1).values.to(torch.int32).contiguous()
+    """The `keep` key chunks with the highest gate scores per query chunk, ascending, int32.
+    pooled_q: float32 [B, H, n_q_chunks, D], pooled_k: float32 [B, H, n_k_chunks, D], contiguous."""
+    if not (pooled_q.is_cuda or bsa_kernels.triton_interpreting()):
+        # Without Triton (the CPU reference path) the same selection through PyTorch; only exact
+        # ties may resolve differently (the kernel keeps the lower column).
+        scores = pooled_q @ pooled_k.transpose(-1, -2)
+        kept = torch.topk(scores, keep, dim=-1, sorted=False).indices
+        return kept.sort(dim=-1).values.to(torch.int32).contiguous()
+    b, h, n_rows, d = pooled_q.shape
+    n_cols = pooled_k.shape[2]
+    scores = pooled_q.new_empty(b, h, n_rows, n_cols)
+    kv_index = torch.empty(b, h, n_rows, keep, dtype=torch.int32, device=pooled_q.device)
+    tile = 64
+    with _on_device_of(pooled_q):
+        bsa_kernels.bsa_gate_scores_kernel[(triton.cdiv(n_rows, tile), triton.cdiv(n_cols, tile), b * h)](
+            pooled_q, pooled_k, scores, n_rows, n_cols, d, BLOCK=tile, BLOCK_D=max(16, triton.next_power_of_2(d)))
+        bsa_kernels.bsa_topk_kernel[(b * h * n_rows,)](
+            scores, kv_index, n_cols, keep, BLOCK=max(16, triton.next_power_of_2(n_cols)), num_warps=1)
+    return kv_index
 
 
 def _checked_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, latent_q: Shape3D, latent_k: Shape3D,
