@@ -204,7 +204,8 @@ def select_kv_blocks(
         return _top_chunks(pooled_q, pooled_k, kept_kv_block_count(grid_k.n_chunks, sparsity))
 
 
-def _queries_by_kv_block(kv_index: torch.Tensor, n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _queries_by_kv_block(kv_index: torch.Tensor,
+                         n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Transpose the selection into CSR form for the dK/dV pass.
 
     Returns ``q_list`` int32 [B*H, n_q_blocks * k_keep] (query blocks grouped by the key block they
@@ -362,7 +363,8 @@ def _regroup(src: torch.Tensor, grid: _ChunkGrid, pool: bool = False, delta_of: 
     chunk order. With `pool` also the chunks' float32 means over their real tokens
     [B, H, n_chunks, D] (the block selection's input); with `delta_of` (src being the output
     gradient, `delta_of` the output, any strides with a contiguous head dim) also
-    rowsum(src * output) per chunk-order row, float32 [B, H, n_chunk_rows]. `_to_chunks` and `_pool_chunks` are the PyTorch references."""
+    rowsum(src * output) per chunk-order row, float32 [B, H, n_chunk_rows]. `_to_chunks` and
+    `_pool_chunks` are the PyTorch references."""
     b, h, _, d = src.shape
     raster = src if src.stride(-1) == 1 else src.contiguous()
     chunked = src.new_empty(b, h, grid.n_chunks * grid.chunk_tokens, d)

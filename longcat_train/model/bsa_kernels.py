@@ -5,9 +5,9 @@ contiguous, so token chunk ``c`` of a (batch, head) is rows ``c*CHUNK .. (c+1)*C
 16 KiB block per 64-token chunk. (Gathering straight from the raster layout made the forward ~1.7x
 slower on an H200: a chunk's rows are then scattered over the whole tensor.) What each program
 writes once — its output rows, the input gradients — goes straight into the token-major raster
-layout through a per-row token map (-1 for padding rows), which saves a regrouping copy each. Scores are kept in log2 units (pre-multiplied by
-``sm_scale * log2(e)``) so the kernels can use ``exp2``; the saved log-sum-exp ``LSE`` and ``DELTA``
-are per chunk-order row.
+layout through a per-row token map (-1 for padding rows), which saves a regrouping copy each.
+Softmax arguments are in log2 units (scores times ``sm_scale * log2(e)``) so the kernels can use
+``exp2``; the saved log-sum-exp ``LSE`` (log2 units) and ``DELTA`` are per chunk-order row.
 
 Written here (not taken from a library) because no maintained package ships a block-sparse
 attention with LongCat's 3D block selection *and* a backward pass.
@@ -81,12 +81,17 @@ def _raster_tile(TOKENS, rows, bh, n_tokens, n_heads, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _kept_key_sources(K, V, KV_INDEX, bh, q_chunk, n_k_rows, k_keep, CHUNK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _kept_key_sources(K, V, KV_INDEX, K_TOKENS, bh, q_chunk, n_k_rows, k_keep, CHUNK_N: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, HAS_KEY_PAD: tl.constexpr):
     """What a query chunk's program gathers its kept keys and values through: (the key and value
-    descriptors, its head's first chunk-order row, its list of kept key chunks)."""
+    descriptors, its head's first chunk-order row, its list of kept key chunks, the first kept
+    chunk and whether it holds padding)."""
     n_rows = tl.num_programs(1) * n_k_rows
     k_desc, v_desc = _chunk_desc(K, n_rows, CHUNK_N, HEAD_DIM), _chunk_desc(V, n_rows, CHUNK_N, HEAD_DIM)
-    return k_desc, v_desc, (bh * n_k_rows).to(tl.int32), KV_INDEX + (bh * tl.num_programs(0) + q_chunk) * k_keep
+    kept = KV_INDEX + (bh * tl.num_programs(0) + q_chunk) * k_keep
+    first = tl.load(kept)
+    return (k_desc, v_desc, (bh * n_k_rows).to(tl.int32), kept, first,
+            _holds_padding(K_TOKENS, first, CHUNK_N, HAS_KEY_PAD))
 
 
 @triton.jit
@@ -112,7 +117,8 @@ def _kept_chunk_scores(q, k_desc, head_row, kept, k_keep, slot, chunk, padded, K
 @triton.jit
 def _holds_padding(K_TOKENS, chunk, CHUNK_N: tl.constexpr, HAS_KEY_PAD: tl.constexpr):
     """Whether key chunk `chunk` holds padding keys: then its last row (the chunk's far corner in
-    t, h and w) is padding."""
+    t, h and w) is padding. Without padding a tensor that is always false (chunk ids are >= 0), so
+    that the loops carry the flag with one type either way."""
     return (tl.load(K_TOKENS + chunk * CHUNK_N + CHUNK_N - 1) < 0) if HAS_KEY_PAD else (chunk < 0)
 
 
@@ -140,14 +146,12 @@ def bsa_forward_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = q_chunk * CHUNK_M + tl.arange(0, CHUNK_M)
     q = tl.load(Q + bh * n_q_rows * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :])
-    k_desc, v_desc, head_row, kept = _kept_key_sources(K, V, KV_INDEX, bh, q_chunk, n_k_rows, k_keep, CHUNK_N,
-                                                       HEAD_DIM)
+    k_desc, v_desc, head_row, kept, chunk_next, padded_next = _kept_key_sources(
+        K, V, KV_INDEX, K_TOKENS, bh, q_chunk, n_k_rows, k_keep, CHUNK_N, HEAD_DIM, HAS_KEY_PAD)
 
     m_i = tl.full([CHUNK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([CHUNK_M], dtype=tl.float32)
     acc = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
-    chunk_next = tl.load(kept)
-    padded_next = _holds_padding(K_TOKENS, chunk_next, CHUNK_N, HAS_KEY_PAD)
     for slot in range(0, k_keep):
         s, _, chunk, chunk_next, padded_next = _kept_chunk_scores(
             q, k_desc, head_row, kept, k_keep, slot, chunk_next, padded_next, K_TOKENS, CHUNK_N, HAS_KEY_PAD,
@@ -186,12 +190,10 @@ def bsa_backward_dq_kernel(
     do = tl.load(DO + q_tile)
     lse = tl.load(LSE + bh * n_q_rows + q_rows)
     delta = tl.load(DELTA + bh * n_q_rows + q_rows)
-    k_desc, v_desc, head_row, kept = _kept_key_sources(K, V, KV_INDEX, bh, q_chunk, n_k_rows, k_keep, CHUNK_N,
-                                                       HEAD_DIM)
+    k_desc, v_desc, head_row, kept, chunk_next, padded_next = _kept_key_sources(
+        K, V, KV_INDEX, K_TOKENS, bh, q_chunk, n_k_rows, k_keep, CHUNK_N, HEAD_DIM, HAS_KEY_PAD)
 
     dq = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
-    chunk_next = tl.load(kept)
-    padded_next = _holds_padding(K_TOKENS, chunk_next, CHUNK_N, HAS_KEY_PAD)
     for slot in range(0, k_keep):
         s, k, chunk, chunk_next, padded_next = _kept_chunk_scores(
             q, k_desc, head_row, kept, k_keep, slot, chunk_next, padded_next, K_TOKENS, CHUNK_N, HAS_KEY_PAD,
