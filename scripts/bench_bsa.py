@@ -35,7 +35,7 @@ from longcat_train.model.bsa import (  # noqa: E402
     _make_grid,
     _queries_by_kv_block,
     _regroup,
-    _top_chunks,
+    _select,
     block_sparse_attention,
     block_sparse_attention_reference,
     kept_kv_block_count,
@@ -166,13 +166,12 @@ def selection_breakdown(q: torch.Tensor, v: torch.Tensor, grid: Shape3D, sparsit
     """Milliseconds per stage: regrouping one tensor into chunk order with and without the pooled
     chunk means, the block selection (gate scores and top-k), and the backward's transposed index."""
     chunks = _make_grid(grid, CHUNK, "q")
-    keep = kept_kv_block_count(chunks.n_chunks, sparsity)
     _, pooled, _ = _regroup(q, chunks, pool=True)
-    kv_index = _top_chunks(pooled, pooled, keep)
+    kv_index, _ = _select(pooled, pooled, chunks, sparsity)
     stages = {
         "regroup_pool_one": lambda: _regroup(q, chunks, pool=True),
         "regroup_one": lambda: _regroup(v, chunks),
-        "top_chunks": lambda: _top_chunks(pooled, pooled, keep),
+        "top_chunks": lambda: _select(pooled, pooled, chunks, sparsity),
         "transpose_index": lambda: _queries_by_kv_block(kv_index, chunks.n_chunks),
     }
     with torch.no_grad():

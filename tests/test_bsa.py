@@ -141,7 +141,8 @@ def _regroup_case() -> dict[str, float]:
 
 
 def _top_chunks_case() -> dict[str, Any]:
-    """The Triton top-k against torch.topk on random scores (no ties), and its tie rule."""
+    """The Triton top-k against torch.topk on random scores (no ties), its tie rule, and its list
+    order when some key chunks hold padding."""
     from longcat_train.model import bsa
 
     gen = torch.Generator().manual_seed(4)
@@ -151,9 +152,18 @@ def _top_chunks_case() -> dict[str, Any]:
     # Scores in {0, 1, 2}: keeping 5 of the 8 columns takes every 2, then the lowest-numbered 1s.
     tied_q = torch.tensor([[1.0, 0.0]]).reshape(1, 1, 1, 2)
     tied_k = torch.tensor([[1, 0], [2, 0], [0, 0], [1, 0], [1, 0], [2, 0], [1, 0], [0, 0]], dtype=torch.float32)
-    return {"random_equal": torch.equal(bsa._top_chunks(pooled_q, pooled_k, 9), expected),
-            "tied": bsa._top_chunks(tied_q, tied_k.reshape(1, 1, 8, 2), 5).reshape(-1).tolist(),
-            "keep_all": bsa._top_chunks(pooled_q, pooled_k, 40)[0, 0, 0].tolist()}
+    full = torch.full((40,), 64, dtype=torch.int32)
+    # Every third key chunk holds padding: the list puts the kept ones after the kept full chunks.
+    padded_real = torch.where(torch.arange(40) % 3 == 0, 16, 64).to(torch.int32)
+    partitioned, n_full = bsa._top_chunks(pooled_q, pooled_k, 9, padded_real, 64)
+    is_padded = padded_real[expected.long()] != 64
+    expected_partitioned = (expected + 40 * is_padded).sort(-1).values % 40
+    return {"random_equal": torch.equal(bsa._top_chunks(pooled_q, pooled_k, 9, full, 64)[0], expected),
+            "tied": bsa._top_chunks(tied_q, tied_k.reshape(1, 1, 8, 2), 5, full[:8], 64)[0].reshape(-1).tolist(),
+            "keep_all": bsa._top_chunks(pooled_q, pooled_k, 40, full, 64)[0][0, 0, 0].tolist(),
+            "partitioned_equal": torch.equal(partitioned, expected_partitioned.to(torch.int32)),
+            "n_full_equal": torch.equal(n_full, (~is_padded).sum(-1, dtype=torch.int32)),
+            "some_padded_kept": bool(is_padded.any() and (~is_padded).any())}
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +234,12 @@ def test_triton_top_k_keeps_the_best_chunks_ascending_ties_to_lower_columns(kern
     assert report["random_equal"]
     assert report["tied"] == [0, 1, 3, 4, 5]
     assert report["keep_all"] == list(range(40))
+
+
+def test_triton_top_k_lists_padded_chunks_after_full_ones(kernel_report: dict[str, Any]) -> None:
+    report = kernel_report["top_chunks"]
+    assert report["some_padded_kept"]
+    assert report["partitioned_equal"] and report["n_full_equal"]
 
 
 def test_kept_block_count_follows_official_rule_with_floor_of_one() -> None:

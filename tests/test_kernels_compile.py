@@ -18,10 +18,12 @@ HOPPER = GPUTarget("cuda", 90, 32)
 COMMON = dict(n_q_rows="i32", n_k_rows="i32", n_heads="i32", qk_scale_log2="fp32")
 SIGNATURES = {
     "bsa_forward_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", KV_INDEX="*i32",
-                               Q_TOKENS="*i32", K_TOKENS="*i32", n_q_tokens="i32", k_keep="i32", **COMMON),
+                               N_FULL="*i32", Q_TOKENS="*i32", K_REAL="*i32", SEGMENTS="*i32", n_q_tokens="i32",
+                               k_keep="i32", **COMMON),
     "bsa_backward_dq_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16",
-                                   LSE="*fp32", DELTA="*fp32", DQ="*bf16", KV_INDEX="*i32", Q_TOKENS="*i32",
-                                   K_TOKENS="*i32", n_q_tokens="i32", k_keep="i32", sm_scale="fp32", **COMMON),
+                                   LSE="*fp32", DELTA="*fp32", DQ="*bf16", KV_INDEX="*i32", N_FULL="*i32",
+                                   Q_TOKENS="*i32", K_REAL="*i32", SEGMENTS="*i32", n_q_tokens="i32", k_keep="i32",
+                                   sm_scale="fp32", **COMMON),
     "bsa_backward_dkdv_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", LSE="*fp32", DELTA="*fp32",
                                      DK="*bf16", DV="*bf16", Q_LIST="*i32", Q_LIST_START="*i32", K_ORDER="*i32",
                                      K_TOKENS="*i32", n_k_tokens="i32", q_list_len="i32", sm_scale="fp32", **COMMON),
@@ -30,18 +32,29 @@ BSA_HELPER_KERNELS = {  # name: (signature, constants)
     "bsa_regroup_kernel": (dict(RASTER="*bf16", CHUNKS="*bf16", TOKENS="*i32", stride_b="i64", stride_h="i64",
                                 stride_n="i64", n_heads="i32", n_chunk_rows="i32", POOLED="*fp32", O="*bf16",
                                 o_stride_b="i64", o_stride_h="i64", o_stride_n="i64", DELTA="*fp32"), dict(HEAD_DIM=128, CHUNK=64, POOL=True, DELTA_OF_O=True)),
-    "bsa_topk_kernel": (dict(SCORES="*fp32", KV_INDEX="*i32", n_cols="i32", keep="i32"), dict(BLOCK=2048)),
+    "bsa_topk_kernel": (dict(SCORES="*fp32", K_REAL="*i32", KV_INDEX="*i32", N_FULL="*i32", n_cols="i32",
+                             keep="i32", chunk_rows="i32"), dict(BLOCK=2048)),
     "bsa_gate_scores_kernel": (dict(POOLED_Q="*fp32", POOLED_K="*fp32", SCORES="*fp32", n_q_chunks="i32",
                                     n_k_chunks="i32", head_dim="i32"), dict(BLOCK=64, BLOCK_D=128)),
 }
 
 
+# Integer arguments that are multiples of 16 at 720p (row counts are whole 64-row chunks), which
+# Triton's launcher marks so, as it marks 16-byte aligned pointers: without these marks the
+# compiler does not turn pointer loads into asynchronous copies, unlike at run time.
+DIVISIBLE_INTS = {"n_q_rows", "n_k_rows", "n_heads", "n_q_tokens", "n_k_tokens"}
+
+
 def _compile(fn, signature, constants, **options):
-    """PTX and machine code for sm_90 of a Triton kernel (checking the signature names every argument)."""
+    """PTX and machine code for sm_90 of a Triton kernel (checking the signature names every argument),
+    specialised like a run-time launch: pointers and `DIVISIBLE_INTS` divisible by 16."""
     signature = signature | {key: "constexpr" for key in constants}
     assert set(signature) == set(fn.arg_names)
+    divisible = [fn.arg_names.index(key) for key, kind in signature.items()
+                 if kind.startswith("*") or key in DIVISIBLE_INTS]
     source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()})
+                       constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()},
+                       attrs={(index,): [["tt.divisibility", 16]] for index in divisible})
     return triton.compile(source, target=HOPPER, options=options)
 
 
@@ -51,6 +64,8 @@ def test_bsa_kernel_compiles_for_hopper(name, stages):
     if bsa_kernels.triton_interpreting():
         pytest.skip("the interpreter is on in this process")
     constants = dict(HEAD_DIM=128, CHUNK_M=64, CHUNK_N=64, HAS_KEY_PAD=True, DOT_PRECISION="tf32")
+    if "KEEP_BLOCK" in getattr(bsa_kernels, name).fn.arg_names:
+        constants["KEEP_BLOCK"] = 128  # 90 kept chunks at 720p
     compiled = _compile(getattr(bsa_kernels, name).fn, SIGNATURES[name], constants, num_warps=4, num_stages=stages)
     ptx = compiled.asm["ptx"]
     assert "wgmma" in ptx and "cp.async.bulk.tensor" in ptx  # Hopper tensor cores fed by the copy engine

@@ -104,23 +104,33 @@ def _make_grid(latent: tuple[int, ...], chunk: tuple[int, ...], name: str) -> _C
 
 
 def _to_chunks(x: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
-    """[B, H, N, D] raster → [B, H, n_chunks * chunk_tokens, D] chunk order, zero padding."""
-    b, h, _, d = x.shape
-    (t, hh, w), (pt, ph, pw) = grid.latent, grid.padded
-    x = x.reshape(b, h, t, hh, w, d)
-    if grid.has_padding:
-        x = F.pad(x, (0, 0, 0, pw - w, 0, ph - hh, 0, pt - t))
-    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
-    x = x.reshape(b, h, nt, ct, nh, ch, nw, cw, d).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
-    return x.reshape(b, h, grid.n_chunks * grid.chunk_tokens, d)
+    """[B, H, N, D] raster → [B, H, n_chunks * chunk_tokens, D] chunk order (`_chunk_tokens`),
+    zero padding. The PyTorch reference of the Triton regroup."""
+    tokens = _chunk_tokens(grid, x.device).long()
+    return x[:, :, tokens.clamp(min=0)].masked_fill((tokens < 0)[:, None], 0)
 
 
 @functools.lru_cache(maxsize=16)
 def _chunk_tokens(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
     """int32 [n_chunks * chunk_tokens]: the raster token of each chunk-order row, -1 for padding.
-    Cached: every block's forward and backward of a bucket use the same one."""
-    tokens = torch.arange(1, grid.n_tokens + 1, device=device).reshape(1, 1, -1, 1)
-    return (_to_chunks(tokens, grid).reshape(-1) - 1).to(torch.int32)
+    Chunks row-major over the padded (t, h, w) chunk grid; inside a chunk first its real tokens
+    (row-major), then its padding rows, so that the kernels can pack the real rows of several kept
+    chunks on the grid's far edges into one tile. Cached: every block's forward and backward of a
+    bucket use the same one."""
+    (t, h, w), (pt, ph, pw) = grid.latent, grid.padded
+    tokens = torch.arange(grid.n_tokens, device=device).reshape(t, h, w)
+    tokens = F.pad(tokens, (0, pw - w, 0, ph - h, 0, pt - t), value=-1)
+    (nt, nh, nw), (ct, ch, cw) = grid.counts, grid.chunk
+    tokens = tokens.reshape(nt, ct, nh, ch, nw, cw).permute(0, 2, 4, 1, 3, 5).reshape(grid.n_chunks, -1)
+    real_first = torch.sort((tokens < 0).to(torch.uint8), dim=1, stable=True).indices
+    return tokens.gather(1, real_first).reshape(-1).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_real_rows(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
+    """int32 [n_chunks]: how many of each chunk's rows are real tokens."""
+    rows = _chunk_tokens(grid, device).reshape(grid.n_chunks, grid.chunk_tokens)
+    return (rows >= 0).sum(1, dtype=torch.int32)
 
 
 def _raster_chunk_ids(grid: _ChunkGrid, device: torch.device) -> torch.Tensor:
@@ -136,30 +146,44 @@ def _pool_chunks(x_chunks: torch.Tensor, grid: _ChunkGrid) -> torch.Tensor:
     b, h, _, d = x_chunks.shape
     sums = x_chunks.reshape(b, h, grid.n_chunks, grid.chunk_tokens, d).sum(3, dtype=torch.float32)
     # Padding rows are zero, so dividing by the real-token count gives the mean over real tokens.
-    counts = (_chunk_tokens(grid, x_chunks.device) >= 0).reshape(grid.n_chunks, grid.chunk_tokens).sum(1)
-    return sums / counts[:, None].to(torch.float32)
+    return sums / _chunk_real_rows(grid, x_chunks.device)[:, None].to(torch.float32)
 
 
-def _top_chunks(pooled_q: torch.Tensor, pooled_k: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` key chunks with the highest gate scores per query chunk, ascending, int32.
-    pooled_q: float32 [B, H, n_q_chunks, D], pooled_k: float32 [B, H, n_k_chunks, D], contiguous."""
+def _top_chunks(pooled_q: torch.Tensor, pooled_k: torch.Tensor, keep: int, key_real: torch.Tensor,
+                chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` key chunks with the highest gate scores per query chunk, int32 [B, H, n_q_chunks,
+    keep]: first, ascending, those whose `key_real` (int32 [n_k_chunks], real rows) equals
+    `chunk_rows`, then, ascending, those holding padding; and how many come first, int32 [B, H,
+    n_q_chunks]. pooled_q: float32 [B, H, n_q_chunks, D], pooled_k: float32 [B, H, n_k_chunks, D],
+    contiguous."""
     if not (pooled_q.is_cuda or bsa_kernels.triton_interpreting()):
         # Without Triton (the CPU reference path) the same selection through PyTorch; only exact
         # ties may resolve differently (the kernel keeps the lower column).
         scores = pooled_q @ pooled_k.transpose(-1, -2)
         kept = torch.topk(scores, keep, dim=-1, sorted=False).indices
-        return kept.sort(dim=-1).values.to(torch.int32).contiguous()
+        padded = key_real[kept] != chunk_rows
+        kept = (kept + padded * pooled_k.shape[2]).sort(dim=-1).values % pooled_k.shape[2]
+        return kept.to(torch.int32).contiguous(), (~padded).sum(-1, dtype=torch.int32)
     b, h, n_rows, d = pooled_q.shape
     n_cols = pooled_k.shape[2]
     scores = pooled_q.new_empty(b, h, n_rows, n_cols)
     kv_index = torch.empty(b, h, n_rows, keep, dtype=torch.int32, device=pooled_q.device)
+    n_full = torch.empty(b, h, n_rows, dtype=torch.int32, device=pooled_q.device)
     tile = 64
     with _on_device_of(pooled_q):
         bsa_kernels.bsa_gate_scores_kernel[(triton.cdiv(n_rows, tile), triton.cdiv(n_cols, tile), b * h)](
             pooled_q, pooled_k, scores, n_rows, n_cols, d, BLOCK=tile, BLOCK_D=max(16, triton.next_power_of_2(d)))
         bsa_kernels.bsa_topk_kernel[(b * h * n_rows,)](
-            scores, kv_index, n_cols, keep, BLOCK=max(16, triton.next_power_of_2(n_cols)), num_warps=1)
-    return kv_index
+            scores, key_real, kv_index, n_full, n_cols, keep, chunk_rows,
+            BLOCK=max(16, triton.next_power_of_2(n_cols)), num_warps=1)
+    return kv_index, n_full
+
+
+def _select(pooled_q: torch.Tensor, pooled_k: torch.Tensor, grid_k: _ChunkGrid,
+            sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_top_chunks` for key chunks on `grid_k` at `sparsity`."""
+    return _top_chunks(pooled_q, pooled_k, kept_kv_block_count(grid_k.n_chunks, sparsity),
+                       _chunk_real_rows(grid_k, pooled_k.device), grid_k.chunk_tokens)
 
 
 def _checked_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, latent_q: Shape3D, latent_k: Shape3D,
@@ -192,7 +216,8 @@ def select_kv_blocks(
     chunk_3d_shape_q: Shape3D = (4, 4, 4),
     chunk_3d_shape_k: Shape3D = (4, 4, 4),
 ) -> torch.Tensor:
-    """Kept key blocks per query block: int32 ``[B, heads, n_q_blocks, k_keep]``, ascending.
+    """Kept key blocks per query block: int32 ``[B, heads, n_q_blocks, k_keep]``, ascending (the
+    kernels' own lists put the blocks without padding first).
 
     Blocks are numbered row-major over the (padded) chunk grid. q and k are raster-ordered
     ``[B, heads, N, D]``.
@@ -201,7 +226,7 @@ def select_kv_blocks(
                                     sparsity)
     with torch.no_grad():
         pooled_q, pooled_k = (_pool_chunks(_to_chunks(x, grid), grid) for x, grid in ((q, grid_q), (k, grid_k)))
-        return _top_chunks(pooled_q, pooled_k, kept_kv_block_count(grid_k.n_chunks, sparsity))
+        return _select(pooled_q, pooled_k, grid_k, sparsity)[0].sort(-1).values
 
 
 def _queries_by_kv_block(kv_index: torch.Tensor,
@@ -256,39 +281,41 @@ def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 def _bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_chunks: torch.Tensor, k_chunks: torch.Tensor,
             v_chunks: torch.Tensor, pooled_q: torch.Tensor, pooled_k: torch.Tensor, latent_q: list[int],
             chunk_q: list[int], latent_k: list[int], chunk_k: list[int],
-            sparsity: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            sparsity: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output [B, heads, Nq, D] in token-major storage, log-sum-exp [B, heads, n_q_rows] float32,
-    kept key chunks [B, heads, n_q_chunks, keep])."""
+    kept key chunks [B, heads, n_q_chunks, keep] and how many of them come first without padding
+    [B, heads, n_q_chunks])."""
     grid_q, grid_k = _ChunkGrid(tuple(latent_q), tuple(chunk_q)), _ChunkGrid(tuple(latent_k), tuple(chunk_k))
-    kv_index = _top_chunks(pooled_q, pooled_k, kept_kv_block_count(grid_k.n_chunks, sparsity))
+    kv_index, n_full = _select(pooled_q, pooled_k, grid_k, sparsity)
     b, h, n_q, d = q.shape
     o = _token_major_empty(q, n_q)
     lse = torch.empty(b, h, q_chunks.shape[2], dtype=torch.float32, device=q.device)
     with _on_device_of(q):
         bsa_kernels.bsa_forward_kernel[(grid_q.n_chunks, b * h)](
-            q_chunks, k_chunks, v_chunks, o, lse, kv_index, _chunk_tokens(grid_q, q.device),
-            _chunk_tokens(grid_k, q.device), q_chunks.shape[2], k_chunks.shape[2], n_q, h, kv_index.shape[-1],
-            _softmax_scale(d) * bsa_kernels.LOG2_E, **_kernel_constants(q, grid_q, grid_k),
+            q_chunks, k_chunks, v_chunks, o, lse, kv_index, n_full, _chunk_tokens(grid_q, q.device),
+            _chunk_real_rows(grid_k, q.device), _segment_scratch(kv_index, grid_k), q_chunks.shape[2], k_chunks.shape[2], n_q, h, kv_index.shape[-1],
+            _softmax_scale(d) * bsa_kernels.LOG2_E, KEEP_BLOCK=triton.next_power_of_2(kv_index.shape[-1]),
+            **_kernel_constants(q, grid_q, grid_k),
         )
-    return o, lse, kv_index
+    return o, lse, kv_index, n_full
 
 
 def _bsa_setup_context(ctx, inputs, output) -> None:
     _, _, _, q_chunks, k_chunks, v_chunks, _, _, latent_q, chunk_q, latent_k, chunk_k, _ = inputs
-    o, lse, kv_index = output
-    ctx.save_for_backward(q_chunks, k_chunks, v_chunks, o, lse, kv_index)
+    o, lse, kv_index, n_full = output
+    ctx.save_for_backward(q_chunks, k_chunks, v_chunks, o, lse, kv_index, n_full)
     ctx.grids = (_ChunkGrid(tuple(latent_q), tuple(chunk_q)), _ChunkGrid(tuple(latent_k), tuple(chunk_k)))
-    ctx.mark_non_differentiable(lse, kv_index)
+    ctx.mark_non_differentiable(lse, kv_index, n_full)
 
 
-def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
-    q_chunks, k_chunks, v_chunks, o, lse, kv_index = ctx.saved_tensors
+def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index, _grad_n_full):
+    q_chunks, k_chunks, v_chunks, o, lse, kv_index, n_full = ctx.saved_tensors
     grid_q, grid_k = ctx.grids
     do_chunks, _, delta = _regroup(grad_out, grid_q, delta_of=o)
     # the transposed index (a few small sorting kernels) runs alongside the dQ pass
     transposed_index = _alongside(_queries_by_kv_block, kv_index, grid_k.n_chunks)
     b, h, n_q_rows, d = q_chunks.shape
-    n_k_rows = k_chunks.shape[2]
+    n_k_rows, keep = k_chunks.shape[2], kv_index.shape[-1]
     scale = _softmax_scale(d)
     constants = _kernel_constants(q_chunks, grid_q, grid_k)
     q_tokens, k_tokens = _chunk_tokens(grid_q, o.device), _chunk_tokens(grid_k, o.device)
@@ -296,9 +323,9 @@ def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index):
     dk, dv = _token_major_empty(k_chunks, grid_k.n_tokens), _token_major_empty(v_chunks, grid_k.n_tokens)
     with _on_device_of(o):
         bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
-            q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dq, kv_index, q_tokens, k_tokens,
-            n_q_rows, n_k_rows, grid_q.n_tokens, h, kv_index.shape[-1], scale * bsa_kernels.LOG2_E, scale,
-            **constants,
+            q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dq, kv_index, n_full, q_tokens,
+            _chunk_real_rows(grid_k, o.device), _segment_scratch(kv_index, grid_k), n_q_rows, n_k_rows, grid_q.n_tokens, h, keep,
+            scale * bsa_kernels.LOG2_E, scale, KEEP_BLOCK=triton.next_power_of_2(keep), **constants,
         )
         q_list, q_list_start, k_order = transposed_index()
         bsa_kernels.bsa_backward_dkdv_kernel[(grid_k.n_chunks, b * h)](
@@ -346,6 +373,15 @@ def _token_major_empty(like: torch.Tensor, n_tokens: int) -> torch.Tensor:
     transformer's layout, which the kernels write raster rows of."""
     b, h, _, d = like.shape
     return like.new_empty(b, n_tokens, h, d).transpose(1, 2)
+
+
+def _segment_scratch(kv_index: torch.Tensor, grid_k: _ChunkGrid) -> torch.Tensor:
+    """Per query chunk room for the packed segments of its kept padded key chunks (see
+    `bsa_kernels._pack_padded_segments`); transient, 66 MB at 720p. One element when the key
+    grid has no padding (the kernels then never touch it)."""
+    per_row = kv_index.shape[-1] * grid_k.chunk_tokens // bsa_kernels.SEGMENT_ROWS
+    size = kv_index[..., 0].numel() * per_row if grid_k.has_padding else 1
+    return torch.empty(size, dtype=torch.int32, device=kv_index.device)
 
 
 def _softmax_scale(head_dim: int) -> float:
@@ -417,7 +453,7 @@ def block_sparse_attention(
     q_chunks, pooled_q, _ = _regroup(q, grid_q, pool=True)
     k_chunks, pooled_k, _ = _regroup(k, grid_k, pool=True)
     v_chunks, _, _ = _regroup(v, grid_k)
-    o, _, _ = _bsa_op(q, k, v, q_chunks, k_chunks, v_chunks, pooled_q, pooled_k, list(grid_q.latent),
+    o, _, _, _ = _bsa_op(q, k, v, q_chunks, k_chunks, v_chunks, pooled_q, pooled_k, list(grid_q.latent),
                       list(grid_q.chunk), list(grid_k.latent), list(grid_k.chunk), float(sparsity))
     # the op's own output, which selective checkpointing caches: with activation offload its
     # bytes wait on the host until the block is recomputed

@@ -21,6 +21,9 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
+# Rows per packing segment of the kept key chunks that hold padding (tl.dot's minimum tile).
+SEGMENT_ROWS = 16
+SEGMENT = tl.constexpr(SEGMENT_ROWS)
 
 
 def triton_interpreting() -> bool:
@@ -81,45 +84,17 @@ def _raster_tile(TOKENS, rows, bh, n_tokens, n_heads, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _kept_key_sources(K, V, KV_INDEX, K_TOKENS, bh, q_chunk, n_k_rows, k_keep, CHUNK_N: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, HAS_KEY_PAD: tl.constexpr):
+def _kept_key_sources(K, V, KV_INDEX, N_FULL, bh, q_chunk, n_k_rows, k_keep, CHUNK_N: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):
     """What a query chunk's program gathers its kept keys and values through: (the key and value
-    descriptors, its head's first chunk-order row, its list of kept key chunks, the first kept
-    chunk and whether it holds padding)."""
+    descriptors, its head's first chunk-order row, its list of kept key chunks, how many of them
+    come first as chunks without padding, the first of those)."""
     n_rows = tl.num_programs(1) * n_k_rows
     k_desc, v_desc = _chunk_desc(K, n_rows, CHUNK_N, HEAD_DIM), _chunk_desc(V, n_rows, CHUNK_N, HEAD_DIM)
-    kept = KV_INDEX + (bh * tl.num_programs(0) + q_chunk) * k_keep
-    first = tl.load(kept)
-    return (k_desc, v_desc, (bh * n_k_rows).to(tl.int32), kept, first,
-            _holds_padding(K_TOKENS, first, CHUNK_N, HAS_KEY_PAD))
-
-
-@triton.jit
-def _kept_chunk_scores(q, k_desc, head_row, kept, k_keep, slot, chunk, padded, K_TOKENS, CHUNK_N: tl.constexpr,
-                       HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """A query chunk's raw scores q·k against its kept key chunk `chunk` (slot `slot` of its list
-    `kept`; with `padded`, its padding keys at -inf), that chunk's keys, and the next slot's chunk
-    id and padding flag. Unscaled: the callers fold the log2 softmax scale into the one multiply-add
-    that also subtracts the row maximum or log-sum-exp (a multiply less per score). Only chunks on
-    the grid's far edges hold padding, so the other chunks skip the mask's load, compare and select
-    (with the multiply: -21 % instructions per kept chunk in the forward loop, -25 % in the dQ loop;
-    forward 21.6 -> 20.3 ms, dQ 24.0 -> 23.5 ms at 720p on an H200)."""
-    chunk_next = _next_entry(kept, slot + 1, k_keep)
-    k = k_desc.load([head_row + chunk * CHUNK_N, 0])
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if HAS_KEY_PAD:
-        if padded:
-            real = tl.load(K_TOKENS + chunk * CHUNK_N + tl.arange(0, CHUNK_N)) >= 0
-            s = tl.where(real[None, :], s, float("-inf"))
-    return s, k, chunk, chunk_next, _holds_padding(K_TOKENS, chunk_next, CHUNK_N, HAS_KEY_PAD)
-
-
-@triton.jit
-def _holds_padding(K_TOKENS, chunk, CHUNK_N: tl.constexpr, HAS_KEY_PAD: tl.constexpr):
-    """Whether key chunk `chunk` holds padding keys: then its last row (the chunk's far corner in
-    t, h and w) is padding. Without padding a tensor that is always false (chunk ids are >= 0), so
-    that the loops carry the flag with one type either way."""
-    return (tl.load(K_TOKENS + chunk * CHUNK_N + CHUNK_N - 1) < 0) if HAS_KEY_PAD else (chunk < 0)
+    row = bh * tl.num_programs(0) + q_chunk
+    kept = KV_INDEX + row * k_keep
+    n_full = tl.load(N_FULL + row)
+    return k_desc, v_desc, (bh * n_k_rows).to(tl.int32), kept, n_full, _next_entry(kept, 0, n_full)
 
 
 @triton.jit
@@ -130,44 +105,121 @@ def _next_entry(LIST, i, end):
     return tl.load(LIST + i, mask=i < end, other=0)
 
 
+@triton.jit
+def _pack_padded_segments(kept, n_full, k_keep, K_REAL, SEGMENTS, KEEP_BLOCK: tl.constexpr,
+                          CHUNK_N: tl.constexpr):
+    """Cut the kept key chunks that hold padding (list entries n_full .. k_keep-1) into SEGMENT-row
+    segments of real keys, write them in order to this program's `SEGMENTS` scratch (each as its
+    first chunk-order row << 5 | its real-row count; 0 for the empty slots that fill the last tile)
+    and return how many CHUNK_N-row tiles they fill. Rows inside a chunk come real ones first
+    (`bsa._chunk_tokens`), so a chunk with r real rows is cdiv(r, SEGMENT) segments: at 720p an
+    edge chunk (one real row of four in h) is one, and four of them share a tile. Written to memory
+    once so that the loop reads each tile's rows with a plain load instead of searching registers
+    across warps."""
+    SLOTS: tl.constexpr = CHUNK_N // SEGMENT
+    entry = tl.arange(0, KEEP_BLOCK)
+    listed = n_full + entry < k_keep
+    chunk = tl.load(kept + n_full + entry, mask=listed, other=0)
+    real = tl.load(K_REAL + chunk, mask=listed, other=0)
+    n_segments = tl.cdiv(real, SEGMENT)
+    seg = tl.arange(0, SLOTS)[None, :]
+    seg_real = tl.minimum(real[:, None] - seg * SEGMENT, SEGMENT)  # <= 0 past the chunk's last segment
+    tl.store(SEGMENTS + (tl.cumsum(n_segments, 0) - n_segments)[:, None] + seg,
+             (chunk[:, None] * CHUNK_N + seg * SEGMENT) << 5 | seg_real, mask=seg_real > 0)
+    total = tl.sum(n_segments, 0)
+    n_tiles = tl.cdiv(total, SLOTS)
+    tail = total + tl.arange(0, SLOTS)
+    tl.store(SEGMENTS + tail, tl.zeros([SLOTS], dtype=tl.int32), mask=tail < n_tiles * SLOTS)
+    tl.debug_barrier()  # every thread's segments written before any thread reads them
+    return n_tiles
+
+
+@triton.jit
+def _packed_tile(SEGMENTS, tile, CHUNK_N: tl.constexpr):
+    """Tile `tile` of `_pack_padded_segments`' packing: the chunk-order rows (within the head) it
+    gathers and a mask of the rows that are real keys (empty slots: row 0 onwards, all masked)."""
+    within = tl.arange(0, CHUNK_N)
+    code = tl.load(SEGMENTS + tile * (CHUNK_N // SEGMENT) + within // SEGMENT)
+    return (code >> 5) + within % SEGMENT, within % SEGMENT < (code & 31)
+
+
+@triton.jit
+def _rows_of(X, head_base, rows, HEAD_DIM: tl.constexpr):
+    """A [len(rows), HEAD_DIM] tile of chunk-order rows `rows` of the head starting at `head_base`."""
+    return tl.load(X + (head_base + rows)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _attend(s, v, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of the forward over a key tile: raw scores `s` (padding at -inf;
+    every tile holds a real key, so the new row maximum is finite), its values `v`. Scores stay
+    unscaled: the log2 softmax scale is folded into the one multiply-add that also subtracts the
+    row maximum (a multiply less per score; with the unpadded main loop, forward 21.6 -> 20.3 ms at
+    720p on an H200). The scale is positive, so the maximum of the scaled scores is the scaled
+    maximum."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * qk_scale_log2 - m_new[:, None])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _dq_step(s, k, v, do, lse, delta, dq, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    """dQ (unscaled) plus one key tile's share: raw scores `s` (padding at -inf), keys, values."""
+    p = tl.math.exp2(s * qk_scale_log2 - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def bsa_forward_kernel(
     Q, K, V, O, LSE,
-    KV_INDEX,  # int32 [B*H, n_q_chunks, k_keep]: kept key chunks per query chunk
-    Q_TOKENS, K_TOKENS,  # int32 per chunk-order row: its raster token, -1 for padding
+    KV_INDEX,  # int32 [B*H, n_q_chunks, k_keep]: kept key chunks per query chunk, unpadded ones first
+    N_FULL,  # int32 [B*H, n_q_chunks]: how many of them hold no padding
+    Q_TOKENS,  # int32 per chunk-order query row: its raster token, -1 for padding
+    K_REAL,  # int32 [n_k_chunks]: real rows per key chunk
+    SEGMENTS,  # int32 [B*H, n_q_chunks, k_keep * CHUNK_N // SEGMENT]: scratch for `_pack_padded_segments`
     n_q_rows, n_k_rows, n_q_tokens, n_heads, k_keep, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr, KEEP_BLOCK: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query chunk: O straight into the token-major raster output, LSE in chunk order."""
+    """One query chunk: O straight into the token-major raster output, LSE in chunk order. Kept
+    chunks without padding are whole tiles fetched by the copy engine; those with padding (chunks on
+    the grid's far edges, e.g. one real row of four in h at 720p) have their real rows packed
+    several chunks to a tile and gathered by pointer loads (`_packed_tile`)."""
     q_chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = q_chunk * CHUNK_M + tl.arange(0, CHUNK_M)
     q = tl.load(Q + bh * n_q_rows * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :])
-    k_desc, v_desc, head_row, kept, chunk_next, padded_next = _kept_key_sources(
-        K, V, KV_INDEX, K_TOKENS, bh, q_chunk, n_k_rows, k_keep, CHUNK_N, HEAD_DIM, HAS_KEY_PAD)
+    k_desc, v_desc, head_row, kept, n_full, chunk_next = _kept_key_sources(
+        K, V, KV_INDEX, N_FULL, bh, q_chunk, n_k_rows, k_keep, CHUNK_N, HEAD_DIM)
 
     m_i = tl.full([CHUNK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([CHUNK_M], dtype=tl.float32)
     acc = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
-    for slot in range(0, k_keep):
-        s, _, chunk, chunk_next, padded_next = _kept_chunk_scores(
-            q, k_desc, head_row, kept, k_keep, slot, chunk_next, padded_next, K_TOKENS, CHUNK_N, HAS_KEY_PAD,
-            DOT_PRECISION)
-        # Every kept chunk holds a real key in every row's reach, so m_new is always finite. (The
-        # scale is positive: the maximum of the scaled scores is the scaled maximum.)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s * qk_scale_log2 - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+    for slot in range(0, n_full):
+        chunk = chunk_next
+        chunk_next = _next_entry(kept, slot + 1, n_full)
+        k = k_desc.load([head_row + chunk * CHUNK_N, 0])
         v = v_desc.load([head_row + chunk * CHUNK_N, 0])
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), v, m_i, l_i, acc,
+                                qk_scale_log2, DOT_PRECISION)
+    if HAS_KEY_PAD:
+        segments = SEGMENTS + (bh * tl.num_programs(0) + q_chunk) * (k_keep * (CHUNK_N // SEGMENT))
+        n_tiles = _pack_padded_segments(kept, n_full, k_keep, K_REAL, segments, KEEP_BLOCK, CHUNK_N)
+        for tile in range(0, n_tiles):
+            rows, real_rows = _packed_tile(segments, tile, CHUNK_N)
+            s = tl.dot(q, tl.trans(_rows_of(K, bh * n_k_rows, rows, HEAD_DIM)), input_precision=DOT_PRECISION)
+            m_i, l_i, acc = _attend(tl.where(real_rows[None, :], s, float("-inf")),
+                                    _rows_of(V, bh * n_k_rows, rows, HEAD_DIM), m_i, l_i, acc, qk_scale_log2,
+                                    DOT_PRECISION)
 
-    out, real = _raster_tile(Q_TOKENS, q_rows, bh, n_q_tokens, n_heads, HEAD_DIM)
-    tl.store(O + out, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=real)
+    out, real_q = _raster_tile(Q_TOKENS, q_rows, bh, n_q_tokens, n_heads, HEAD_DIM)
+    tl.store(O + out, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=real_q)
     tl.store(LSE + bh * n_q_rows + q_rows, m_i + tl.math.log2(l_i))
 
 
@@ -175,12 +227,13 @@ def bsa_forward_kernel(
 @triton.jit
 def bsa_backward_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KV_INDEX, Q_TOKENS, K_TOKENS,
+    KV_INDEX, N_FULL, Q_TOKENS, K_REAL, SEGMENTS,
     n_q_rows, n_k_rows, n_q_tokens, n_heads, k_keep, qk_scale_log2, sm_scale,
-    HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr, KEEP_BLOCK: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ for one query chunk, into the token-major raster gradient."""
+    """dQ for one query chunk, into the token-major raster gradient; kept chunks walked as in the
+    forward."""
     q_chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -190,22 +243,29 @@ def bsa_backward_dq_kernel(
     do = tl.load(DO + q_tile)
     lse = tl.load(LSE + bh * n_q_rows + q_rows)
     delta = tl.load(DELTA + bh * n_q_rows + q_rows)
-    k_desc, v_desc, head_row, kept, chunk_next, padded_next = _kept_key_sources(
-        K, V, KV_INDEX, K_TOKENS, bh, q_chunk, n_k_rows, k_keep, CHUNK_N, HEAD_DIM, HAS_KEY_PAD)
+    k_desc, v_desc, head_row, kept, n_full, chunk_next = _kept_key_sources(
+        K, V, KV_INDEX, N_FULL, bh, q_chunk, n_k_rows, k_keep, CHUNK_N, HEAD_DIM)
 
     dq = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
-    for slot in range(0, k_keep):
-        s, k, chunk, chunk_next, padded_next = _kept_chunk_scores(
-            q, k_desc, head_row, kept, k_keep, slot, chunk_next, padded_next, K_TOKENS, CHUNK_N, HAS_KEY_PAD,
-            DOT_PRECISION)
+    for slot in range(0, n_full):
+        chunk = chunk_next
+        chunk_next = _next_entry(kept, slot + 1, n_full)
+        k = k_desc.load([head_row + chunk * CHUNK_N, 0])
         v = v_desc.load([head_row + chunk * CHUNK_N, 0])
-        p = tl.math.exp2(s * qk_scale_log2 - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = _dq_step(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), k, v, do, lse, delta, dq,
+                      qk_scale_log2, DOT_PRECISION)
+    if HAS_KEY_PAD:
+        segments = SEGMENTS + (bh * tl.num_programs(0) + q_chunk) * (k_keep * (CHUNK_N // SEGMENT))
+        n_tiles = _pack_padded_segments(kept, n_full, k_keep, K_REAL, segments, KEEP_BLOCK, CHUNK_N)
+        for tile in range(0, n_tiles):
+            rows, real_rows = _packed_tile(segments, tile, CHUNK_N)
+            k = _rows_of(K, bh * n_k_rows, rows, HEAD_DIM)
+            s = tl.where(real_rows[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), float("-inf"))
+            dq = _dq_step(s, k, _rows_of(V, bh * n_k_rows, rows, HEAD_DIM), do, lse, delta, dq, qk_scale_log2,
+                          DOT_PRECISION)
 
-    raster, real = _raster_tile(Q_TOKENS, q_rows, bh, n_q_tokens, n_heads, HEAD_DIM)
-    tl.store(DQ + raster, (dq * sm_scale).to(DQ.dtype.element_ty), mask=real)
+    raster, real_q = _raster_tile(Q_TOKENS, q_rows, bh, n_q_tokens, n_heads, HEAD_DIM)
+    tl.store(DQ + raster, (dq * sm_scale).to(DQ.dtype.element_ty), mask=real_q)
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
@@ -320,14 +380,17 @@ def bsa_gate_scores_kernel(POOLED_Q, POOLED_K, SCORES, n_q_chunks, n_k_chunks, h
 
 
 @triton.jit
-def bsa_topk_kernel(SCORES, KV_INDEX, n_cols, keep, BLOCK: tl.constexpr):
+def bsa_topk_kernel(SCORES, K_REAL, KV_INDEX, N_FULL, n_cols, keep, chunk_rows, BLOCK: tl.constexpr):
     """One row of gate scores (a query chunk against every key chunk): the `keep` best columns,
-    ascending, ties to the lower column. A radix select on the order-preserving integer image of
-    the float scores finds a threshold bit by bit from the top, one compare-and-count pass over the
-    row (in registers) per bit, and stops as soon as exactly `keep` scores reach it (after about 20
-    of the 32 bits for random scores); a prefix sum then compacts the kept columns in order. One read
-    of the scores, where torch.topk and the sort after it took 2.2 ms at 720p on an H200. Launched
-    with one warp per row: no barriers between the passes (0.50 ms there against 0.60 with four)."""
+    ties to the lower column, listed ascending among the chunks without padding (`K_REAL` of them
+    == `chunk_rows`), then ascending among those with padding; their count without padding goes to
+    `N_FULL` (the attention kernels fetch the first group whole and pack the second). A radix select
+    on the order-preserving integer image of the float scores finds a threshold bit by bit from the
+    top, one compare-and-count pass over the row (in registers) per bit, and stops as soon as
+    exactly `keep` scores reach it (after about 20 of the 32 bits for random scores); a prefix sum
+    then compacts the kept columns in order. One read of the scores, where torch.topk and the sort
+    after it took 2.2 ms at 720p on an H200. Launched with one warp per row: no barriers between
+    the passes (0.50 ms there against 0.60 with four)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = tl.load(SCORES + row * n_cols + cols, mask=cols < n_cols, other=float("-inf"))
@@ -344,9 +407,18 @@ def bsa_topk_kernel(SCORES, KV_INDEX, n_cols, keep, BLOCK: tl.constexpr):
         threshold = tl.where(count >= keep, candidate, threshold)
         reaching = tl.where(count >= keep, count, reaching)
         bit -= 1
-    # Exactly `keep` reach the threshold, or all 32 bits are set and it is the keep-th best score,
-    # shared by several columns: the lowest of those columns fill the list.
-    above = key > threshold
-    tied = key == threshold
-    kept = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= keep - tl.sum(above.to(tl.int32), 0)))
-    tl.store(KV_INDEX + row * keep + tl.cumsum(kept.to(tl.int32), 0) - 1, cols, mask=kept)
+    kept = key >= threshold
+    if reaching != keep:
+        # All 32 bits are set and the threshold is the keep-th best score, shared by several
+        # columns: the lowest of those columns fill the list.
+        above = key > threshold
+        tied = key == threshold
+        kept = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= keep - tl.sum(above.to(tl.int32), 0)))
+    full = tl.load(K_REAL + cols, mask=cols < n_cols, other=0) == chunk_rows
+    # One prefix sum counts both groups: kept full chunks in the low 16 bits, kept padded ones above
+    # (a row has far fewer than 2**16 columns: it sits in one warp's registers).
+    counts = tl.cumsum(tl.where(kept, tl.where(full, 1, 1 << 16), 0), 0)
+    n_full = tl.sum((kept & full).to(tl.int32), 0)
+    position = tl.where(full, counts & 0xFFFF, n_full + (counts >> 16)) - 1
+    tl.store(KV_INDEX + row * keep + position, cols, mask=kept)
+    tl.store(N_FULL + row, n_full)
