@@ -144,6 +144,36 @@ def _packed_tile(SEGMENTS, tile, CHUNK_N: tl.constexpr):
 
 
 @triton.jit
+def _full_chunk_scores(q, k_desc, v_desc, head_row, kept, slot, chunk, n_full, CHUNK_N: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Raw scores q·k against `chunk`, slot `slot` of the list's unpadded group, its keys and
+    values (whole chunks through the copy engine), and the next slot's chunk id."""
+    k = k_desc.load([head_row + chunk * CHUNK_N, 0])
+    v = v_desc.load([head_row + chunk * CHUNK_N, 0])
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), k, v, _next_entry(kept, slot + 1, n_full)
+
+
+@triton.jit
+def _padded_tiles(SEGMENTS, kept, n_full, k_keep, K_REAL, bh, q_chunk, KEEP_BLOCK: tl.constexpr,
+                  CHUNK_N: tl.constexpr):
+    """This query chunk's scratch with its packed segments written (`_pack_padded_segments`), and
+    how many tiles they fill."""
+    segments = SEGMENTS + (bh * tl.num_programs(0) + q_chunk) * (k_keep * (CHUNK_N // SEGMENT))
+    return segments, _pack_padded_segments(kept, n_full, k_keep, K_REAL, segments, KEEP_BLOCK, CHUNK_N)
+
+
+@triton.jit
+def _packed_tile_scores(q, K, V, segments, head_base, tile, HEAD_DIM: tl.constexpr, CHUNK_N: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """Raw scores q·k against packed tile `tile` (padding keys at -inf), its keys and values (the
+    head's rows start at `head_base`)."""
+    rows, real = _packed_tile(segments, tile, CHUNK_N)
+    k = _rows_of(K, head_base, rows, HEAD_DIM)
+    s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), float("-inf"))
+    return s, k, _rows_of(V, head_base, rows, HEAD_DIM)
+
+
+@triton.jit
 def _rows_of(X, head_base, rows, HEAD_DIM: tl.constexpr):
     """A [len(rows), HEAD_DIM] tile of chunk-order rows `rows` of the head starting at `head_base`."""
     return tl.load(X + (head_base + rows)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
@@ -202,21 +232,14 @@ def bsa_forward_kernel(
     l_i = tl.zeros([CHUNK_M], dtype=tl.float32)
     acc = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
     for slot in range(0, n_full):
-        chunk = chunk_next
-        chunk_next = _next_entry(kept, slot + 1, n_full)
-        k = k_desc.load([head_row + chunk * CHUNK_N, 0])
-        v = v_desc.load([head_row + chunk * CHUNK_N, 0])
-        m_i, l_i, acc = _attend(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), v, m_i, l_i, acc,
-                                qk_scale_log2, DOT_PRECISION)
+        s, _, v, chunk_next = _full_chunk_scores(q, k_desc, v_desc, head_row, kept, slot, chunk_next, n_full,
+                                                 CHUNK_N, DOT_PRECISION)
+        m_i, l_i, acc = _attend(s, v, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
     if HAS_KEY_PAD:
-        segments = SEGMENTS + (bh * tl.num_programs(0) + q_chunk) * (k_keep * (CHUNK_N // SEGMENT))
-        n_tiles = _pack_padded_segments(kept, n_full, k_keep, K_REAL, segments, KEEP_BLOCK, CHUNK_N)
+        segments, n_tiles = _padded_tiles(SEGMENTS, kept, n_full, k_keep, K_REAL, bh, q_chunk, KEEP_BLOCK, CHUNK_N)
         for tile in range(0, n_tiles):
-            rows, real_rows = _packed_tile(segments, tile, CHUNK_N)
-            s = tl.dot(q, tl.trans(_rows_of(K, bh * n_k_rows, rows, HEAD_DIM)), input_precision=DOT_PRECISION)
-            m_i, l_i, acc = _attend(tl.where(real_rows[None, :], s, float("-inf")),
-                                    _rows_of(V, bh * n_k_rows, rows, HEAD_DIM), m_i, l_i, acc, qk_scale_log2,
-                                    DOT_PRECISION)
+            s, _, v = _packed_tile_scores(q, K, V, segments, bh * n_k_rows, tile, HEAD_DIM, CHUNK_N, DOT_PRECISION)
+            m_i, l_i, acc = _attend(s, v, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
 
     out, real_q = _raster_tile(Q_TOKENS, q_rows, bh, n_q_tokens, n_heads, HEAD_DIM)
     tl.store(O + out, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=real_q)
@@ -248,21 +271,14 @@ def bsa_backward_dq_kernel(
 
     dq = tl.zeros([CHUNK_M, HEAD_DIM], dtype=tl.float32)
     for slot in range(0, n_full):
-        chunk = chunk_next
-        chunk_next = _next_entry(kept, slot + 1, n_full)
-        k = k_desc.load([head_row + chunk * CHUNK_N, 0])
-        v = v_desc.load([head_row + chunk * CHUNK_N, 0])
-        dq = _dq_step(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), k, v, do, lse, delta, dq,
-                      qk_scale_log2, DOT_PRECISION)
+        s, k, v, chunk_next = _full_chunk_scores(q, k_desc, v_desc, head_row, kept, slot, chunk_next, n_full,
+                                                 CHUNK_N, DOT_PRECISION)
+        dq = _dq_step(s, k, v, do, lse, delta, dq, qk_scale_log2, DOT_PRECISION)
     if HAS_KEY_PAD:
-        segments = SEGMENTS + (bh * tl.num_programs(0) + q_chunk) * (k_keep * (CHUNK_N // SEGMENT))
-        n_tiles = _pack_padded_segments(kept, n_full, k_keep, K_REAL, segments, KEEP_BLOCK, CHUNK_N)
+        segments, n_tiles = _padded_tiles(SEGMENTS, kept, n_full, k_keep, K_REAL, bh, q_chunk, KEEP_BLOCK, CHUNK_N)
         for tile in range(0, n_tiles):
-            rows, real_rows = _packed_tile(segments, tile, CHUNK_N)
-            k = _rows_of(K, bh * n_k_rows, rows, HEAD_DIM)
-            s = tl.where(real_rows[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), float("-inf"))
-            dq = _dq_step(s, k, _rows_of(V, bh * n_k_rows, rows, HEAD_DIM), do, lse, delta, dq, qk_scale_log2,
-                          DOT_PRECISION)
+            s, k, v = _packed_tile_scores(q, K, V, segments, bh * n_k_rows, tile, HEAD_DIM, CHUNK_N, DOT_PRECISION)
+            dq = _dq_step(s, k, v, do, lse, delta, dq, qk_scale_log2, DOT_PRECISION)
 
     raster, real_q = _raster_tile(Q_TOKENS, q_rows, bh, n_q_tokens, n_heads, HEAD_DIM)
     tl.store(DQ + raster, (dq * sm_scale).to(DQ.dtype.element_ty), mask=real_q)
