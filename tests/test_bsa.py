@@ -216,6 +216,12 @@ def test_chunk_regroup_follows_3d_chunks_and_pools_real_tokens() -> None:
     for token in (0, 9, 10, 59, 60, 299):
         assert (chunks[chunk_of[token]] == token + 1).sum() == 1
     assert (chunks != 0).sum() == grid.n_tokens
+    # Inside a chunk its real tokens come first, in raster order, then its padding: the kernels pack
+    # the real rows of kept edge chunks 16 at a time, so no real row may sit behind padding.
+    for chunk in chunks:
+        real = chunk[chunk != 0]
+        assert torch.equal(chunk[: len(real)], real) and torch.equal(real, real.sort().values)
+    assert sorted(set((chunks != 0).sum(1).tolist())) == [4, 8, 16, 32, 64]  # corners, edges, whole chunks
     # Token-major storage (the transformer's) regroups the same; pooling averages real tokens only.
     x = torch.randn(1, grid.n_tokens, 2, 8)
     pooled = _pool_chunks(_to_chunks(x.transpose(1, 2), grid), grid)
