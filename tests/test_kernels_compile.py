@@ -18,11 +18,12 @@ HOPPER = GPUTarget("cuda", 90, 32)
 COMMON = dict(n_q_rows="i32", n_k_rows="i32", n_heads="i32", qk_scale_log2="fp32")
 SIGNATURES = {
     "bsa_forward_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", KV_INDEX="*i32",
-                               N_FULL="*i32", Q_TOKENS="*i32", K_REAL="*i32", SEGMENTS="*i32", n_q_tokens="i32",
-                               k_keep="i32", **COMMON),
+                               N_FULL="*i32", Q_TOKENS="*i32", K_REAL="*i32", SEGMENTS="*i32", segment_stride="i32",
+                               n_q_tokens="i32", k_keep="i32", **COMMON),
     "bsa_backward_dq_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16",
                                    LSE="*fp32", DELTA="*fp32", DQ="*bf16", KV_INDEX="*i32", N_FULL="*i32",
-                                   Q_TOKENS="*i32", K_REAL="*i32", SEGMENTS="*i32", n_q_tokens="i32", k_keep="i32",
+                                   Q_TOKENS="*i32", K_REAL="*i32", SEGMENTS="*i32", segment_stride="i32",
+                                   n_q_tokens="i32", k_keep="i32",
                                    sm_scale="fp32", **COMMON),
     "bsa_backward_dkdv_kernel": dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", LSE="*fp32", DELTA="*fp32",
                                      DK="*bf16", DV="*bf16", Q_LIST="*i32", Q_LIST_START="*i32", K_ORDER="*i32",

@@ -293,7 +293,8 @@ def _bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_chunks: torch.T
     with _on_device_of(q):
         bsa_kernels.bsa_forward_kernel[(grid_q.n_chunks, b * h)](
             q_chunks, k_chunks, v_chunks, o, lse, kv_index, n_full, _chunk_tokens(grid_q, q.device),
-            _chunk_real_rows(grid_k, q.device), _segment_scratch(kv_index, grid_k), q_chunks.shape[2], k_chunks.shape[2], n_q, h, kv_index.shape[-1],
+            _chunk_real_rows(grid_k, q.device), *_segment_scratch(kv_index, grid_k), q_chunks.shape[2],
+            k_chunks.shape[2], n_q, h, kv_index.shape[-1],
             _softmax_scale(d) * bsa_kernels.LOG2_E, KEEP_BLOCK=triton.next_power_of_2(kv_index.shape[-1]),
             **_kernel_constants(q, grid_q, grid_k),
         )
@@ -324,7 +325,8 @@ def _bsa_backward(ctx, grad_out, _grad_lse, _grad_index, _grad_n_full):
     with _on_device_of(o):
         bsa_kernels.bsa_backward_dq_kernel[(grid_q.n_chunks, b * h)](
             q_chunks, k_chunks, v_chunks, do_chunks, lse, delta, dq, kv_index, n_full, q_tokens,
-            _chunk_real_rows(grid_k, o.device), _segment_scratch(kv_index, grid_k), n_q_rows, n_k_rows, grid_q.n_tokens, h, keep,
+            _chunk_real_rows(grid_k, o.device), *_segment_scratch(kv_index, grid_k), n_q_rows, n_k_rows,
+            grid_q.n_tokens, h, keep,
             scale * bsa_kernels.LOG2_E, scale, KEEP_BLOCK=triton.next_power_of_2(keep), **constants,
         )
         q_list, q_list_start, k_order = transposed_index()
@@ -375,13 +377,25 @@ def _token_major_empty(like: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return like.new_empty(b, n_tokens, h, d).transpose(1, 2)
 
 
-def _segment_scratch(kv_index: torch.Tensor, grid_k: _ChunkGrid) -> torch.Tensor:
+def _segment_scratch(kv_index: torch.Tensor, grid_k: _ChunkGrid) -> tuple[torch.Tensor, int]:
     """Per query chunk room for the packed segments of its kept padded key chunks (see
-    `bsa_kernels._pack_padded_segments`); transient, 66 MB at 720p. One element when the key
-    grid has no padding (the kernels then never touch it)."""
-    per_row = kv_index.shape[-1] * grid_k.chunk_tokens // bsa_kernels.SEGMENT_ROWS
-    size = kv_index[..., 0].numel() * per_row if grid_k.has_padding else 1
-    return torch.empty(size, dtype=torch.int32, device=kv_index.device)
+    `bsa_kernels._pack_padded_segments`) and that room's size: the segments of `keep` chunks or of
+    all padded chunks of the grid, whichever is fewer, rounded up to whole tiles. Transient (22 MB
+    at 720p); one element when the key grid has no padding (the kernels then never touch it)."""
+    if not grid_k.has_padding:
+        return torch.empty(1, dtype=torch.int32, device=kv_index.device), 0
+    slots = grid_k.chunk_tokens // bsa_kernels.SEGMENT_ROWS
+    per_row = min(kv_index.shape[-1], math.ceil(_padded_segment_count(grid_k) / slots)) * slots
+    return torch.empty(kv_index[..., 0].numel() * per_row, dtype=torch.int32, device=kv_index.device), per_row
+
+
+@functools.lru_cache(maxsize=16)
+def _padded_segment_count(grid: _ChunkGrid) -> int:
+    """16-row segments of real tokens over all of the grid's chunks that hold padding (counted on
+    the host, once per grid, so that sizing the scratch never waits on the GPU)."""
+    real = _chunk_real_rows(grid, torch.device("cpu"))
+    segments = (real + bsa_kernels.SEGMENT_ROWS - 1) // bsa_kernels.SEGMENT_ROWS
+    return int(segments[real < grid.chunk_tokens].sum())
 
 
 def _softmax_scale(head_dim: int) -> float:

@@ -154,11 +154,11 @@ def _full_chunk_scores(q, k_desc, v_desc, head_row, kept, slot, chunk, n_full, C
 
 
 @triton.jit
-def _padded_tiles(SEGMENTS, kept, n_full, k_keep, K_REAL, bh, q_chunk, KEEP_BLOCK: tl.constexpr,
+def _padded_tiles(SEGMENTS, segment_stride, kept, n_full, k_keep, K_REAL, bh, q_chunk, KEEP_BLOCK: tl.constexpr,
                   CHUNK_N: tl.constexpr):
-    """This query chunk's scratch with its packed segments written (`_pack_padded_segments`), and
-    how many tiles they fill."""
-    segments = SEGMENTS + (bh * tl.num_programs(0) + q_chunk) * (k_keep * (CHUNK_N // SEGMENT))
+    """This query chunk's scratch (`segment_stride` elements) with its packed segments written
+    (`_pack_padded_segments`), and how many tiles they fill."""
+    segments = SEGMENTS + (bh * tl.num_programs(0) + q_chunk) * segment_stride
     return segments, _pack_padded_segments(kept, n_full, k_keep, K_REAL, segments, KEEP_BLOCK, CHUNK_N)
 
 
@@ -211,8 +211,8 @@ def bsa_forward_kernel(
     N_FULL,  # int32 [B*H, n_q_chunks]: how many of them hold no padding
     Q_TOKENS,  # int32 per chunk-order query row: its raster token, -1 for padding
     K_REAL,  # int32 [n_k_chunks]: real rows per key chunk
-    SEGMENTS,  # int32 [B*H, n_q_chunks, k_keep * CHUNK_N // SEGMENT]: scratch for `_pack_padded_segments`
-    n_q_rows, n_k_rows, n_q_tokens, n_heads, k_keep, qk_scale_log2,
+    SEGMENTS,  # int32 [B*H, n_q_chunks, segment_stride]: scratch for `_pack_padded_segments`
+    segment_stride, n_q_rows, n_k_rows, n_q_tokens, n_heads, k_keep, qk_scale_log2,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr, KEEP_BLOCK: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -236,7 +236,8 @@ def bsa_forward_kernel(
                                                  CHUNK_N, DOT_PRECISION)
         m_i, l_i, acc = _attend(s, v, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
     if HAS_KEY_PAD:
-        segments, n_tiles = _padded_tiles(SEGMENTS, kept, n_full, k_keep, K_REAL, bh, q_chunk, KEEP_BLOCK, CHUNK_N)
+        segments, n_tiles = _padded_tiles(SEGMENTS, segment_stride, kept, n_full, k_keep, K_REAL, bh, q_chunk,
+                                          KEEP_BLOCK, CHUNK_N)
         for tile in range(0, n_tiles):
             s, _, v = _packed_tile_scores(q, K, V, segments, bh * n_k_rows, tile, HEAD_DIM, CHUNK_N, DOT_PRECISION)
             m_i, l_i, acc = _attend(s, v, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
@@ -251,7 +252,7 @@ def bsa_forward_kernel(
 def bsa_backward_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     KV_INDEX, N_FULL, Q_TOKENS, K_REAL, SEGMENTS,
-    n_q_rows, n_k_rows, n_q_tokens, n_heads, k_keep, qk_scale_log2, sm_scale,
+    segment_stride, n_q_rows, n_k_rows, n_q_tokens, n_heads, k_keep, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr, KEEP_BLOCK: tl.constexpr,
     HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -275,7 +276,8 @@ def bsa_backward_dq_kernel(
                                                  CHUNK_N, DOT_PRECISION)
         dq = _dq_step(s, k, v, do, lse, delta, dq, qk_scale_log2, DOT_PRECISION)
     if HAS_KEY_PAD:
-        segments, n_tiles = _padded_tiles(SEGMENTS, kept, n_full, k_keep, K_REAL, bh, q_chunk, KEEP_BLOCK, CHUNK_N)
+        segments, n_tiles = _padded_tiles(SEGMENTS, segment_stride, kept, n_full, k_keep, K_REAL, bh, q_chunk,
+                                          KEEP_BLOCK, CHUNK_N)
         for tile in range(0, n_tiles):
             s, k, v = _packed_tile_scores(q, K, V, segments, bh * n_k_rows, tile, HEAD_DIM, CHUNK_N, DOT_PRECISION)
             dq = _dq_step(s, k, v, do, lse, delta, dq, qk_scale_log2, DOT_PRECISION)
