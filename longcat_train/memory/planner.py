@@ -6,9 +6,10 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
                (block swap keeps two blocks in flight; group offload its groups)
   LoRA state   trainable parameters × 16 (fp32 weight, grad, two Adam moments)
   activations  checkpointed block inputs B·N·C·2 per block, kept self-attention outputs B·N·C·2
-               per selective block (dense or block-sparse attention alike), as much again for kept cross-attention outputs, and the output widths of kept
-               projections × B·N·2 (with activation offload all of them wait on the host, two
-               blocks' worth in flight on the GPU), plus one block's working set
+               per selective block (dense or block-sparse attention alike), as much again for
+               kept cross-attention outputs, and the output widths of kept projections × B·N·2
+               (with activation offload all of them wait on the host, two blocks' worth in flight
+               on the GPU), plus one block's working set
                `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
   workspace    `WORKSPACE_GIB` (cuBLAS/cuDNN workspaces, allocator slack, loss and embedders)
   host RAM     `HOST_BASE_GIB` + the larger of a bf16 load's full copy and the pinned bytes

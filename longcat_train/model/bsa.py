@@ -25,8 +25,9 @@ Where we deliberately differ from the official code:
   ``int((1 - sparsity) * n) == 0``).
 * Pooling and gating scores are computed in float32 (the official code uses the input dtype, bf16;
   on the GPU the score products run as three-pass TF32, which matches float32 to about 1e-6
-  relative); only near-ties can rank differently. Kept indices are sorted ascending for memory
-  locality (the order of the kept chunks changes only floating-point rounding).
+  relative); only near-ties can rank differently. The kernels walk each query chunk's kept chunks
+  ascending, those without padding first, then those holding padding with their real rows packed
+  several chunks to a tile (the order changes only floating-point rounding).
 * The dK/dV pass walks a transposed (CSR) index — per key chunk, the query chunks that kept it —
   like the official kernel, so gradients are deterministic (no atomics).
 """
