@@ -11,19 +11,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .model import LongCatVideoTransformer3DModel
 from .model.activation_offload import HOST_ARENA
 from .model.fused_ops import use_fused_kernels
 from .model.flops import dense_bf16_peak_flops, transformer_flops
-
-RELEASE_DIT_CONFIG = dict(
-    in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
-    mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2],
-    text_tokens_zero_pad=True, enable_bsa=False,
-    bsa_params={"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]},
-    enable_flashattn2=True, enable_flashattn3=False, cp_split_hw=None,
-)
-
+from .model.release import RELEASE_DIT_CONFIG, random_transformer
 
 @dataclass
 class BenchSettings:
@@ -66,30 +57,6 @@ class BenchSettings:
             keep_cross_attention=self.keep_cross_attention, keep_projections=tuple(self.keep_projections or ()),
             offload_block_inputs=self.offload_block_inputs, group_offload=group_offload, lora_rank=self.rank,
         )
-
-
-def random_transformer(device: str, dtype: torch.dtype, depth: int = 48, seed: int = 0, **overrides):
-    """The release architecture with random weights allocated directly on `device` in `dtype`
-    (built on the meta device first, so host RAM never holds it)."""
-    config = dict(RELEASE_DIT_CONFIG, depth=depth, **overrides)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = LongCatVideoTransformer3DModel(**config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("_norm.weight"):
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    return model
 
 
 def _latent_shape(settings: BenchSettings):

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from longcat_train.bench import random_transformer
+from longcat_train.model.release import random_transformer
 from longcat_train.model.fused_ops import use_fused_kernels
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from longcat_train.bench import RELEASE_DIT_CONFIG
+from longcat_train.model.release import RELEASE_DIT_CONFIG
 from longcat_train.model import CheckpointKeyError, LongCatVideoTransformer3DModel
 from longcat_train.model.flops import transformer_flops
 

@@ -59,13 +59,21 @@ def _config_dict(module: torch.nn.Module) -> dict[str, Any]:
     return _portable_config(as_dict)
 
 
+def sample_indices(count: int, samples: int = _SAMPLES_PER_TENSOR) -> torch.Tensor:
+    """`min(count, samples)` evenly spread element indices from 0 to count − 1, in exact integer
+    arithmetic: a float32 `linspace` rounds past the last element above 2^24 elements (umT5-XXL's
+    embedding has 1.05e9) and differs between CPU and CUDA, which would change the identity."""
+    taken = min(count, samples)
+    if taken <= 1:
+        return torch.zeros(taken, dtype=torch.int64)
+    return torch.arange(taken, dtype=torch.int64) * (count - 1) // (taken - 1)
+
+
 def _tensor_digest(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
-    count = flat.numel()
-    if count == 0:
+    if flat.numel() == 0:
         return b""
-    index = torch.linspace(0, count - 1, min(count, _SAMPLES_PER_TENSOR), device=flat.device).long()
-    return flat[index].float().cpu().numpy().tobytes()
+    return flat[sample_indices(flat.numel()).to(flat.device)].float().cpu().numpy().tobytes()
 
 
 def module_identity(module: torch.nn.Module) -> str:

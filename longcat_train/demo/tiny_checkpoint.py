@@ -9,6 +9,7 @@ same code paths as the real 13.6B checkpoint. Everything is deterministic given 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,16 @@ _VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def _write_tokenizer(directory: Path) -> int:
+def write_umt5_tokenizer(directory: Path, vocab_size: int | None = None) -> int:
     """An umT5-style tokenizer, trained here on the corpus above since no vocabulary may be
     downloaded: a SentencePiece Unigram model with NFKC normalisation, as umT5's own, loaded
     through transformers' T5 tokenizer (which converts it to a fast `tokenizer.json`). Trained
     with `sentencepiece` on one thread because its result is bit-identical run to run; the
     `tokenizers` Unigram trainer orders tied pieces differently on every run, changing the ids.
+
+    With `vocab_size` (the release's is 256,384) filler pieces that no text matches are put between
+    the special tokens and the trained ones, so the vocabulary has exactly that size and ordinary
+    prompts use ids near its top, as real umT5 prompts reach rows deep in the embedding.
     Returns the vocabulary size."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -121,7 +126,19 @@ def _write_tokenizer(directory: Path) -> int:
     (directory / "spiece.model").write_bytes(model.getvalue())
     tokenizer = T5TokenizerFast.from_pretrained(directory, extra_ids=0, local_files_only=True)
     tokenizer.save_pretrained(directory)
-    return len(tokenizer)
+    if vocab_size is None:
+        return len(tokenizer)
+    definition = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    pieces = definition["model"]["vocab"]
+    specials, trained = pieces[:3], pieces[3:]  # <pad>, </s>, <unk> keep ids 0, 1, 2
+    if vocab_size < len(pieces):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(pieces)} trained pieces")
+    fillers = [[f"\u2042{i}", -100.0] for i in range(vocab_size - len(pieces))]
+    definition["model"]["vocab"] = specials + fillers + trained
+    # the grown vocabulary lives in tokenizer.json alone; the small SentencePiece model would shadow it
+    (directory / "spiece.model").unlink()
+    (directory / "tokenizer.json").write_text(json.dumps(definition, ensure_ascii=False), encoding="utf-8")
+    return vocab_size
 
 
 def _write_dit(directory: Path, config: Mapping[str, Any]) -> None:
@@ -133,7 +150,8 @@ def _write_dit(directory: Path, config: Mapping[str, Any]) -> None:
     dit.save_pretrained(directory, max_shard_size=total_bytes // DIT_SHARDS + 1, safe_serialization=True)
 
 
-def _write_text_encoder(directory: Path, vocab_size: int, width: int) -> None:
+def tiny_umt5_config(vocab_size: int, width: int) -> UMT5Config:
+    """umT5's structure (gated-GELU FFN, relative position buckets, untied embeddings), two layers."""
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=width,
@@ -150,23 +168,26 @@ def _write_text_encoder(directory: Path, vocab_size: int, width: int) -> None:
         decoder_start_token_id=0,
     )
     config.architectures = ["UMT5EncoderModel"]
-    UMT5EncoderModel(config).save_pretrained(directory)
+    return config
 
 
-def write_tiny_checkpoint(root: str | Path, seed: int = 0, dit_config: Mapping[str, Any] | None = None) -> Path:
+def write_tiny_checkpoint(root: str | Path, seed: int = 0, dit_config: Mapping[str, Any] | None = None,
+                          vocab_size: int | None = None) -> Path:
     """Write `dit/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` under `root`; returns `root`.
 
     `dit_config` entries override `TINY_DIT_CONFIG`; the text encoder's width follows its
-    `caption_channels`. The caller's global RNG state is left untouched.
+    `caption_channels`. `vocab_size` gives tokenizer and encoder that many entries (the release's
+    256,384 for tests of release-size embeddings; default: the trained pieces alone). The caller's
+    global RNG state is left untouched.
     """
     root = Path(root)
     config = {**TINY_DIT_CONFIG, **(dit_config or {})}
-    vocab_size = _write_tokenizer(root / "tokenizer")
+    vocab_size = write_umt5_tokenizer(root / "tokenizer", vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         AutoencoderKLWan(**_VAE_CONFIG).save_pretrained(root / "vae", safe_serialization=True)
         torch.manual_seed(seed + 1)
-        _write_text_encoder(root / "text_encoder", vocab_size=vocab_size, width=config["caption_channels"])
+        UMT5EncoderModel(tiny_umt5_config(vocab_size, config["caption_channels"])).save_pretrained(root / "text_encoder")
         torch.manual_seed(seed + 2)
         _write_dit(root / "dit", config)
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0).save_pretrained(root / "scheduler")

@@ -33,7 +33,7 @@ from typing import Iterable
 
 import torch
 
-from ..bench import RELEASE_DIT_CONFIG
+from ..model.release import RELEASE_DIT_CONFIG
 from ..config.training import DEFAULT_LORA_TARGETS
 from ..model import LongCatVideoTransformer3DModel
 from ..model.transformer import PROJECTION_ROLES

@@ -129,7 +129,7 @@ def relative_block_error(precision: str, device: str = "cuda", tokens_grid: tupl
     """Relative L2 error of one full-size block's output with `precision` weights against the same
     block in bf16 (random release-shaped weights, I2V with one condition frame, 37,440 tokens by
     default: the 480x832x93 bucket). For the GPU benchmark."""
-    from ..bench import random_transformer
+    from ..model.release import random_transformer
 
     model = random_transformer(device, torch.bfloat16, depth=1, seed=seed)
     model.set_attention_implementation("auto")
