@@ -254,7 +254,7 @@ def plan(
     loaded = _load(config, set_, check_checkpoint=False)
     import torch
 
-    from longcat_train.memory import machine_memory_gib, plan_memory
+    from longcat_train.memory import machine_memory_gib, plan_memory, planned_config_keys
     from longcat_train.training.prepare import scan_datasets
 
     if gpu_memory is None:
@@ -267,11 +267,16 @@ def plan(
     if not buckets:
         _fail(ConfigError([_argument_problem("datasets", None, "no usable clips to plan for",
                                              "run `longcat data check` to see why clips are skipped")]))
+    from longcat_train.components import load_dit_config
+
     # the checkpoint's own architecture when it is there (the release's otherwise)
-    dit_config_path = Path(loaded.training.pretrained_model_name_or_path or "") / "dit" / "config.json"
-    dit_config = json.loads(dit_config_path.read_text()) if dit_config_path.is_file() else None
+    dit_config = load_dit_config(loaded.training.pretrained_model_name_or_path or "")
     host_memory = machine_memory_gib() if host_memory is None else host_memory
-    plan_memory(loaded.training, buckets, gpu_memory, dit_config, host_memory).render(_out())
+    picked = planned_config_keys(loaded.training, buckets, gpu_memory, host_memory, dit_config)
+    plan_memory(loaded.training.model_copy(update=picked), buckets, gpu_memory, dit_config, host_memory).render(_out())
+    if picked:
+        _out().print("`train` sets these keys the config leaves unset (the fastest values that fit): "
+                     + ", ".join(f"{key}={json.dumps(value)}" for key, value in picked.items()))
 
 
 @app.command()

@@ -82,6 +82,13 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {error}. Fix: restore this file from the release.") from error
 
 
+def load_dit_config(root: str | Path) -> dict[str, Any] | None:
+    """`dit/config.json` of the checkpoint at `root` (None when there is none yet): the architecture
+    the memory plan predicts for, read without loading a weight."""
+    path = CheckpointLayout(root).dit / "config.json"
+    return _read_json(path) if path.is_file() else None
+
+
 def load_vae(
     root: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> AutoencoderKLWan:

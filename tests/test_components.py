@@ -172,3 +172,17 @@ def test_normalize_follows_spec_and_inverts() -> None:
     unbatched = normalize_latents(z[0].bfloat16(), mean, std)
     assert unbatched.dtype == torch.bfloat16
     torch.testing.assert_close(unbatched.float(), normalized[0], atol=0.05, rtol=0.02)
+
+
+def test_dit_streamed_from_the_shards_equals_the_diffusers_load(tiny_checkpoint: Path) -> None:
+    from longcat_train.model import LongCatVideoTransformer3DModel
+    from longcat_train.model.loading import load_dit
+
+    reference = LongCatVideoTransformer3DModel.from_pretrained(tiny_checkpoint, subfolder="dit").state_dict()
+    as_stored = load_dit(tiny_checkpoint / "dit", None, "cpu")
+    in_bf16 = load_dit(tiny_checkpoint / "dit", torch.bfloat16, "cpu")
+    assert as_stored.state_dict().keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(as_stored.state_dict()[key], value), key
+        assert torch.equal(in_bf16.state_dict()[key], value.to(torch.bfloat16)), key
+    assert not any(p.requires_grad for p in in_bf16.parameters()) and not in_bf16.training

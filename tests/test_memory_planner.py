@@ -181,3 +181,35 @@ def test_projections_are_recommended_as_far_as_host_ram_allows():
     plan = plan_memory(settings, [BUCKET], 80.0, host_memory_gib=128.0)
     assert plan.recommendation.kept_projections == ("qkv", "attention_out", "cross_q")
     assert 'keep_projections=["qkv", "attention_out", "cross_q"]' in plan.advice()
+
+
+def test_train_picks_the_fastest_fitting_values_of_the_memory_keys_left_unset():
+    from longcat_train.memory.planner import fastest_projections, planned_config_keys
+
+    defaults = TrainingConfig(lora_rank=32)
+    picked = planned_config_keys(defaults, [BUCKET], 141.0, 128.0)
+    # what `longcat bench` keeps on the same GPU and RAM, and nothing else changes on an H200
+    bench = fastest_projections(MemorySettings.from_config(defaults), BUCKET, 141.0, 128.0)
+    assert picked == {"keep_projections": list(bench)} and bench == ("qkv", "attention_out", "cross_q")
+    # less host RAM: activations stay on the roomy GPU instead, with fewer projections kept
+    tight = planned_config_keys(defaults, [BUCKET], 141.0, 96.0)
+    assert tight == {"keep_projections": ["qkv", "attention_out"], "activation_offload": False}
+    assert plan_memory(defaults.model_copy(update=tight), [BUCKET], 141.0, host_memory_gib=96.0).fits
+    assert not plan_memory(defaults.model_copy(update=picked), [BUCKET], 141.0, host_memory_gib=96.0).fits
+
+
+def test_train_keeps_every_memory_key_the_user_set():
+    from longcat_train.memory.planner import planned_config_keys
+
+    explicit = TrainingConfig(lora_rank=32, keep_projections=[], activation_offload=True)
+    assert planned_config_keys(explicit, [BUCKET], 141.0, 128.0) == {}
+    # a 24 GiB GPU: blocks are swapped, the weights stay bf16 (precision is a choice of what is trained)
+    picked = planned_config_keys(TrainingConfig(lora_rank=32), [BUCKET], 24.0, 128.0)
+    assert picked["musubi_blocks_to_swap"] > 0 and "base_model_precision" not in picked
+    settings = MemorySettings.from_config(TrainingConfig(lora_rank=32).model_copy(update=picked))
+    assert plan_memory(settings, [BUCKET], 24.0, host_memory_gib=128.0).fits
+    # the user's checkpointing mode is kept while the rest is planned around it
+    full = planned_config_keys(TrainingConfig(lora_rank=32, gradient_checkpointing_mode="full"), [BUCKET], 24.0, 128.0)
+    assert "gradient_checkpointing_mode" not in full and full["musubi_blocks_to_swap"] > 0
+    # group offload chosen: placement is the user's, nothing is picked
+    assert planned_config_keys(TrainingConfig(enable_group_offload=True), [BUCKET], 24.0, 128.0) == {}

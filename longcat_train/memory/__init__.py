@@ -3,7 +3,7 @@ offloading, and a planner that predicts peak VRAM and host RAM per bucket."""
 
 from .block_swap import BlockSwap, enable_block_swap
 from .group_offload import GroupOffloadConflict, enable_group_offload
-from .planner import MemoryPlan, MemorySettings, PlanRefusal, machine_memory_gib, plan_memory
+from .planner import MemoryPlan, MemorySettings, PlanRefusal, machine_memory_gib, plan_memory, planned_config_keys
 from .quantize import (
     QUANTIZED_PRECISIONS,
     QuantizationError,
@@ -25,6 +25,7 @@ __all__ = [
     "load_quantized_transformer",
     "machine_memory_gib",
     "plan_memory",
+    "planned_config_keys",
     "quantize_block",
     "quantize_transformer",
 ]

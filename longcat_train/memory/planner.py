@@ -12,7 +12,8 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
                on the GPU), plus one block's working set
                `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
   workspace    `WORKSPACE_GIB` (cuBLAS/cuDNN workspaces, allocator slack, loss and embedders)
-  host RAM     `HOST_BASE_GIB` + the larger of a bf16 load's full copy and the pinned bytes
+  host RAM     `HOST_BASE_GIB` + the larger of a bf16 model held whole on the host while loading (only
+               where block swap or group offload place it from there) and the pinned bytes
                (swapped blocks + offloaded activations, exact sizes: `pinned_memory.PinnedArena`)
 
 The working-set constant is calibrated on docs/benchmarks.md ("memory settings"): full
@@ -251,9 +252,11 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
             activations = counts.depth * hidden_state + selective * sum(kept)
         activations += working_set
     gpu_weights, host_weights = _weight_bytes(counts, s)
-    # bf16 loads through diffusers hold the whole model on the host once; quantized loads stream
+    # weights stream tensor by tensor to where they live (`model.loading`); only a bf16 model that
+    # block swap or group offload then places from host memory is held there whole first
     full_bf16 = (counts.outside_blocks + counts.depth * (counts.per_block_quantizable + counts.per_block_other)) * 2
-    load_peak = 0.0 if s.base_model_precision in QUANTIZED_PRECISIONS else full_bf16
+    from_host = (s.blocks_to_swap > 0 or s.group_offload) and s.base_model_precision not in QUANTIZED_PRECISIONS
+    load_peak = full_bf16 if from_host else 0.0
     host = HOST_BASE_GIB * GIB + max(load_peak, host_weights + offloaded)
     return Estimate(gpu_weights / GIB, _lora_bytes(counts, s.lora_rank) / GIB, activations / GIB, WORKSPACE_GIB,
                     host / GIB)
@@ -362,11 +365,12 @@ SPEED_ORDER = (("selective", "bf16"), ("selective", "int8-quanto"), ("full", "bf
 PROJECTION_SETS = (("qkv", "attention_out", "cross_q"), ("qkv", "attention_out"), ("qkv",), ())
 
 
-def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySettings]:
+def candidate_settings(base: MemorySettings, depth: int, fixed: dict | None = None) -> Iterable[MemorySettings]:
     """Settings from fastest to slowest: for each entry of `SPEED_ORDER`, 0, 1, … depth − 1 swapped
     blocks (swapping 8 to 40 blocks measured 0–5 %), each with the `PROJECTION_SETS` in turn (bf16
     selective only), each first with activation offload (block inputs and kept outputs wait on the
-    host: measured free, less GPU memory) and then without it (less host RAM)."""
+    host: measured free, less GPU memory) and then without it (less host RAM). `fixed`: fields
+    (of `MemorySettings`) that keep the given values in every candidate."""
     plain = replace(base, group_offload=False, gradient_checkpointing=True, selective_blocks=None,
                     keep_cross_attention=False)
     for mode, precision in SPEED_ORDER:
@@ -374,8 +378,9 @@ def candidate_settings(base: MemorySettings, depth: int) -> Iterable[MemorySetti
         for swap in range(0, depth):
             for projections in keeps:
                 for offload in (True, False):
-                    yield replace(plain, checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap,
+                    varied = dict(checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap,
                                   offload_block_inputs=offload, keep_projections=projections)
+                    yield replace(plain, **(varied | (fixed or {})))
 
 
 def _fits(e: Estimate, gpu_memory_gib: float, host_memory_gib: float | None) -> tuple[bool, bool]:
@@ -394,6 +399,44 @@ def fastest_projections(settings: MemorySettings, bucket: tuple[int, int, int], 
                      host_memory_gib)):
             return projections
     return ()
+
+
+# The config keys `train` sets from the plan when a config leaves them unset, and the
+# `MemorySettings` field each one is. The weights' precision is not among them: it changes what
+# is trained, not only how fast, so it stays the user's choice (the plan's advice may name it).
+PLANNED_KEYS = {
+    "gradient_checkpointing": "gradient_checkpointing",
+    "gradient_checkpointing_mode": "checkpoint_mode",
+    "selective_checkpointing_blocks": "selective_blocks",
+    "keep_projections": "keep_projections",
+    "activation_offload": "offload_block_inputs",
+    "musubi_blocks_to_swap": "blocks_to_swap",
+}
+# with group offload chosen, the user has taken memory placement into their own hands
+_HANDS_ON_KEYS = ("enable_group_offload", "group_offload_type", "group_offload_blocks_per_group",
+                  "group_offload_use_stream")
+
+
+def planned_config_keys(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
+                        host_memory_gib: float | None, dit_config: dict | None = None) -> dict:
+    """The fastest values of the `PLANNED_KEYS` a `TrainingConfig` leaves unset (its
+    `model_fields_set` tells) that fit the largest bucket on this GPU and this machine's RAM with
+    everything the user set kept as set: {config key: value} for the keys whose value changes;
+    {} when the user set them all, chose group offload, or nothing fits (the plan then refuses)."""
+    explicit = set(config.model_fields_set)
+    if any(key in explicit for key in _HANDS_ON_KEYS) or config.enable_group_offload:
+        return {}
+    base = MemorySettings.from_config(config)
+    fixed = {field: getattr(base, field) for key, field in PLANNED_KEYS.items() if key in explicit}
+    fixed["base_model_precision"] = base.base_model_precision
+    counts = parameter_counts(dit_config)
+    largest = max(bucket_tokens(*bucket) for bucket in buckets)
+    for candidate in candidate_settings(base, counts.depth, fixed):
+        if all(_fits(estimate(counts, candidate, largest), gpu_memory_gib, host_memory_gib)):
+            values = {key: getattr(candidate, field) for key, field in PLANNED_KEYS.items() if key not in explicit}
+            values = {key: list(v) if isinstance(v, tuple) else v for key, v in values.items()}
+            return {key: value for key, value in values.items() if value != getattr(config, key)}
+    return {}
 
 
 def machine_memory_gib() -> float | None:

@@ -11,16 +11,14 @@ after LoRA would hand quanto trainable base weights, whose backward path fails.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from ..config.training import DEFAULT_LORA_TARGETS
 from ..model import LongCatVideoTransformer3DModel
-from ..model.checkpoint_keys import checkpoint_shapes, verify_checkpoint_keys
+from ..model.loading import load_dit
 
 QUANTIZED_PRECISIONS = ("int8-quanto", "int4-quanto", "fp8-torchao")
 UNQUANTIZED_PRECISIONS = ("bf16", "no_change")
@@ -73,20 +71,6 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
 
 
-def _checkpoint_files(folder: Path) -> dict[str, str]:
-    return {key: file for key, (_shape, file) in checkpoint_shapes(folder).items()}
-
-
-def _read_tensors(folder: Path, keys: list[str], files: dict[str, str], dtype: torch.dtype, device) -> dict:
-    tensors = {}
-    for file in sorted({files[k] for k in keys}):
-        with safe_open(folder / file, framework="pt") as f:
-            for key in keys:
-                if files[key] == file:
-                    tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-    return tensors
-
-
 def load_quantized_transformer(
     dit_folder: str | Path,
     precision: str,
@@ -94,34 +78,15 @@ def load_quantized_transformer(
     quantize_device: str | torch.device | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> LongCatVideoTransformer3DModel:
-    """Build the transformer on the meta device and fill it block by block from the safetensors
-    files: each block is read in `dtype` onto `quantize_device` (default `device`), quantized there,
-    then moved to `device`. Host RAM therefore never holds more than one block unquantized (the
-    release stores fp32: one block is ~1.1 GiB while read). int4 packs its weights for the device
-    it is quantized on, so quantize on the GPU that will train (`quantize_device="cuda"`) even when
-    `device="cpu"` (weights that block swapping will place)."""
+    """The transformer streamed from the safetensors files (`load_dit`), each block read in `dtype`
+    onto `quantize_device` (default `device`), quantized there, then moved to `device`. Host RAM
+    therefore never holds more than one block unquantized (the release stores fp32: one block is
+    ~1.1 GiB while read). int4 packs its weights for the device it is quantized on, so quantize on
+    the GPU that will train (`quantize_device="cuda"`) even when `device="cpu"` (weights that block
+    swapping will place)."""
     _check_precision(precision)
-    folder = Path(dit_folder)
-    config = json.loads((folder / "config.json").read_text())
-    with torch.device("meta"):
-        model = LongCatVideoTransformer3DModel.from_config(config)
-    verify_checkpoint_keys(folder, model.state_dict())
-    files = _checkpoint_files(folder)
-    work_device = torch.device(quantize_device if quantize_device is not None else device)
-
-    block_prefix = "blocks."
-    outside = [k for k in files if not k.startswith(block_prefix)]
-    model.load_state_dict(_read_tensors(folder, outside, files, dtype, device), strict=False, assign=True)
-    for index, block in enumerate(model.blocks):
-        prefix = f"{block_prefix}{index}."
-        keys = [k for k in files if k.startswith(prefix)]
-        tensors = _read_tensors(folder, keys, files, dtype, work_device)
-        block.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True, assign=True)
-        del tensors
-        quantize_block(block, precision)
-        block.to(device)
-    model.requires_grad_(False)
-    return model
+    return load_dit(dit_folder, dtype, device, block_hook=lambda block: quantize_block(block, precision),
+                    block_device=quantize_device)
 
 
 def relative_block_error(precision: str, device: str = "cuda", tokens_grid: tuple[int, int, int] = (24, 30, 52),

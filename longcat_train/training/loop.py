@@ -15,7 +15,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,8 @@ from diffusers.optimization import get_scheduler
 from rich.console import Console
 
 from ..cache import collate_text
-from ..components import load_vae
-from ..config import LoadedConfig
+from ..components import load_dit_config, load_vae
+from ..config import LoadedConfig, TrainingConfig
 from ..data import BucketBatchSampler, ClipItem
 from ..lora import add_lora, lora_state
 from ..lora.adapters import compute_lora_in_autocast_dtype, load_lora_into_adapter
@@ -40,8 +40,10 @@ from ..memory import (
     load_quantized_transformer,
     machine_memory_gib,
     plan_memory,
+    planned_config_keys,
 )
 from ..model import LongCatVideoTransformer3DModel
+from ..model.loading import load_dit
 from ..model.flops import dense_bf16_peak_flops, transformer_flops
 from ..validation.periodic import HeldOutLatents, Validator
 from .checkpoint import (
@@ -73,17 +75,18 @@ class TrainResult:
     losses: list[tuple[int, float]]
 
 
-def load_transformer(loaded: LoadedConfig, device: torch.device) -> LongCatVideoTransformer3DModel:
-    """The frozen DiT: bf16 (or as stored, fp32, for `no_change`), or quantized block by block
-    while streaming from the shards so host RAM never holds a full bf16 copy."""
-    cfg = loaded.training
-    root = Path(cfg.pretrained_model_name_or_path)
+def load_transformer(cfg: TrainingConfig, device: torch.device) -> LongCatVideoTransformer3DModel:
+    """The frozen DiT streamed from its shards: bf16 (or as stored, fp32, for `no_change`) straight
+    onto the GPU, or into host RAM when block swap or group offload will place it; quantized
+    block by block, so host RAM never holds a full bf16 copy."""
+    dit = Path(cfg.pretrained_model_name_or_path) / "dit"
+    placed_later = cfg.musubi_blocks_to_swap > 0 or cfg.enable_group_offload
+    target = torch.device("cpu") if placed_later else device
     if cfg.base_model_precision in QUANTIZED_PRECISIONS:
-        transformer = load_quantized_transformer(root / "dit", cfg.base_model_precision, device="cpu",
-                                                 quantize_device=device)
+        transformer = load_quantized_transformer(dit, cfg.base_model_precision, device=target, quantize_device=device)
     else:
-        dtype = torch.bfloat16 if cfg.base_model_precision == "bf16" else torch.float32  # the release stores fp32
-        transformer = LongCatVideoTransformer3DModel.from_pretrained(root, subfolder="dit", torch_dtype=dtype)
+        dtype = torch.bfloat16 if cfg.base_model_precision == "bf16" else None  # the release stores fp32
+        transformer = load_dit(dit, dtype, target)
     transformer.set_attention_implementation(cfg.attention_implementation)
     transformer.set_activation_checkpointing(
         cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "none",
@@ -110,21 +113,28 @@ def place_for_memory(transformer, cfg, device: torch.device) -> bool:
     return False
 
 
-def check_memory_plan(loaded: LoadedConfig, data: PreparedData, console: Console, dit_config: dict) -> MemoryPlan | None:
-    """Predict peak VRAM per bucket before the first step; refuse a run predicted to run out of
-    memory unless `LONGCAT_IGNORE_MEMORY_PLAN=1`."""
+def plan_memory_use(loaded: LoadedConfig, data: PreparedData, console: Console,
+                    dit_config: dict) -> tuple[LoadedConfig, MemoryPlan | None, dict]:
+    """On CUDA, before the model loads: the memory keys the config leaves unset take the fastest
+    values that fit this GPU and this machine's RAM (`planned_config_keys`; returned as the third
+    item), then every bucket is predicted, and a run predicted to run out of memory is refused
+    unless `LONGCAT_IGNORE_MEMORY_PLAN=1`."""
     if not torch.cuda.is_available():
-        return None
+        return loaded, None, {}
     buckets = sorted({(i.bucket.height, i.bucket.width, i.bucket.num_frames) for i in data.items})
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    plan = plan_memory(loaded.training, buckets, gpu_gib, dit_config, machine_memory_gib())
+    host_gib = machine_memory_gib()
+    picked = planned_config_keys(loaded.training, buckets, gpu_gib, host_gib, dit_config)
+    if picked:
+        loaded = replace(loaded, training=loaded.training.model_copy(update=picked))
+    plan = plan_memory(loaded.training, buckets, gpu_gib, dit_config, host_gib)
     plan.render(console)
     if os.environ.get("LONGCAT_IGNORE_MEMORY_PLAN") != "1":
         try:
             plan.raise_if_oom()
         except PlanRefusal as refusal:
             raise TrainingStopped(f"{refusal} (set LONGCAT_IGNORE_MEMORY_PLAN=1 to start anyway)") from refusal
-    return plan
+    return loaded, plan, picked
 
 
 def max_steps(cfg, batches_per_epoch: int) -> int:
@@ -180,10 +190,10 @@ def step_metrics(model, items, x0, embeds, strategy, accumulation: int, seconds:
 
 
 def run_description(cfg, model, params, alpha, data: PreparedData, step: int, total_steps: int,
-                    processes: int) -> dict[str, str]:
+                    processes: int, picked: dict) -> dict[str, str]:
     """The startup table's rows: what is about to be trained, on what, with which memory settings."""
     checkpointing = cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "off"
-    return {
+    rows = {
         "model": f"{cfg.model_family}/{cfg.model_flavour} at {cfg.pretrained_model_name_or_path}",
         "precision": f"weights {next(model.parameters()).dtype}, autocast {cfg.mixed_precision}",
         "trainable parameters": f"{sum(p.numel() for p in params):,} (LoRA rank {cfg.lora_rank}, alpha {alpha})",
@@ -191,9 +201,14 @@ def run_description(cfg, model, params, alpha, data: PreparedData, step: int, to
         "buckets": ", ".join(sorted({i.bucket.label for i in data.items})),
         "steps": f"{step} → {total_steps} (batch {cfg.train_batch_size} × accumulation "
                  f"{cfg.gradient_accumulation_steps} × {processes} processes)",
-        "memory": f"checkpointing {checkpointing}{', activation offload' if model.offload_block_inputs else ''}, "
+        "memory": f"checkpointing {checkpointing}{', activation offload' if model.offload_block_inputs else ''}"
+                  f"{', keeps ' + '+'.join(cfg.keep_projections) if cfg.keep_projections else ''}, "
                   f"swap {cfg.musubi_blocks_to_swap} blocks, attention {cfg.attention_implementation}",
     }
+    if picked:
+        rows["memory"] += ("; picked by the memory plan, as the config leaves them unset: "
+                           + ", ".join(f"{key}={json.dumps(value)}" for key, value in picked.items()))
+    return rows
 
 
 def build_validator(loaded: LoadedConfig, data: PreparedData, device: torch.device):
@@ -233,8 +248,9 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         raise TrainingStopped("no usable training items: see the skipped files above (`longcat data check` lists them)")
 
     generator = _set_seeds(cfg.seed + accelerator.process_index)
-    transformer = load_transformer(loaded, accelerator.device)
-    plan = check_memory_plan(loaded, data, console, dict(transformer.config))
+    loaded, plan, picked = plan_memory_use(loaded, data, console, load_dit_config(cfg.pretrained_model_name_or_path))
+    cfg = loaded.training
+    transformer = load_transformer(cfg, accelerator.device)
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
     add_lora(transformer, cfg.lora_rank, alpha, cfg.lora_target_modules, cfg.lora_dropout,
              "gaussian" if cfg.lora_init == "gaussian" else True)
@@ -274,7 +290,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                                cfg.model_dump(mode="json"))
     log = RunLog(writer=writer)
     console.print(startup_table(run_description(cfg, model, params, alpha, data, state.step, total_steps,
-                                                accelerator.num_processes)))
+                                                accelerator.num_processes, picked)))
 
     config_hash = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 

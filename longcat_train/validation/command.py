@@ -17,7 +17,7 @@ from longcat_train.components import load_scheduler, load_text_encoder, load_tok
 from longcat_train.config import LoadedConfig, TrainingConfig, parse_resolution
 from longcat_train.data import ClipItem, DataSpec, scan_dataset
 from longcat_train.lora import apply_loras, read_lora
-from longcat_train.model import LongCatVideoTransformer3DModel
+from longcat_train.model.loading import load_dit
 
 from .outputs import render_stem, write_render
 from .periodic import TEXT_LENGTH, ValidationCase, validation_cases
@@ -143,11 +143,8 @@ def run_validate(
                            torch.bfloat16 if on_cuda else torch.float32)
 
     # bf16 on CUDA as the release runs; on the CPU the checkpoint's own dtype
-    transformer = LongCatVideoTransformer3DModel.from_pretrained(
-        root, subfolder="dit", **({"torch_dtype": torch.bfloat16} if on_cuda else {})
-    )
+    transformer = load_dit(Path(root) / "dit", torch.bfloat16 if on_cuda else None, device)
     transformer.set_attention_implementation(training.attention_implementation)
-    transformer.to(device).eval().requires_grad_(False)
     apply_loras(transformer, [(read_lora(path).weights, strength) for path, strength in loras])
     vae = load_vae(root, dtype=torch.bfloat16 if on_cuda else torch.float32, device=device)
 
