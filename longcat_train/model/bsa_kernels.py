@@ -35,6 +35,12 @@ def triton_interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+# `cache_results=True` on every autotuned kernel: Triton stores each tuning's timings in its cache
+# directory (`TRITON_CACHE_DIR`, default ~/.triton/cache) keyed by the Triton version, the GPU
+# architecture and compiler, the kernel's source and the shapes, so a run after the first on the
+# same machine skips the benchmarking (seconds per kernel and shape at 720p) that otherwise
+# delays every start.
+
 # One launch shape under the interpreter (the autotuner then skips benchmarking).
 INTERPRETER_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
 
@@ -196,7 +202,7 @@ def _dq_step(s, k, v, do, lse, delta, dq, qk_scale_log2, DOT_PRECISION: tl.const
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, cache_results=True)
 @triton.jit
 def bsa_forward_kernel(
     Q, K, V, O, LSE,
@@ -240,7 +246,7 @@ def bsa_forward_kernel(
     tl.store(LSE + bh * n_q_rows + q_rows, m_i + tl.math.log2(l_i))
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, cache_results=True)
 @triton.jit
 def bsa_backward_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -279,7 +285,7 @@ def bsa_backward_dq_kernel(
     tl.store(DQ + raster, (dq * sm_scale).to(DQ.dtype.element_ty), mask=real_q)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, cache_results=True)
 @triton.jit
 def bsa_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
