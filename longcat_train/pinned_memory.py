@@ -75,10 +75,26 @@ class PinnedArena:
         return self.slabs[slab][offset: offset + nbytes].view(dtype).view(shape)
 
     @staticmethod
-    def reserved_for(requests: list[int]) -> int:
-        """Bytes of slabs a fresh arena reserves for these requests (in bytes, in this order): the
-        memory planner's figure for a step's offloaded tensors, slab ends included."""
+    def _layout_for(requests: list[int]) -> _SlabLayout:
         layout = _SlabLayout()
         for nbytes in requests:
             layout.cut(nbytes)
-        return sum(layout.sizes)
+        return layout
+
+    @staticmethod
+    def reserved_for(requests: list[int]) -> int:
+        """Bytes of slabs a fresh arena reserves for these requests (in bytes, in this order): the
+        memory planner's figure for a step's offloaded tensors, slab ends included."""
+        return sum(PinnedArena._layout_for(requests).sizes)
+
+    def reserve(self, requests: list[int]) -> None:
+        """Allocate now, in an empty arena, the slabs these requests (bytes, in this order) will be
+        cut from: pinning tens of GiB takes seconds, which a run pays alongside loading the model
+        instead of inside its first step. Later cuts of the same sizes land in these slabs. An arena
+        that already holds slabs has grown for its requests: nothing is added."""
+        if self.slabs:
+            return
+        layout = self._layout_for(requests)
+        slabs = [torch.empty(size, dtype=torch.uint8, pin_memory=self.pin) for size in layout.sizes]
+        self.layout.sizes, self.layout.used = list(layout.sizes), [0] * len(slabs)
+        self.slabs = slabs

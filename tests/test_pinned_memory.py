@@ -52,3 +52,20 @@ def test_reserved_for_predicts_what_an_arena_reserves():
     for n in requests:
         arena.empty((n,), torch.uint8)
     assert PinnedArena.reserved_for(requests) == arena.reserved_bytes > sum(requests)
+
+
+def test_a_reserved_arena_cuts_the_same_requests_without_growing():
+    requests = [3 * ALIGN + 5, 17, 9 * ALIGN, 2 * ALIGN, 40 * ALIGN, ALIGN] * 3
+    grown = PinnedArena(pin=False)
+    for n in requests:
+        grown.empty((n,), torch.uint8)
+    reserved = PinnedArena(pin=False)
+    reserved.reserve(requests)
+    slabs = [s.data_ptr() for s in reserved.slabs]
+    assert reserved.reserved_bytes == grown.reserved_bytes
+    for n in requests:
+        reserved.empty((n,), torch.uint8)
+    assert [s.data_ptr() for s in reserved.slabs] == slabs  # no slab added or replaced
+    assert [s.numel() for s in reserved.slabs] == [s.numel() for s in grown.slabs]
+    reserved.reserve(requests[:2])  # an arena that holds slabs already is left as it is
+    assert [s.data_ptr() for s in reserved.slabs] == slabs

@@ -3,7 +3,15 @@ offloading, and a planner that predicts peak VRAM and host RAM per bucket."""
 
 from .block_swap import BlockSwap, enable_block_swap
 from .group_offload import GroupOffloadConflict, enable_group_offload
-from .planner import MemoryPlan, MemorySettings, PlanRefusal, machine_memory_gib, plan_memory, planned_config_keys
+from .planner import (
+    MemoryPlan,
+    MemorySettings,
+    PlanRefusal,
+    machine_memory_gib,
+    offload_requests,
+    plan_memory,
+    planned_config_keys,
+)
 from .quantize import (
     QUANTIZED_PRECISIONS,
     QuantizationError,
@@ -24,6 +32,7 @@ __all__ = [
     "enable_group_offload",
     "load_quantized_transformer",
     "machine_memory_gib",
+    "offload_requests",
     "plan_memory",
     "planned_config_keys",
     "quantize_block",

@@ -224,6 +224,35 @@ KEPT_FORWARD_ORDER = ("qkv", "self_attention", "attention_out", "cross_q", "cros
                       "ffn_w1", "ffn_w3")
 
 
+def _offload_requests(depth: int, hidden_state: int, kept: list[int], selective: int) -> list[int]:
+    """Bytes of the host copies one step cuts from the activation-offload arena, in order: each
+    block's input, then what its selective checkpointing keeps."""
+    return [size for block in range(depth) for size in [hidden_state] + (kept if block < selective else [])]
+
+
+def _kept_sizes(counts: ParameterCounts, s: MemorySettings, n: int) -> tuple[int, list[int]]:
+    """(selective blocks, bytes of each output a selective block keeps, in forward order) for
+    `n` tokens in the batch."""
+    if not (s.gradient_checkpointing and s.checkpoint_mode == "selective"):
+        return 0, []
+    selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
+    sizes = {role: n * width * 2 for role, width in counts.projection_widths}
+    sizes["self_attention"] = sizes["cross_attention"] = n * counts.hidden * 2
+    kinds = {"self_attention", *s.kept_projections} | ({"cross_attention"} if s.keep_cross_attention else set())
+    return selective, [sizes[kind] for kind in KEPT_FORWARD_ORDER if kind in kinds]
+
+
+def offload_requests(s: MemorySettings, bucket: tuple[int, int, int], dit_config: dict | None = None) -> list[int]:
+    """The activation-offload arena's requests of one step on `bucket` (empty without offload):
+    what a run reserves ahead (`PinnedArena.reserve`)."""
+    if not (s.gradient_checkpointing and s.offload_block_inputs):
+        return []
+    counts = parameter_counts(dit_config)
+    n = s.batch_size * bucket_tokens(*bucket)
+    selective, kept = _kept_sizes(counts, s, n)
+    return _offload_requests(counts.depth, n * counts.hidden * 2, kept, selective)
+
+
 def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimate:
     """Peak memory (GiB) of one training step over `tokens` tokens per sample."""
     n = s.batch_size * tokens
@@ -233,19 +262,11 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
         activations = working_set * counts.depth
         offloaded = 0.0
     else:
-        selective = 0
-        kept: list[int] = []  # per selective block, the kept outputs in forward order
-        if s.checkpoint_mode == "selective":
-            selective = counts.depth if s.selective_blocks is None else min(s.selective_blocks, counts.depth)
-            sizes = {role: n * width * 2 for role, width in counts.projection_widths}
-            sizes["self_attention"] = sizes["cross_attention"] = hidden_state
-            kinds = {"self_attention", *s.kept_projections} | ({"cross_attention"} if s.keep_cross_attention else set())
-            kept = [sizes[kind] for kind in KEPT_FORWARD_ORDER if kind in kinds]
+        selective, kept = _kept_sizes(counts, s, n)
         if s.offload_block_inputs:
             # every block's tensors get a host copy (cut from the offload arena in this order); two
             # blocks' worth are on the GPU at a time
-            requests = [[hidden_state] + (kept if block < selective else []) for block in range(counts.depth)]
-            offloaded = PinnedArena.reserved_for([size for block in requests for size in block])
+            offloaded = PinnedArena.reserved_for(_offload_requests(counts.depth, hidden_state, kept, selective))
             activations = IN_FLIGHT_BLOCKS * hidden_state + min(selective, IN_FLIGHT_BLOCKS) * sum(kept)
         else:
             offloaded = 0.0

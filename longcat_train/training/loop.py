@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,15 +35,18 @@ from ..memory import (
     QUANTIZED_PRECISIONS,
     GroupOffloadConflict,
     MemoryPlan,
+    MemorySettings,
     PlanRefusal,
     enable_block_swap,
     enable_group_offload,
     load_quantized_transformer,
     machine_memory_gib,
+    offload_requests,
     plan_memory,
     planned_config_keys,
 )
 from ..model import LongCatVideoTransformer3DModel
+from ..model.activation_offload import HOST_ARENA
 from ..model.loading import load_dit
 from ..model.flops import dense_bf16_peak_flops, transformer_flops
 from ..validation.periodic import HeldOutLatents, Validator
@@ -135,6 +139,20 @@ def plan_memory_use(loaded: LoadedConfig, data: PreparedData, console: Console,
         except PlanRefusal as refusal:
             raise TrainingStopped(f"{refusal} (set LONGCAT_IGNORE_MEMORY_PLAN=1 to start anyway)") from refusal
     return loaded, plan, picked
+
+
+def reserve_offload_memory(cfg: TrainingConfig, data: PreparedData, dit_config: dict | None,
+                           device: torch.device) -> threading.Thread:
+    """Pins the activation-offload arena for the largest bucket on a thread, alongside the model's
+    loading: pinning tens of GiB of host memory takes seconds that the first step would pay."""
+    requests = []
+    if device.type == "cuda" and cfg.activation_offload:
+        largest = max(data.items, key=lambda i: i.bucket.height * i.bucket.width * i.bucket.num_frames).bucket
+        requests = offload_requests(MemorySettings.from_config(cfg), (largest.height, largest.width,
+                                                                      largest.num_frames), dit_config)
+    thread = threading.Thread(target=HOST_ARENA.reserve, args=(requests,), name="pin-offload-arena", daemon=True)
+    thread.start()
+    return thread
 
 
 def max_steps(cfg, batches_per_epoch: int) -> int:
@@ -248,9 +266,12 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         raise TrainingStopped("no usable training items: see the skipped files above (`longcat data check` lists them)")
 
     generator = _set_seeds(cfg.seed + accelerator.process_index)
-    loaded, plan, picked = plan_memory_use(loaded, data, console, load_dit_config(cfg.pretrained_model_name_or_path))
+    dit_config = load_dit_config(cfg.pretrained_model_name_or_path)
+    loaded, plan, picked = plan_memory_use(loaded, data, console, dit_config)
     cfg = loaded.training
+    pinning = reserve_offload_memory(cfg, data, dit_config, accelerator.device)
     transformer = load_transformer(cfg, accelerator.device)
+    pinning.join()
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
     add_lora(transformer, cfg.lora_rank, alpha, cfg.lora_target_modules, cfg.lora_dropout,
              "gaussian" if cfg.lora_init == "gaussian" else True)
