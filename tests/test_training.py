@@ -1,6 +1,7 @@
 """The training step against a hand computation, and the loop's promises: exact resume after a
 SIGKILL, the demo's falling loss, and stopping cleanly on non-finite losses."""
 
+import json
 import os
 import random
 import re
@@ -137,6 +138,13 @@ def test_demo_loss_falls_and_writes_checkpoints(demo_root, tmp_path):
     assert (output / "lora.safetensors").is_file() and (output / "loss.png").is_file()
     assert [p.name for p in sorted(output.glob("checkpoint-*"))] == ["checkpoint-150", "checkpoint-300"]
     assert any((output / "logs").iterdir())
+    events = [json.loads(line) for line in (output / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events][:2] == ["start", "step"] and events[-1]["event"] == "done"
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 301))
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [150, 300]
+    assert events[0]["cached_at"] <= events[0]["loaded_at"] <= steps[0]["time"]
+    assert all(e["loss"] > 0 and e["s_per_step"] > 0 for e in steps)
 
 
 def test_non_finite_losses_stop_with_a_checkpoint(demo_root, tmp_path):

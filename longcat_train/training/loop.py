@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from ..memory import (
     plan_memory,
     planned_config_keys,
 )
+from ..memory.planner import PLANNED_KEYS
 from ..model import LongCatVideoTransformer3DModel
 from ..model.activation_offload import HOST_ARENA
 from ..model.loading import load_dit
@@ -66,6 +68,7 @@ from .strategy import choose_strategy
 from .trackers import open_trackers
 
 MAX_CONSECUTIVE_NONFINITE = 3
+EVENTS_FILE = "events.jsonl"  # in output_dir: one JSON line per step, checkpoint, validation
 
 
 class TrainingStopped(RuntimeError):
@@ -262,6 +265,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         console = Console(quiet=True)  # one startup table and progress bar, not one per rank
     with accelerator.main_process_first():
         data = prepare_data(loaded, accelerator.device, console)
+    cached_at = time.time()
     if not data.items:
         raise TrainingStopped("no usable training items: see the skipped files above (`longcat data check` lists them)")
 
@@ -272,6 +276,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
     pinning = reserve_offload_memory(cfg, data, dit_config, accelerator.device)
     transformer = load_transformer(cfg, accelerator.device)
     pinning.join()
+    loaded_at = time.time()
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
     add_lora(transformer, cfg.lora_rank, alpha, cfg.lora_target_modules, cfg.lora_dropout,
              "gaussian" if cfg.lora_init == "gaussian" else True)
@@ -309,7 +314,9 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
     if accelerator.is_main_process:
         writer = open_trackers(cfg.report_to, output_dir, cfg.tracker_project_name, cfg.tracker_run_name,
                                cfg.model_dump(mode="json"))
-    log = RunLog(writer=writer)
+    log = RunLog(writer=writer, events_path=output_dir / EVENTS_FILE if accelerator.is_main_process else None)
+    log.event("start", step=state.step, total_steps=total_steps, cached_at=cached_at, loaded_at=loaded_at,
+              memory={key: getattr(cfg, key) for key in PLANNED_KEYS}, picked=list(picked))
     console.print(startup_table(run_description(cfg, model, params, alpha, data, state.step, total_steps,
                                                 accelerator.num_processes, picked)))
 
@@ -330,12 +337,15 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                                    lr_scheduler, generator, cfg.model_dump(mode="json"), accelerator.num_processes - 1)
             prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
             log.write_loss_curve(output_dir / "loss.png")
+            log.event("checkpoint", step=state.step, path=str(path))
         accelerator.wait_for_everyone()
         return path
 
     def validate() -> None:
         if validator is not None:
+            started = time.time()
             metrics = validator.run(model, state.step, writer)
+            log.event("validation", step=state.step, seconds=time.time() - started, **metrics)
             console.print("validation at step {}: {}".format(
                 state.step, ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())))
         accelerator.wait_for_everyone()
@@ -406,6 +416,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         checkpoint()  # every rank: it holds a barrier
     if accelerator.is_main_process:
         shutil.copyfile(final / "lora.safetensors", lora_path)
+        log.event("done", step=state.step, lora=str(lora_path))
         console.print(f"done: {state.step} steps, final loss EMA {log.ema:.4f}, "
                       f"{state.nan_skipped} non-finite steps skipped; LoRA at {lora_path}")
     if writer is not None:

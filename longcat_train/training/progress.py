@@ -3,6 +3,7 @@ loss curve PNG and the closing summary."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,12 @@ def startup_table(rows: dict[str, object]) -> Table:
 
 @dataclass
 class RunLog:
-    """Loss history and timing; writes TensorBoard scalars when a writer is given."""
+    """Loss history and timing; writes TensorBoard scalars when a writer is given, and one JSON
+    line per event (each step, checkpoint, validation) to `events_path` when given: the record a
+    script or a benchmark reads, appended across resumes."""
 
     writer: object | None = None
+    events_path: Path | None = None
     ema_decay: float = 0.9
     losses: list[tuple[int, float]] = field(default_factory=list)
     ema: float | None = None
@@ -46,13 +50,21 @@ class RunLog:
         self.step_times.append(seconds)
         self.losses.append((step, loss))
         self.ema = loss if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * loss
+        scalars = {"train/loss": loss, "train/loss_ema": self.ema, "train/lr": lr, "perf/s_per_step": seconds, **extra}
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = grad_norm
         if self.writer is not None:
-            scalars = {"train/loss": loss, "train/loss_ema": self.ema, "train/lr": lr, "perf/s_per_step": seconds, **extra}
-            if grad_norm is not None:
-                scalars["train/grad_norm"] = grad_norm
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
+        self.event("step", step=step, **{name.split("/")[-1]: value for name, value in scalars.items()})
         return seconds
+
+    def event(self, name: str, **fields: object) -> None:
+        """Append `{"event": name, "time": unix seconds, **fields}` to the events file."""
+        if self.events_path is None:
+            return
+        with open(self.events_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
 
     def write_loss_curve(self, path: Path, width: int = 640, height: int = 320) -> Path:
         """A plain line plot of loss per step (PIL, so no plotting stack is needed)."""
