@@ -284,8 +284,12 @@ def bench(
     resolution: Annotated[str, typer.Option(metavar="HxW", help="Clip size.")] = "480x832",
     frames: Annotated[int, typer.Option(help="Frames; (frames - 1) % 4 == 0.")] = 93,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
-    steps: Annotated[int, typer.Option(help="Measured steps.")] = 10,
-    mode: Annotated[str, typer.Option(help="train, render or vae.")] = "train",
+    steps: Annotated[int, typer.Option(help="Measured steps (e2e: optimizer steps of the whole run, at least 4).")] = 10,
+    mode: Annotated[str, typer.Option(help="train, render, vae, or e2e (the whole user path on a release-shaped "
+                                            "checkpoint: cache, train, SIGKILL, resume, validate, bench).")] = "train",
+    workdir: Annotated[Path, typer.Option(help="e2e: where the checkpoint, clips and run go (a complete "
+                                               "checkpoint there is reused).")] = Path("e2e_run"),
+    scale: Annotated[str, typer.Option(help="e2e: release (13.6B shapes, CUDA) or tiny (CPU).")] = "release",
     keep_projections: Annotated[str, typer.Option(
         help="Projection outputs selective checkpointing keeps: 'auto' (the most that fit this GPU and RAM), "
              "'none', or names from the config key keep_projections, comma-separated.")] = "auto",
@@ -297,8 +301,13 @@ def bench(
             rule(value)  # type: ignore[operator]
         except PydanticCustomError as error:
             problems.append(_argument_problem(option, value, error.message(), str((error.context or {}).get("fix", ""))))
-    if mode not in ("train", "render", "vae"):
-        problems.append(_argument_problem("--mode", mode, "unknown mode", "use train, render or vae"))
+    if mode not in ("train", "render", "vae", "e2e"):
+        problems.append(_argument_problem("--mode", mode, "unknown mode", "use train, render, vae or e2e"))
+    if mode == "e2e" and steps <= 4:
+        problems.append(_argument_problem("--steps", steps, "e2e kills the run after step 3 and resumes it",
+                                          "give --steps 5 or more"))
+    if scale not in ("release", "tiny"):
+        problems.append(_argument_problem("--scale", scale, "unknown scale", "use release or tiny"))
     from longcat_train.config.training import KEPT_PROJECTION_MODULES
 
     kept = {"auto": None, "none": ()}.get(keep_projections, tuple(filter(None, keep_projections.split(","))))
@@ -308,6 +317,18 @@ def bench(
                                           f"use auto, none or names from {sorted(KEPT_PROJECTION_MODULES)}"))
     if problems:
         _fail(ConfigError(problems))
+    if mode == "e2e":
+        from longcat_train.bench_e2e import E2EFailed, E2ESettings, run_e2e
+
+        if scale == "release" and not _cuda_available():
+            _err().print("[bold red]bench:[/] --scale release needs a CUDA GPU (use --scale tiny on the CPU)")
+            raise typer.Exit(EXIT_STOPPED)
+        try:
+            run_e2e(E2ESettings(workdir, scale, resolution, frames, rank, steps=steps), _out())
+        except E2EFailed as error:
+            _err().print(f"[bold red]bench e2e:[/] {error}")
+            raise typer.Exit(EXIT_STOPPED) from None
+        return
     from longcat_train.bench import BenchSettings, run_bench
 
     try:
@@ -316,6 +337,12 @@ def bench(
     except RuntimeError as error:
         _err().print(f"[bold red]bench:[/] {error}")
         raise typer.Exit(EXIT_STOPPED) from None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @app.command()

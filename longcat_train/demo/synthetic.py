@@ -35,31 +35,36 @@ def synthetic_clip(index: int, height: int, width: int, frames: int = 34) -> np.
     return video
 
 
-def write_dataset(root: Path, count: int = 6, val_count: int = 1) -> None:
+def write_dataset(root: Path, count: int = 6, val_count: int = 1, shapes: dict[str, tuple[int, int]] = SHAPES,
+                  frames: int = 34) -> None:
     """clips/NAME.mp4 + NAME.txt with start_frames/NAME.png (the clip's first frame), 30 fps
-    sources (resampled to 15 fps by the loader), and a held-out split laid out the same way."""
+    sources of `frames` frames (resampled to 15 fps by the loader), cycling through `shapes`
+    (name: (height, width)), and a held-out split laid out the same way."""
     for split, first, n in (("train", 0, count), ("val", 100, val_count)):
         clips, starts = root / split / "clips", root / split / "start_frames"
         clips.mkdir(parents=True, exist_ok=True)
         starts.mkdir(parents=True, exist_ok=True)
         for i in range(first, first + n):
-            shape = list(SHAPES)[i % len(SHAPES)]
-            video = synthetic_clip(i, *SHAPES[shape])
+            shape = list(shapes)[i % len(shapes)]
+            video = synthetic_clip(i, *shapes[shape], frames=frames)
             name = f"clip_{i:03d}"
             write_video(clips / f"{name}.mp4", video, fps=30)
             (clips / f"{name}.txt").write_text(f"a {shape} scene with a coloured square sliding across, clip {i}")
             Image.fromarray(video[0]).save(starts / f"{name}.png")
 
 
-def demo_configs(root: Path, checkpoint: Path, steps: int = 300) -> Path:
+def demo_configs(root: Path, checkpoint: Path, steps: int = 300, resolution: int = 64, num_frames: int = 17,
+                 overrides: dict | None = None) -> Path:
+    """config.json + multidatabackend.json under `root` for the clips of `write_dataset`, bucketed
+    at `resolution` (the shorter edge, pixels) and `num_frames`; `overrides` replace config keys."""
     def dataset(split: str, clip_id: str, start_id: str) -> list[dict]:
         return [
             {"id": clip_id, "type": "local", "dataset_type": "video", "is_i2v": True,
-             "instance_data_dir": f"data/{split}/clips", "caption_strategy": "textfile", "resolution": 64,
+             "instance_data_dir": f"data/{split}/clips", "caption_strategy": "textfile", "resolution": resolution,
              "resolution_type": "pixel", "cache_dir_vae": f"cache/vae/{clip_id}", "conditioning_data": [start_id],
-             "caption_dropout_probability": 0.0, "video": {"num_frames": 17}},
+             "caption_dropout_probability": 0.0, "video": {"num_frames": num_frames}},
             {"id": start_id, "type": "local", "dataset_type": "conditioning",
-             "instance_data_dir": f"data/{split}/start_frames", "caption_strategy": None, "resolution": 64,
+             "instance_data_dir": f"data/{split}/start_frames", "caption_strategy": None, "resolution": resolution,
              "cache_dir_vae": f"cache/vae/{start_id}"},
         ]
 
@@ -77,6 +82,7 @@ def demo_configs(root: Path, checkpoint: Path, steps: int = 300) -> Path:
         "validation_resolution": "64x64", "validation_num_video_frames": 17,
         "validation_num_inference_steps": 4, "validation_guidance": 4.0,
         "validation_using_datasets": True, "eval_dataset_id": "clips-val", "validation_steps": steps,
+        **(overrides or {}),
     }
     (root / "multidatabackend.json").write_text(json.dumps(backend, indent=2))
     path = root / "config.json"

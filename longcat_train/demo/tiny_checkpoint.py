@@ -185,10 +185,21 @@ def write_tiny_checkpoint(root: str | Path, seed: int = 0, dit_config: Mapping[s
     vocab_size = write_umt5_tokenizer(root / "tokenizer", vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        AutoencoderKLWan(**_VAE_CONFIG).save_pretrained(root / "vae", safe_serialization=True)
+        write_vae(root / "vae", _VAE_CONFIG)
         torch.manual_seed(seed + 1)
         UMT5EncoderModel(tiny_umt5_config(vocab_size, config["caption_channels"])).save_pretrained(root / "text_encoder")
         torch.manual_seed(seed + 2)
         _write_dit(root / "dit", config)
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0).save_pretrained(root / "scheduler")
+    write_scheduler(root / "scheduler")
     return root
+
+
+def write_vae(directory: Path, config: Mapping[str, Any]) -> None:
+    """A Wan 2.1 VAE (random weights, float32) with `config`; the release's latent statistics
+    are diffusers' defaults, written out when `config` names them."""
+    AutoencoderKLWan(**config).save_pretrained(directory, safe_serialization=True)
+
+
+def write_scheduler(directory: Path) -> None:
+    """The release's flow-matching scheduler config (1000 steps, shift 12)."""
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0).save_pretrained(directory)

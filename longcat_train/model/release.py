@@ -26,9 +26,9 @@ RELEASE_VOCAB_SIZE = RELEASE_UMT5_CONFIG["vocab_size"]
 
 
 def random_transformer(device: str, dtype: torch.dtype, depth: int = 48, seed: int = 0, **overrides):
-    """The release architecture with random weights allocated directly on `device` in `dtype`
-    (built on the meta device first, so host RAM never holds it)."""
-    config = dict(RELEASE_DIT_CONFIG, depth=depth, **overrides)
+    """The release architecture (with `overrides` of its config keys) with random weights allocated
+    directly on `device` in `dtype` (built on the meta device first, so host RAM never holds it)."""
+    config = {**RELEASE_DIT_CONFIG, "depth": depth, **overrides}
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -409,6 +409,7 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                 checkpoint()
             if cfg.validation_step_interval and state.step % cfg.validation_step_interval == 0:
                 validate()
+            log.restart_clock()
 
     lora_path = output_dir / "lora.safetensors"
     final = output_dir / f"checkpoint-{state.step}"

@@ -59,6 +59,10 @@ class RunLog:
         self.event("step", step=step, **{name.split("/")[-1]: value for name, value in scalars.items()})
         return seconds
 
+    def restart_clock(self) -> None:
+        """The next step's time starts now (after a checkpoint or a validation, which are not steps)."""
+        self._last = time.perf_counter()
+
     def event(self, name: str, **fields: object) -> None:
         """Append `{"event": name, "time": unix seconds, **fields}` to the events file."""
         if self.events_path is None:
