@@ -234,7 +234,9 @@ def e2e_table(results: dict):
     table.add_column("value", justify="right")
     killed, resumed, train = results["train_killed"], results["train_resumed"], results["train"]
     rows = [
-        ("checkpoint written (s)", results["checkpoint"]["seconds"]),
+        ("checkpoint written (s; DiT, text encoder dtypes)",
+         f"{results['checkpoint']['seconds']}; {results['checkpoint']['dit_dtype']}, "
+         f"{results['checkpoint']['text_encoder_dtype']}"),
         ("cache: s, clips/s", f"{results['cache']['seconds']}, {results['cache']['clips_per_s']}"),
         ("first step after caching (s), cold / warm tuning cache",
          f"{killed['cached_to_first_step_s']} / {resumed['cached_to_first_step_s']}"),
