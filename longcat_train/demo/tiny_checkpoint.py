@@ -77,7 +77,7 @@ _TOKENIZER_CORPUS = (
 )
 _TOKENIZER_VOCAB_SIZE = 400  # an upper bound: the corpus supports fewer pieces
 
-_VAE_CONFIG: dict[str, Any] = {
+TINY_VAE_CONFIG: dict[str, Any] = {
     # Wan 2.1 structure (three downsamplings: spatial 8; two of them temporal: 4), narrow channels.
     "base_dim": 8,
     "z_dim": 16,
@@ -185,7 +185,7 @@ def write_tiny_checkpoint(root: str | Path, seed: int = 0, dit_config: Mapping[s
     vocab_size = write_umt5_tokenizer(root / "tokenizer", vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        write_vae(root / "vae", _VAE_CONFIG)
+        write_vae(root / "vae", TINY_VAE_CONFIG)
         torch.manual_seed(seed + 1)
         UMT5EncoderModel(tiny_umt5_config(vocab_size, config["caption_channels"])).save_pretrained(root / "text_encoder")
         torch.manual_seed(seed + 2)

@@ -4,6 +4,7 @@ offloading, and a planner that predicts peak VRAM and host RAM per bucket."""
 from .block_swap import BlockSwap, enable_block_swap
 from .group_offload import GroupOffloadConflict, enable_group_offload
 from .planner import (
+    PLANNED_KEYS,
     MemoryPlan,
     MemorySettings,
     PlanRefusal,
@@ -21,6 +22,7 @@ from .quantize import (
 )
 
 __all__ = [
+    "PLANNED_KEYS",
     "BlockSwap",
     "GroupOffloadConflict",
     "MemoryPlan",

@@ -33,6 +33,7 @@ from ..data import BucketBatchSampler, ClipItem
 from ..lora import add_lora, lora_state
 from ..lora.adapters import compute_lora_in_autocast_dtype, load_lora_into_adapter
 from ..memory import (
+    PLANNED_KEYS,
     QUANTIZED_PRECISIONS,
     GroupOffloadConflict,
     MemoryPlan,
@@ -46,7 +47,6 @@ from ..memory import (
     plan_memory,
     planned_config_keys,
 )
-from ..memory.planner import PLANNED_KEYS
 from ..model import LongCatVideoTransformer3DModel
 from ..model.activation_offload import HOST_ARENA
 from ..model.loading import load_dit
