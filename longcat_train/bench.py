@@ -92,9 +92,12 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     warm-up and autotuning are over (scripts/profile_step.py)."""
     from .lora import add_lora
     from .lora.adapters import compute_lora_in_autocast_dtype
+    from .memory.planner import offload_requests
     from .training.flow import sample_sigmas
     from .training.step import flow_matching_loss
     from .training.strategy import ImageToVideo
+    from .training.warmup import WarmupSpec, warm_up_kernels
+    from .config.training import DEFAULT_LORA_TARGETS
 
     if settings.keep_projections is None:
         settings = replace(settings, keep_projections=fitting_projections(settings))
@@ -125,7 +128,18 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     mask = torch.ones(1, settings.text_tokens, dtype=torch.long, device=device)
     mask[:, 200:] = 0
     strategy = ImageToVideo()
-    times, losses = [], []
+    # set up as `train` sets up while loading: the warm-up times then show what is left to the first step
+    warmup = warm_up_kernels(WarmupSpec(
+        dit_config=dict(RELEASE_DIT_CONFIG), dtype=torch.bfloat16, autocast=settings.autocast,
+        attention=settings.attention, checkpointing=settings.checkpointing,
+        keep_projections=tuple(settings.keep_projections), lora_rank=settings.rank,
+        lora_targets=tuple(DEFAULT_LORA_TARGETS), batch_size=1, image_to_video=True,
+    ), [(*settings.pixel_size, settings.frames)], torch.device(device))
+    # pinned ahead, as `train` pins it while loading: the warm-up times then show the first step alone
+    pin_started = time.perf_counter()
+    HOST_ARENA.reserve(offload_requests(settings.memory_settings(), (*settings.pixel_size, settings.frames)))
+    pin_seconds = time.perf_counter() - pin_started
+    times, warmup_times, losses = [], [], []
     torch.cuda.reset_peak_memory_stats()
     for i in range(settings.warmup + settings.steps):
         torch.cuda.synchronize()
@@ -140,8 +154,7 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if i >= settings.warmup:
-            times.append(time.perf_counter() - start)
+        (times if i >= settings.warmup else warmup_times).append(time.perf_counter() - start)
         losses.append(loss.item())
     s_per_step = statistics.median(times)
     # model FLOPs count the attention actually computed: block-sparse where the dispatcher used it
@@ -155,6 +168,9 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     pinned = HOST_ARENA.reserved_bytes + (swap_arena.reserved_bytes if swap_arena is not None else 0)
     return _result(settings, {
         "s_per_step": round(s_per_step, 3),
+        "warmup_s_per_step": [round(t, 3) for t in warmup_times],
+        "pin_seconds": round(pin_seconds, 2),
+        "kernel_warmup": warmup.as_event(),
         "tokens_per_s": round(tokens / s_per_step, 1),
         "model_tflop_per_step": round(flops.total / 1e12, 1),
         "mfu": None if peak is None else round(flops.total / s_per_step / peak, 3),

@@ -18,10 +18,28 @@ from rich.console import Console
 
 from longcat_train.config import ConfigError, ConfigProblem, LoadedConfig, load_config
 
-# Before anything initialises CUDA: growable segments instead of fixed blocks, so a long run's
-# allocation pattern (per-bucket activation sizes, swapped blocks) does not strand reserved memory
-# (a 24 GiB-capped step ran out with 1.29 GiB reserved but unused). A user's own setting wins.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# Set before anything initialises CUDA; a key the user's own PYTORCH_CUDA_ALLOC_CONF names wins.
+ALLOCATOR_DEFAULTS = {
+    # growable segments instead of fixed blocks, so a long run's allocation pattern (per-bucket
+    # activation sizes, swapped blocks) does not strand reserved memory (a 24 GiB-capped step ran
+    # out with 1.29 GiB reserved but unused)
+    "expandable_segments": "True",
+    # pinned host memory (offloaded activations, swapped blocks: up to ~100 GiB) as malloc'd pages
+    # touched by 8 threads then registered, 8.5 GiB/s against cudaHostAlloc's 2.0 on an H200 host
+    # (docs/benchmarks.md, session 8): 12 s instead of 50 before the first step
+    "pinned_use_cuda_host_register": "True",
+    "pinned_num_register_threads": "8",
+}
+
+
+def allocator_settings(current: str) -> str:
+    """`current` (a PYTORCH_CUDA_ALLOC_CONF value) with each of `ALLOCATOR_DEFAULTS` it lacks added."""
+    named = {item.split(":", 1)[0].strip() for item in current.split(",") if item.strip()}
+    added = [f"{key}:{value}" for key, value in ALLOCATOR_DEFAULTS.items() if key not in named]
+    return ",".join([item for item in current.split(",") if item.strip()] + added)
+
+
+os.environ["PYTORCH_CUDA_ALLOC_CONF"] = allocator_settings(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 from longcat_train.config.examples import ExistingFilesError, write_example_configs
 from longcat_train.config.problems import problems_table
 from longcat_train.config.rules import check_frames, parse_resolution

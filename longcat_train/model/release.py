@@ -25,18 +25,15 @@ RELEASE_UMT5_CONFIG = dict(
 RELEASE_VOCAB_SIZE = RELEASE_UMT5_CONFIG["vocab_size"]
 
 
-def random_transformer(device: str, dtype: torch.dtype, depth: int = 48, seed: int = 0, **overrides):
+def random_transformer(device: str | torch.device, dtype: torch.dtype, depth: int = 48, seed: int = 0,
+                       **overrides):
     """The release architecture (with `overrides` of its config keys) with random weights allocated
-    directly on `device` in `dtype` (built on the meta device first, so host RAM never holds it)."""
-    config = {**RELEASE_DIT_CONFIG, "depth": depth, **overrides}
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = LongCatVideoTransformer3DModel(**config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to_empty(device=device)
+    directly on `device` in `dtype` (built on the meta device first, so host RAM never holds it;
+    no global default dtype is touched, so a thread may build one while another loads a model)."""
+    with torch.device("meta"):
+        model = LongCatVideoTransformer3DModel.from_config({**RELEASE_DIT_CONFIG, "depth": depth, **overrides})
+    # nn.Module's `to`: diffusers' override warns about float32-kept modules this model has none of
+    model = torch.nn.Module.to(model, dtype).to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

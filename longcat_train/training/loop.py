@@ -66,6 +66,7 @@ from .progress import RunLog, peak_vram_gib, progress_bar, startup_table
 from .step import flow_matching_loss
 from .strategy import choose_strategy
 from .trackers import open_trackers
+from .warmup import WarmupReport, WarmupSpec, start_kernel_warmup
 
 MAX_CONSECUTIVE_NONFINITE = 3
 EVENTS_FILE = "events.jsonl"  # in output_dir: one JSON line per step, checkpoint, validation
@@ -156,6 +157,16 @@ def reserve_offload_memory(cfg: TrainingConfig, data: PreparedData, dit_config: 
     thread = threading.Thread(target=HOST_ARENA.reserve, args=(requests,), name="pin-offload-arena", daemon=True)
     thread.start()
     return thread
+
+
+def start_warmup(cfg: TrainingConfig, data: PreparedData, dit_config: dict | None, device: torch.device):
+    """On CUDA, the first step's kernel set-up (`warmup.py`) on a thread alongside loading: (thread,
+    report), or None."""
+    if device.type != "cuda" or dit_config is None:
+        return None
+    buckets = sorted({(i.bucket.height, i.bucket.width, i.bucket.num_frames) for i in data.items})
+    image_to_video = any(i.is_i2v and i.i2v_probability > 0 for i in data.items)
+    return start_kernel_warmup(WarmupSpec.from_config(cfg, dit_config, image_to_video), buckets, device)
 
 
 def max_steps(cfg, batches_per_epoch: int) -> int:
@@ -274,8 +285,16 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
     loaded, plan, picked = plan_memory_use(loaded, data, console, dit_config)
     cfg = loaded.training
     pinning = reserve_offload_memory(cfg, data, dit_config, accelerator.device)
+    warming = start_warmup(cfg, data, dit_config, accelerator.device)
     transformer = load_transformer(cfg, accelerator.device)
-    pinning.join()
+    weights_at = time.time()
+    pinning.join()  # the time waited here is what pinning and warming up add to loading
+    warmup = WarmupReport()
+    if warming is not None:
+        warming[0].join()
+        warmup = warming[1]
+        if warmup.error:
+            console.print(f"[yellow]kernel warm-up failed ({warmup.error}); the first step sets up its kernels[/]")
     loaded_at = time.time()
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
     add_lora(transformer, cfg.lora_rank, alpha, cfg.lora_target_modules, cfg.lora_dropout,
@@ -315,7 +334,8 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         writer = open_trackers(cfg.report_to, output_dir, cfg.tracker_project_name, cfg.tracker_run_name,
                                cfg.model_dump(mode="json"))
     log = RunLog(writer=writer, events_path=output_dir / EVENTS_FILE if accelerator.is_main_process else None)
-    log.event("start", step=state.step, total_steps=total_steps, cached_at=cached_at, loaded_at=loaded_at,
+    log.event("start", step=state.step, total_steps=total_steps, cached_at=cached_at, weights_at=weights_at,
+              loaded_at=loaded_at, ready_at=time.time(), **warmup.as_event(),
               memory={key: getattr(cfg, key) for key in PLANNED_KEYS}, picked=list(picked))
     console.print(startup_table(run_description(cfg, model, params, alpha, data, state.step, total_steps,
                                                 accelerator.num_processes, picked)))
