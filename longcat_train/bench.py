@@ -93,9 +93,9 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     from .lora import add_lora
     from .lora.adapters import compute_lora_in_autocast_dtype
     from .memory.planner import offload_requests
-    from .training.flow import sample_sigmas
-    from .training.step import flow_matching_loss
-    from .training.strategy import ImageToVideo
+    from .objective.flow import sample_sigmas
+    from .objective.loss import flow_matching_loss
+    from .objective.strategy import ImageToVideo
     from .training.warmup import WarmupSpec, warm_up_kernels
     from .config.training import DEFAULT_LORA_TARGETS
 

@@ -311,6 +311,9 @@ def bench(
     keep_projections: Annotated[str, typer.Option(
         help="Projection outputs selective checkpointing keeps: 'auto' (the most that fit this GPU and RAM), "
              "'none', or names from the config key keep_projections, comma-separated.")] = "auto",
+    clips: Annotated[int, typer.Option(help="e2e: training clips written (one more is held out).")] = 5,
+    skip: Annotated[str, typer.Option(help="e2e: phases left out, comma-separated: validate (the `validate "
+                                           "--lora` render), bench (the `bench` comparison).")] = "",
 ) -> None:
     """Benchmark full-size training steps (random weights, no checkpoint); prints one JSON line."""
     problems: list[ConfigProblem] = []
@@ -333,6 +336,12 @@ def bench(
     if unknown:
         problems.append(_argument_problem("--keep-projections", keep_projections, f"unknown projections {unknown}",
                                           f"use auto, none or names from {sorted(KEPT_PROJECTION_MODULES)}"))
+    skipped = set(filter(None, skip.split(",")))
+    if skipped - {"validate", "bench"}:
+        problems.append(_argument_problem("--skip", skip, f"unknown phases {sorted(skipped - {'validate', 'bench'})}",
+                                          "use validate, bench or both, comma-separated"))
+    if clips < 1:
+        problems.append(_argument_problem("--clips", clips, "e2e needs a training clip", "give --clips 1 or more"))
     if problems:
         _fail(ConfigError(problems))
     if mode == "e2e":
@@ -342,7 +351,8 @@ def bench(
             _err().print("[bold red]bench:[/] --scale release needs a CUDA GPU (use --scale tiny on the CPU)")
             raise typer.Exit(EXIT_STOPPED)
         try:
-            run_e2e(E2ESettings(workdir, scale, resolution, frames, rank, steps=steps), _out())
+            run_e2e(E2ESettings(workdir, scale, resolution, frames, rank, steps=steps, clips=clips,
+                                bench="bench" not in skipped, validate="validate" not in skipped), _out())
         except E2EFailed as error:
             _err().print(f"[bold red]bench e2e:[/] {error}")
             raise typer.Exit(EXIT_STOPPED) from None

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from longcat_train.config import load_config
 from longcat_train.demo.synthetic import write_demo
-from longcat_train.training.flow import sample_sigmas, shift_sigmas
+from longcat_train.objective.flow import sample_sigmas, shift_sigmas
 from longcat_train.training.loop import TrainingStopped, run_training
-from longcat_train.training.step import flow_matching_loss
-from longcat_train.training.strategy import ImageToVideo, TextToVideo
+from longcat_train.objective.loss import flow_matching_loss
+from longcat_train.objective.strategy import ImageToVideo, TextToVideo
 
 from .reference import load_reference, reference_model
 

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from longcat_train.model.release import RELEASE_DIT_CONFIG
 from longcat_train.model import CheckpointKeyError, LongCatVideoTransformer3DModel
 from longcat_train.model.flops import transformer_flops
 
-from .reference import REFERENCE_PATH, load_reference, reference_model, rel_l2
+from .reference import load_reference, reference_model, rel_l2
 
 RELEASE_CONFIG = RELEASE_DIT_CONFIG
 

@@ -16,7 +16,7 @@ from longcat_train.cache import LatentCache, TextCache
 from longcat_train.components import load_text_encoder, load_tokenizer, load_vae
 from longcat_train.data import load_clip_pixels, load_start_frame_pixels
 from longcat_train.model import LongCatVideoTransformer3DModel
-from longcat_train.training.flow import shift_sigmas
+from longcat_train.objective.flow import shift_sigmas
 from longcat_train.validation.command import _eval_items
 from longcat_train.validation.periodic import HeldOutLatents, Validator, sigma_quantiles
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
-from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .activation_offload import keep_on_host
+from .bsa_settings import BsaSettings
 
 log = logging.getLogger(__name__)
 
@@ -88,33 +86,6 @@ def _xformers(q, k, v, attn_mask=None):
 
     out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
-
-
-def kept_kv_block_count(n_kv_blocks: int, sparsity: float) -> int:
-    """Key blocks kept per query block by block-sparse attention: ``int((1 - sparsity) * n)``, at
-    least 1."""
-    return max(1, int((1.0 - sparsity) * n_kv_blocks))
-
-
-@dataclass(frozen=True)
-class BsaSettings:
-    sparsity: float = 0.9375
-    chunk_3d_shape_q: tuple[int, int, int] = (4, 4, 4)
-    chunk_3d_shape_k: tuple[int, int, int] = (4, 4, 4)
-
-    def density(self, grid_k: tuple[int, int, int]) -> float:
-        """The fraction of key blocks each query block attends to over the `grid_k` token grid."""
-        n_blocks = math.prod(math.ceil(size / c) for size, c in zip(grid_k, self.chunk_3d_shape_k))
-        return kept_kv_block_count(n_blocks, self.sparsity) / n_blocks
-
-    @classmethod
-    def from_params(cls, params: dict | None) -> "BsaSettings":
-        params = params or {}
-        return cls(
-            sparsity=float(params.get("sparsity", 0.9375)),
-            chunk_3d_shape_q=tuple(params.get("chunk_3d_shape_q", (4, 4, 4))),
-            chunk_3d_shape_k=tuple(params.get("chunk_3d_shape_k", (4, 4, 4))),
-        )
 
 
 def check_backend_available(name: str) -> None:

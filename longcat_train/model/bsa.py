@@ -46,7 +46,7 @@ import triton
 
 from longcat_train.model import bsa_kernels
 from longcat_train.model.activation_offload import keep_on_host
-from longcat_train.model.attention import kept_kv_block_count
+from longcat_train.model.bsa_settings import kept_kv_block_count
 
 Shape3D = tuple[int, int, int]
 

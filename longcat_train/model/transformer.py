@@ -24,9 +24,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .activation_offload import begin_block, host_offload
-from .attention import AttentionDispatcher, BsaSettings, is_attention_op, qualified_op_name
+from .attention import AttentionDispatcher, is_attention_op, qualified_op_name
+from .bsa_settings import BsaSettings
 from .checkpoint_keys import verify_checkpoint_keys
-from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, rope_eager, swiglu
+from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, swiglu
 
 CHECKPOINT_MODES = ("none", "full", "selective")
 # Projections whose outputs selective checkpointing can keep (`keep_projections`), and the linear

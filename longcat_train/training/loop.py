@@ -60,11 +60,11 @@ from .checkpoint import (
     save_checkpoint,
     save_rank_rng,
 )
-from .flow import sample_sigmas
+from ..objective.flow import sample_sigmas
 from .prepare import PreparedData, prepare_data
 from .progress import RunLog, peak_vram_gib, progress_bar, startup_table
-from .step import flow_matching_loss
-from .strategy import choose_strategy
+from ..objective.loss import flow_matching_loss
+from ..objective.strategy import choose_strategy
 from .trackers import open_trackers
 from .warmup import WarmupReport, WarmupSpec, start_kernel_warmup
 

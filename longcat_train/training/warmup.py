@@ -25,9 +25,9 @@ import torch
 from ..lora import add_lora
 from ..lora.adapters import compute_lora_in_autocast_dtype
 from ..model.release import random_transformer
-from .flow import sample_sigmas
-from .step import flow_matching_loss
-from .strategy import ImageToVideo, TextToVideo
+from ..objective.flow import sample_sigmas
+from ..objective.loss import flow_matching_loss
+from ..objective.strategy import ImageToVideo, TextToVideo
 
 MAX_WARM_BUCKETS = 3  # the largest ones; each adds a second or two
 TEXT_TOKENS = 512  # the umT5 length the release pads to (`text_tokens_zero_pad`)
@@ -51,7 +51,7 @@ class WarmupSpec:
     @classmethod
     def from_config(cls, cfg, dit_config: dict, image_to_video: bool) -> WarmupSpec:
         return cls(
-            dit_config={k: v for k, v in dit_config.items() if k != "depth"},
+            dit_config=dict(dit_config),
             dtype=torch.float32 if cfg.base_model_precision == "no_change" else torch.bfloat16,
             autocast=cfg.mixed_precision == "bf16", attention=cfg.attention_implementation,
             checkpointing=cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "none",
@@ -74,7 +74,8 @@ class WarmupReport:
 
 def _forward_backward(spec: WarmupSpec, buckets: list[tuple[int, int, int]], device: torch.device,
                       report: WarmupReport) -> None:
-    model = random_transformer(device, spec.dtype, depth=1, **spec.dit_config)
+    config = {key: value for key, value in spec.dit_config.items() if key != "depth"}
+    model = random_transformer(device, spec.dtype, depth=1, **config)
     model.set_attention_implementation(spec.attention)
     model.set_activation_checkpointing(spec.checkpointing, keep_projections=spec.keep_projections)
     add_lora(model, spec.lora_rank, targets=spec.lora_targets)

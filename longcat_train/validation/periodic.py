@@ -32,9 +32,9 @@ from longcat_train.cache import CachedLatent, clean_prompt, collate_text
 from longcat_train.components import load_scheduler
 from longcat_train.config import LoadedConfig, TrainingConfig
 from longcat_train.data import ClipItem, load_start_frame_pixels
-from longcat_train.training.flow import shift_sigmas
-from longcat_train.training.step import flow_matching_loss
-from longcat_train.training.strategy import STRATEGIES
+from longcat_train.objective.flow import shift_sigmas
+from longcat_train.objective.loss import flow_matching_loss
+from longcat_train.objective.strategy import STRATEGIES
 
 from .outputs import contact_sheet, render_stem, write_render
 from .render import RenderSettings, fit_pixels, render_video

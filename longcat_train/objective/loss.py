@@ -1,4 +1,4 @@
-"""One training step's loss: the path shared by `train` and `bench`, from cached latents to a scalar."""
+"""One batch's loss, from cached latents to a scalar: the path `train`, `bench` and the held-out loss share."""
 
 from __future__ import annotations
 
