@@ -55,7 +55,7 @@ def _write_checkpoint(settings: E2ESettings, root: Path) -> dict:
     if settings.scale == "release":
         return write_release_checkpoint(root, "cuda")
     from .demo.tiny_checkpoint import TINY_DIT_CONFIG, TINY_VAE_CONFIG, tiny_umt5_config
-    from .model.release import RELEASE_VOCAB_SIZE
+    from .release_facts import RELEASE_VOCAB_SIZE
 
     umt5 = tiny_umt5_config(RELEASE_VOCAB_SIZE, TINY_DIT_CONFIG["caption_channels"]).to_dict()
     return write_release_checkpoint(root, "cpu", dit_config=TINY_DIT_CONFIG, umt5_config=umt5, vae_config=TINY_VAE_CONFIG)

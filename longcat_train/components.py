@@ -6,6 +6,7 @@ missing file is reported with the folder that should hold it.
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderMode
 
 from .config.model_paths import CHECKPOINT_MARKERS as _REQUIRED_FILES
 from .config.model_paths import is_umt5_config
+from .release_facts import LATENT_CHANNELS
 
 SUBFOLDERS: tuple[str, ...] = tuple(_REQUIRED_FILES)
-LATENT_CHANNELS = 16
 
 
 class CheckpointError(ValueError):
@@ -80,6 +81,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {path}: {error}. Fix: restore this file from the release.") from error
+
+
+def free_device_memory(device: str | torch.device | None = None) -> None:
+    """Give the memory of models just dropped back: collect the Python cycles that hold them, then
+    return the cached CUDA blocks (on `device`, or whenever CUDA is in use) for the next model."""
+    gc.collect()
+    if torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_dit_config(root: str | Path) -> dict[str, Any] | None:

@@ -51,3 +51,11 @@ def test_only_published_checkpoints_count_and_pruning_keeps_the_newest(tmp_path)
     assert resolve_resume(tmp_path, "latest").name == "checkpoint-6"
     prune_checkpoints(tmp_path, 2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_a_checkpoint_from_before_the_sampler_kept_its_position_still_resumes() -> None:
+    from longcat_train.training.checkpoint import TrainState
+
+    state = TrainState.from_saved({"step": 6, "epoch": 2, "batches_in_epoch": 1, "nan_skipped": 0})
+    assert state.step == 6 and state.sampler == {"epoch": 2, "position": 1}
+    assert TrainState.from_saved({"step": 1, "sampler": {"epoch": 0, "position": 1}}).sampler["position"] == 1

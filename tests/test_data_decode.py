@@ -12,12 +12,11 @@ import pytest
 from longcat_train.data.decode import (
     ClipDecodeError,
     decode_frames,
-    is_valid_frame_count,
-    nearest_valid_frame_counts,
     probe_clip,
     resample_timestamps,
     select_windows,
 )
+from longcat_train.release_facts import is_valid_frame_count, nearest_valid_frame_counts
 from longcat_train.video_io import write_video
 from .media_factory import (
     encode,

@@ -112,3 +112,14 @@ def test_probabilities_are_relative_weights() -> None:
 def test_len_matches_iteration() -> None:
     sampler = BucketBatchSampler(_items(), batch_size=4, seed=2, num_replicas=2, rank=1)
     assert len(sampler) == len(list(sampler))
+
+
+def test_next_batch_walks_the_epochs_as_iteration_does_and_resumes_from_state() -> None:
+    reference = BucketBatchSampler(_items(), batch_size=4, seed=3)
+    expected = list(reference) + list(reference)
+    run = BucketBatchSampler(_items(), batch_size=4, seed=3)
+    taken = [run.next_batch() for _ in range(7)]
+    resumed = BucketBatchSampler(_items(), batch_size=4, seed=3)
+    resumed.load_state_dict(run.state_dict())
+    taken += [resumed.next_batch() for _ in range(len(expected) - 7)]
+    assert taken == expected

@@ -16,7 +16,7 @@ from longcat_train.cli import app
 from longcat_train.components import load_tokenizer
 from longcat_train.demo.synthetic import demo_configs, write_dataset
 from longcat_train.demo.tiny_checkpoint import write_tiny_checkpoint
-from longcat_train.model.release import RELEASE_UMT5_CONFIG, RELEASE_VOCAB_SIZE
+from longcat_train.release_facts import RELEASE_UMT5_CONFIG, RELEASE_VOCAB_SIZE
 
 # wide enough that the embedding passes 2^24 elements (float32's last exact integer)
 CAPTION_WIDTH = 128

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from longcat_train.model.release import RELEASE_DIT_CONFIG
+from longcat_train.release_facts import RELEASE_DIT_CONFIG
 from longcat_train.model import CheckpointKeyError, LongCatVideoTransformer3DModel
 from longcat_train.model.flops import transformer_flops
 

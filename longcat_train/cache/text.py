@@ -27,6 +27,7 @@ from longcat_train.cache.keys import (
 )
 from longcat_train.cache.prompt_text import clean_prompt
 from longcat_train.cache.summary import CacheSummary, Outcome, cache_progress
+from longcat_train.release_facts import TEXT_TOKENS
 
 # Bump when what an entry holds or how it is computed changes; old entries then miss.
 TEXT_FORMAT_VERSION = 1
@@ -57,7 +58,7 @@ class TextCache:
         cache_dir: str | Path,
         tokenizer: Any,
         text_encoder: torch.nn.Module | None,
-        max_length: int = 512,
+        max_length: int = TEXT_TOKENS,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         identity: str | None = None,

@@ -7,7 +7,7 @@ from longcat_train.config.datasets import DatasetConfig, TextEmbedsConfig, Video
 from longcat_train.config.loading import LoadedConfig, load_config, resolve_path
 from longcat_train.config.model_paths import default_checkpoint_dir, longcat_home
 from longcat_train.config.problems import ConfigError, ConfigProblem
-from longcat_train.config.rules import check_frames, nearest_valid_frames, parse_resolution
+from longcat_train.config.rules import check_frames, parse_resolution
 from longcat_train.config.training import DEFAULT_LORA_TARGETS, TrainingConfig
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "default_checkpoint_dir",
     "load_config",
     "longcat_home",
-    "nearest_valid_frames",
     "parse_resolution",
     "resolve_path",
 ]

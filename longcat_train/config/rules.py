@@ -10,28 +10,26 @@ import re
 
 from pydantic_core import PydanticCustomError
 
-VAE_TEMPORAL_STRIDE = 4
-# VAE spatial stride 8 x the DiT's 2x2 patch: every pixel size must be a multiple of 16.
-PIXEL_MULTIPLE = 16
+from ..release_facts import (
+    DEFAULT_FRAMES,
+    PIXEL_MULTIPLE,
+    VAE_TEMPORAL_STRIDE,
+    is_valid_frame_count,
+    nearest_valid_frame_counts,
+)
+
 BUCKET_ALIGNMENTS = (16, 32, 64)
 _RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
-def nearest_valid_frames(frames: int) -> tuple[int, int]:
-    """The valid counts `(n - 1) % 4 == 0` just below and just above `frames` (at least 1)."""
-    below = max(1, frames - ((frames - 1) % VAE_TEMPORAL_STRIDE))
-    above = below + VAE_TEMPORAL_STRIDE if below < frames else below
-    return below, above
-
-
 def check_frames(frames: int) -> int:
-    if frames < 1 or (frames - 1) % VAE_TEMPORAL_STRIDE != 0:
-        below, above = nearest_valid_frames(max(frames, 1))
+    if not is_valid_frame_count(frames):
+        below, above = nearest_valid_frame_counts(max(frames, 1))
         choices = f"{below} or {above}" if below != above else f"{below}"
         raise PydanticCustomError(
             "frames_rule",
             "frame count must satisfy (frames - 1) % 4 == 0 (the VAE compresses time 4x after the first frame)",
-            {"fix": f"use {choices} (93 is the model's default)"},
+            {"fix": f"use {choices} ({DEFAULT_FRAMES} is the model's default)"},
         )
     return frames
 

@@ -65,18 +65,6 @@ class ClipInfo:
         return bool(gaps.max() - gaps.min() > 1e-3)
 
 
-def is_valid_frame_count(n: int) -> bool:
-    """The VAE compresses time 4x causally, so clips need 4k + 1 frames."""
-    return n >= 1 and (n - 1) % 4 == 0
-
-
-def nearest_valid_frame_counts(n: int) -> tuple[int, int]:
-    """The valid counts just below and just above `n` (both equal `n` when it is valid)."""
-    below = max(1, 1 + 4 * ((n - 1) // 4))
-    above = below if is_valid_frame_count(n) else below + 4
-    return below, above
-
-
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 

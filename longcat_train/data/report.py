@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,16 +16,14 @@ from longcat_train.data.items import DatasetError, DatasetScan, SkippedFile
 from longcat_train.data.pairing import index_conditioning
 from longcat_train.data.scan import scan_dataset
 from longcat_train.data.spec import DataSpec
+from longcat_train.release_facts import LATENT_CHANNELS, latent_shape
 
-LATENT_CHANNELS = 16
 _BYTES = {"bf16": 2, "fp32": 4}
 
 
 def latent_cache_bytes(height: int, width: int, frames: int, dtype: Literal["bf16", "fp32"] = "bf16") -> int:
-    """Bytes of one cached entry: posterior mean and std (2 tensors), 16 channels,
-    T_lat = 1 + (frames - 1) / 4 latent frames, H/8 x W/8."""
-    latent_frames = 1 + (frames - 1) // 4
-    return LATENT_CHANNELS * latent_frames * (height // 8) * (width // 8) * 2 * _BYTES[dtype]
+    """Bytes of one cached entry: posterior mean and std (2 tensors) of the clip's latent shape."""
+    return LATENT_CHANNELS * math.prod(latent_shape(frames, height, width)) * 2 * _BYTES[dtype]
 
 
 @dataclass

@@ -96,6 +96,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch += 1
         self.position = 0
 
+    def next_batch(self) -> list[int]:
+        """This rank's next batch, moving on to the next epoch when one is used up. The position is
+        what `state_dict` saves, so a resumed run continues with exactly the batch that was next."""
+        batches = self.epoch_batches(self.epoch)
+        while self.position >= len(batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            batches = self.epoch_batches(self.epoch)
+        self.position += 1
+        return batches[self.position - 1]
+
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch (DistributedSampler-style)."""
         self.epoch, self.position = epoch, 0

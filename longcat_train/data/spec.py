@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from longcat_train.data.decode import is_valid_frame_count, nearest_valid_frame_counts
+from longcat_train.release_facts import is_valid_frame_count, nearest_valid_frame_counts
 
 DatasetType = Literal["video", "image", "conditioning"]
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]

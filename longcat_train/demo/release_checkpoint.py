@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers import UMT5Config, UMT5EncoderModel
 
-from ..model.release import RELEASE_DIT_CONFIG, RELEASE_UMT5_CONFIG, random_transformer
+from ..model.release import random_transformer
+from ..release_facts import RELEASE_DIT_CONFIG, RELEASE_UMT5_CONFIG
 from .tiny_checkpoint import write_scheduler, write_umt5_tokenizer, write_vae
 
 COMPLETE_MARKER = ".complete"

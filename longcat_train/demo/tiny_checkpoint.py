@@ -19,6 +19,8 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
+from ..release_facts import FLOW_SHIFT
+
 TINY_DIT_CONFIG: dict[str, Any] = {
     "in_channels": 16,
     "out_channels": 16,
@@ -202,4 +204,4 @@ def write_vae(directory: Path, config: Mapping[str, Any]) -> None:
 
 def write_scheduler(directory: Path) -> None:
     """The release's flow-matching scheduler config (1000 steps, shift 12)."""
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0).save_pretrained(directory)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT).save_pretrained(directory)

@@ -16,6 +16,7 @@ from .planner import (
 from .quantize import (
     QUANTIZED_PRECISIONS,
     QuantizationError,
+    load_frozen_transformer,
     load_quantized_transformer,
     quantize_block,
     quantize_transformer,
@@ -32,6 +33,7 @@ __all__ = [
     "QuantizationError",
     "enable_block_swap",
     "enable_group_offload",
+    "load_frozen_transformer",
     "load_quantized_transformer",
     "machine_memory_gib",
     "offload_requests",

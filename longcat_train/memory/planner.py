@@ -34,7 +34,7 @@ from typing import Iterable
 
 import torch
 
-from ..model.release import RELEASE_DIT_CONFIG
+from ..release_facts import RELEASE_DIT_CONFIG, token_count
 from ..config.training import DEFAULT_LORA_TARGETS
 from ..model import LongCatVideoTransformer3DModel
 from ..model.transformer import PROJECTION_ROLES
@@ -169,10 +169,9 @@ class MemorySettings:
         return ", ".join(parts)
 
 
-def bucket_tokens(height: int, width: int, frames: int, patch: int = 2, vae_stride: int = 8) -> int:
-    """Transformer tokens of one (H, W, F) clip: latent frames × (H/16) × (W/16)."""
-    latent_frames = 1 + (frames - 1) // 4
-    return latent_frames * (height // (vae_stride * patch)) * (width // (vae_stride * patch))
+def bucket_tokens(height: int, width: int, frames: int) -> int:
+    """Transformer tokens of one (H, W, F) bucket: latent frames × (H/16) × (W/16)."""
+    return token_count(frames, height, width)
 
 
 @dataclass(frozen=True)

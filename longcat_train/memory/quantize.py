@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..config.training import DEFAULT_LORA_TARGETS
 from ..model import LongCatVideoTransformer3DModel
 from ..model.loading import load_dit
+from ..release_facts import TEXT_TOKENS
 
 QUANTIZED_PRECISIONS = ("int8-quanto", "int4-quanto", "fp8-torchao")
 UNQUANTIZED_PRECISIONS = ("bf16", "no_change")
@@ -89,8 +90,18 @@ def load_quantized_transformer(
                     block_device=quantize_device)
 
 
+
+def load_frozen_transformer(dit_folder: str | Path, precision: str, device: str | torch.device,
+                            quantize_device: str | torch.device | None = None) -> LongCatVideoTransformer3DModel:
+    """The frozen DiT in a `base_model_precision`: bf16, as stored (`no_change`; the release stores
+    fp32), or quantized block by block as it streams in (on `quantize_device`), placed on `device`.
+    What `train` and `validate` both load."""
+    if precision in QUANTIZED_PRECISIONS:
+        return load_quantized_transformer(dit_folder, precision, device=device, quantize_device=quantize_device)
+    return load_dit(dit_folder, torch.bfloat16 if precision == "bf16" else None, device)
+
 def relative_block_error(precision: str, device: str = "cuda", tokens_grid: tuple[int, int, int] = (24, 30, 52),
-                         text_tokens: int = 512, seed: int = 0) -> float:
+                         text_tokens: int = TEXT_TOKENS, seed: int = 0) -> float:
     """Relative L2 error of one full-size block's output with `precision` weights against the same
     block in bf16 (random release-shaped weights, I2V with one condition frame, 37,440 tokens by
     default: the 480x832x93 bucket). For the GPU benchmark."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..release_facts import TEXT_TOKENS
+
 # dense bf16 peak without sparsity, per the vendors' datasheets (SXM parts)
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
@@ -44,7 +46,7 @@ def transformer_flops(
     latent_frames: int,
     latent_height: int,
     latent_width: int,
-    text_tokens: int = 512,
+    text_tokens: int = TEXT_TOKENS,
     num_cond_latents: int = 0,
     attention_density: float = 1.0,
 ) -> StepFlops:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..release_facts import FLOW_SHIFT
+
 SIGMA_SCHEMES = ("logit_normal", "uniform")
 
 
@@ -20,7 +22,7 @@ def sample_sigmas(
     batch: int,
     generator: torch.Generator,
     scheme: str = "logit_normal",
-    shift: float = 12.0,
+    shift: float = FLOW_SHIFT,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
 ) -> torch.Tensor:

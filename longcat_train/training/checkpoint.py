@@ -14,7 +14,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,17 @@ STATE_JSON = "training_state.json"
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_in_epoch: int = 0  # batches of `epoch` this rank has consumed
+    sampler: dict[str, Any] = field(default_factory=dict)  # `BucketBatchSampler.state_dict()`
     nan_skipped: int = 0
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> TrainState:
+        """From `training_state.json`'s "state"; checkpoints written before the sampler kept its own
+        position saved it as `epoch` / `batches_in_epoch`."""
+        values = dict(values)
+        if "batches_in_epoch" in values:
+            values["sampler"] = {"epoch": values.pop("epoch"), "position": values.pop("batches_in_epoch")}
+        return cls(**values)
 
 
 def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -183,4 +191,4 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, lr_scheduler, 
     np_meta = meta["numpy_random"]
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), np_meta["pos"],
                          np_meta["has_gauss"], np_meta["cached_gaussian"]))
-    return TrainState(**meta["state"]), read_lora(path / LORA_FILE).weights
+    return TrainState.from_saved(meta["state"]), read_lora(path / LORA_FILE).weights

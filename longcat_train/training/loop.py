@@ -1,8 +1,9 @@
 """`longcat train`: the LoRA training loop on Accelerate.
 
-Read top to bottom: prepare data (caches) → load the frozen transformer → attach LoRA → optimizer
-and schedule → resume → for each batch: latents, text, conditioning strategy, flow-matching loss,
-backward, step → log, checkpoint, validate. Every random draw of the loop comes from one
+Read top to bottom: `TrainingRun` sets up (prepare data and caches → plan memory and load the
+frozen transformer → attach LoRA → optimizer and schedule → resume), then `run_training` loops over
+its phases: `step` (latents, text, conditioning strategy, flow-matching loss, backward, optimizer,
+log), `checkpoint`, `validate`, and `finish`. Every random draw of the loop comes from one
 `torch.Generator` whose state is checkpointed, and batches come from a plan that depends only on
 (seed, epoch), so a resumed run repeats the uninterrupted one exactly.
 """
@@ -27,21 +28,20 @@ from diffusers.optimization import get_scheduler
 from rich.console import Console
 
 from ..cache import collate_text
-from ..components import load_dit_config, load_vae
+from ..components import load_dit_config, load_scheduler, load_vae
 from ..config import LoadedConfig, TrainingConfig
 from ..data import BucketBatchSampler, ClipItem
 from ..lora import add_lora, lora_state
 from ..lora.adapters import compute_lora_in_autocast_dtype, load_lora_into_adapter
 from ..memory import (
     PLANNED_KEYS,
-    QUANTIZED_PRECISIONS,
     GroupOffloadConflict,
     MemoryPlan,
     MemorySettings,
     PlanRefusal,
     enable_block_swap,
     enable_group_offload,
-    load_quantized_transformer,
+    load_frozen_transformer,
     machine_memory_gib,
     offload_requests,
     plan_memory,
@@ -49,8 +49,8 @@ from ..memory import (
 )
 from ..model import LongCatVideoTransformer3DModel
 from ..model.activation_offload import HOST_ARENA
-from ..model.loading import load_dit
 from ..model.flops import dense_bf16_peak_flops, transformer_flops
+from ..release_facts import TEXT_TOKENS
 from ..validation.periodic import HeldOutLatents, Validator
 from .checkpoint import (
     TrainState,
@@ -84,17 +84,12 @@ class TrainResult:
 
 
 def load_transformer(cfg: TrainingConfig, device: torch.device) -> LongCatVideoTransformer3DModel:
-    """The frozen DiT streamed from its shards: bf16 (or as stored, fp32, for `no_change`) straight
-    onto the GPU, or into host RAM when block swap or group offload will place it; quantized
-    block by block, so host RAM never holds a full bf16 copy."""
-    dit = Path(cfg.pretrained_model_name_or_path) / "dit"
+    """The frozen DiT streamed from its shards in the run's precision: straight onto the GPU, or into
+    host RAM when block swap or group offload will place it (quantized on the GPU block by block, so
+    host RAM never holds a full bf16 copy); then the run's attention and checkpointing settings."""
     placed_later = cfg.musubi_blocks_to_swap > 0 or cfg.enable_group_offload
-    target = torch.device("cpu") if placed_later else device
-    if cfg.base_model_precision in QUANTIZED_PRECISIONS:
-        transformer = load_quantized_transformer(dit, cfg.base_model_precision, device=target, quantize_device=device)
-    else:
-        dtype = torch.bfloat16 if cfg.base_model_precision == "bf16" else None  # the release stores fp32
-        transformer = load_dit(dit, dtype, target)
+    transformer = load_frozen_transformer(Path(cfg.pretrained_model_name_or_path) / "dit", cfg.base_model_precision,
+                                          torch.device("cpu") if placed_later else device, quantize_device=device)
     transformer.set_attention_implementation(cfg.attention_implementation)
     transformer.set_activation_checkpointing(
         cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "none",
@@ -194,18 +189,6 @@ def assemble_batch(items: list[ClipItem], data: PreparedData, generator: torch.G
     return strategy, x0, start, embeds, mask
 
 
-def next_batch(sampler: BucketBatchSampler, state: TrainState) -> list[int]:
-    """The next batch of the epoch plan, moving to the next epoch when one is used up; the position
-    lives in `state`, so a resumed run continues with exactly the batch that was next."""
-    batches = sampler.epoch_batches(state.epoch)
-    while state.batches_in_epoch >= len(batches):
-        state.epoch += 1
-        state.batches_in_epoch = 0
-        batches = sampler.epoch_batches(state.epoch)
-    state.batches_in_epoch += 1
-    return batches[state.batches_in_epoch - 1]
-
-
 def step_metrics(model, items, x0, embeds, strategy, accumulation: int, seconds: float, gpu_peak: float | None):
     """Throughput figures of one optimizer step (model FLOPs without recomputation)."""
     T, H, W = x0.shape[2:]
@@ -263,30 +246,29 @@ def _set_seeds(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainResult:
-    console = console or Console()
-    cfg = loaded.training
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-    )
-    if not accelerator.is_main_process:
-        console = Console(quiet=True)  # one startup table and progress bar, not one per rank
-    with accelerator.main_process_first():
-        data = prepare_data(loaded, accelerator.device, console)
-    cached_at = time.time()
-    if not data.items:
-        raise TrainingStopped("no usable training items: see the skipped files above (`longcat data check` lists them)")
+@dataclass
+class LoadedModel:
+    """The frozen DiT where it trains, with the memory settings that placed it and when each part
+    of loading ended (the start event's timings)."""
 
-    generator = _set_seeds(cfg.seed + accelerator.process_index)
-    dit_config = load_dit_config(cfg.pretrained_model_name_or_path)
+    loaded: LoadedConfig  # with the memory keys the plan picked
+    transformer: LongCatVideoTransformer3DModel
+    plan: MemoryPlan | None
+    picked: dict
+    weights_at: float  # the weights are in place
+    loaded_at: float  # pinning and kernel warm-up are done too
+    warmup: WarmupReport
+
+
+def load_model(loaded: LoadedConfig, data: PreparedData, device: torch.device, console: Console) -> LoadedModel:
+    """Plan memory, then load the weights while the offload arena is pinned and the first step's
+    kernels are set up on other threads."""
+    dit_config = load_dit_config(loaded.training.pretrained_model_name_or_path)
     loaded, plan, picked = plan_memory_use(loaded, data, console, dit_config)
     cfg = loaded.training
-    pinning = reserve_offload_memory(cfg, data, dit_config, accelerator.device)
-    warming = start_warmup(cfg, data, dit_config, accelerator.device)
-    transformer = load_transformer(cfg, accelerator.device)
+    pinning = reserve_offload_memory(cfg, data, dit_config, device)
+    warming = start_warmup(cfg, data, dit_config, device)
+    transformer = load_transformer(cfg, device)
     weights_at = time.time()
     pinning.join()  # the time waited here is what pinning and warming up add to loading
     warmup = WarmupReport()
@@ -295,151 +277,210 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         warmup = warming[1]
         if warmup.error:
             console.print(f"[yellow]kernel warm-up failed ({warmup.error}); the first step sets up its kernels[/]")
-    loaded_at = time.time()
-    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
-    add_lora(transformer, cfg.lora_rank, alpha, cfg.lora_target_modules, cfg.lora_dropout,
-             "gaussian" if cfg.lora_init == "gaussian" else True)
-    if accelerator.mixed_precision == "bf16":
-        compute_lora_in_autocast_dtype(transformer)
-    placed = place_for_memory(transformer, cfg, accelerator.device)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon, fused=accelerator.device.type == "cuda",
-    )
-    sampler = BucketBatchSampler(
-        data.items, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index,
-        probabilities={d.id: d.probability for d in loaded.datasets},
-    )
-    total_steps = max_steps(cfg, len(sampler.epoch_batches(0)))
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=total_steps)
+    return LoadedModel(loaded, transformer, plan, picked, weights_at, time.time(), warmup)
 
-    state = TrainState()
-    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
-    if resume is not None:
-        state, weights = load_checkpoint(resume, optimizer, lr_scheduler, generator, accelerator.process_index)
-        load_lora_into_adapter(transformer, weights)
-        console.print(f"resumed from {resume} at step {state.step}")
-    transformer, optimizer, lr_scheduler = accelerator.prepare(
-        transformer, optimizer, lr_scheduler, device_placement=[not placed, True, True]
-    )
-    model = accelerator.unwrap_model(transformer)
-    model.train()
-    text_len = 512 if model.config.text_tokens_zero_pad else None
-    validator = build_validator(loaded, data, accelerator.device) if accelerator.is_main_process else None
 
-    writer = None
-    if accelerator.is_main_process:
-        writer = open_trackers(cfg.report_to, output_dir, cfg.tracker_project_name, cfg.tracker_run_name,
-                               cfg.model_dump(mode="json"))
-    log = RunLog(writer=writer, events_path=output_dir / EVENTS_FILE if accelerator.is_main_process else None)
-    log.event("start", step=state.step, total_steps=total_steps, cached_at=cached_at, weights_at=weights_at,
-              loaded_at=loaded_at, ready_at=time.time(), **warmup.as_event(),
-              memory={key: getattr(cfg, key) for key in PLANNED_KEYS}, picked=list(picked))
-    console.print(startup_table(run_description(cfg, model, params, alpha, data, state.step, total_steps,
-                                                accelerator.num_processes, picked)))
+class TrainingRun:
+    """One `train` run, set up: data cached, model loaded with its LoRA, optimizer and schedule
+    (resumed where a checkpoint says), logs open. One method per phase of the loop: `step`,
+    `checkpoint`, `validate`, `finish`."""
 
-    config_hash = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    def __init__(self, loaded: LoadedConfig, console: Console) -> None:
+        cfg = loaded.training
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        )
+        # one startup table and progress bar, not one per rank
+        self.console = console if accelerator.is_main_process else Console(quiet=True)
+        with accelerator.main_process_first():
+            self.data = data = prepare_data(loaded, accelerator.device, self.console)
+        cached_at = time.time()
+        if not data.items:
+            raise TrainingStopped("no usable training items: see the skipped files above "
+                                  "(`longcat data check` lists them)")
 
-    def checkpoint() -> Path | None:
+        self.generator = _set_seeds(cfg.seed + accelerator.process_index)
+        model = load_model(loaded, data, accelerator.device, self.console)
+        self.loaded, self.plan = model.loaded, model.plan
+        self.cfg = cfg = model.loaded.training
+        transformer = model.transformer
+        self.alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
+        add_lora(transformer, cfg.lora_rank, self.alpha, cfg.lora_target_modules, cfg.lora_dropout,
+                 "gaussian" if cfg.lora_init == "gaussian" else True)
+        if accelerator.mixed_precision == "bf16":
+            compute_lora_in_autocast_dtype(transformer)
+        placed = place_for_memory(transformer, cfg, accelerator.device)
+        self.params = [p for p in transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=accelerator.device.type == "cuda",
+        )
+        self.sampler = BucketBatchSampler(
+            data.items, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index,
+            probabilities={d.id: d.probability for d in loaded.datasets},
+        )
+        self.total_steps = max_steps(cfg, len(self.sampler.epoch_batches(0)))
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                     num_training_steps=self.total_steps)
+        self.state = TrainState()
+        resume = resolve_resume(self.output_dir, cfg.resume_from_checkpoint)
+        if resume is not None:
+            self.state, weights = load_checkpoint(resume, optimizer, lr_scheduler, self.generator,
+                                                  accelerator.process_index)
+            try:
+                self.sampler.load_state_dict(self.state.sampler)
+            except ValueError as error:
+                raise TrainingStopped(f"cannot resume from {resume}: {error}") from error
+            load_lora_into_adapter(transformer, weights)
+            self.console.print(f"resumed from {resume} at step {self.state.step}")
+        self.transformer, self.optimizer, self.lr_scheduler = accelerator.prepare(
+            transformer, optimizer, lr_scheduler, device_placement=[not placed, True, True]
+        )
+        self.model = accelerator.unwrap_model(self.transformer)
+        self.model.train()
+        self.text_len = TEXT_TOKENS if self.model.config.text_tokens_zero_pad else None
+        # σ shift: the config's, else the checkpoint scheduler's (as validation renders with)
+        self.shift = cfg.flow_schedule_shift or float(load_scheduler(loaded.checkpoint_dir).config.shift)
+        self.validator = build_validator(self.loaded, data, accelerator.device) if accelerator.is_main_process else None
+        self.writer = None
+        if accelerator.is_main_process:
+            self.writer = open_trackers(cfg.report_to, self.output_dir, cfg.tracker_project_name,
+                                        cfg.tracker_run_name, cfg.model_dump(mode="json"))
+        self.log = RunLog(writer=self.writer,
+                          events_path=self.output_dir / EVENTS_FILE if accelerator.is_main_process else None)
+        self.log.event("start", step=self.state.step, total_steps=self.total_steps, cached_at=cached_at,
+                       weights_at=model.weights_at, loaded_at=model.loaded_at, ready_at=time.time(),
+                       **model.warmup.as_event(), memory={key: getattr(cfg, key) for key in PLANNED_KEYS},
+                       picked=list(model.picked))
+        self.console.print(startup_table(run_description(cfg, self.model, self.params, self.alpha, data,
+                                                         self.state.step, self.total_steps,
+                                                         accelerator.num_processes, model.picked)))
+        self.config_hash = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        self.gpu_peak = dense_bf16_peak_flops()
+        self.nonfinite_in_row = 0
+
+    def step(self) -> bool:
+        """One batch forward and backward; True when it completed an optimizer step (False while
+        gradients accumulate, or when a non-finite loss skipped the batch)."""
+        cfg, accelerator, state, generator = self.cfg, self.accelerator, self.state, self.generator
+        items = [self.data.items[i] for i in self.sampler.next_batch()]
+        strategy, x0, start, embeds, mask = assemble_batch(items, self.data, generator, self.text_len)
+        noise = torch.randn(x0.shape, generator=generator)
+        sigmas = sample_sigmas(len(items), generator, cfg.flow_sigma_sampling, self.shift)
+        device = accelerator.device
+        with accelerator.accumulate(self.transformer):
+            try:
+                with accelerator.autocast():
+                    loss, _ = flow_matching_loss(
+                        self.transformer, x0.to(device), noise.to(device), sigmas, embeds.to(device),
+                        mask.to(device), strategy, None if start is None else start.to(device),
+                    )
+            except torch.cuda.OutOfMemoryError as error:
+                advice = self.plan.advice() if self.plan is not None else "try musubi_blocks_to_swap or int8-quanto"
+                raise TrainingStopped(
+                    f"out of memory at step {state.step} (bucket {items[0].bucket.label}): {error}. The last "
+                    f"checkpoint is intact. {advice}"
+                ) from error
+            # decided together: a rank that skipped backward alone would hang the others' all-reduce
+            nonfinite = accelerator.reduce(torch.tensor([float(not torch.isfinite(loss))], device=device), "sum")
+            if nonfinite.item() > 0:
+                self._skip_nonfinite(loss)
+                return False
+            self.nonfinite_in_row = 0
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            return False
+        state.step += 1
+        metrics = step_metrics(self.model, items, x0, embeds, strategy, cfg.gradient_accumulation_steps,
+                               self.log.last_seconds, self.gpu_peak)
+        self.log.record(state.step, loss.item(), self.lr_scheduler.get_last_lr()[0], grad_norm, metrics)
+        return True
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        self.nonfinite_in_row += 1
+        self.state.nan_skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.console.print(f"[yellow]step {self.state.step}: loss is {loss.item()}, step skipped[/]")
+        if self.nonfinite_in_row >= MAX_CONSECUTIVE_NONFINITE:
+            path = self.checkpoint()
+            raise TrainingStopped(
+                f"{self.nonfinite_in_row} non-finite losses in a row; saved {path}. Try a lower "
+                "learning_rate, max_grad_norm 1.0, or base_model_precision bf16 instead of fp8."
+            )
+
+    def checkpoint(self) -> Path | None:
         """Every rank calls this: its RNG goes in, and all wait until the directory is published."""
+        accelerator, state, cfg = self.accelerator, self.state, self.cfg
+        state.sampler = self.sampler.state_dict()
         if not accelerator.is_main_process:
-            save_rank_rng(output_dir, state.step, accelerator.process_index, generator)
+            save_rank_rng(self.output_dir, state.step, accelerator.process_index, self.generator)
         accelerator.wait_for_everyone()
         path = None
         if accelerator.is_main_process:
-            weights = lora_state(accelerator.unwrap_model(transformer), alpha)
-            meta = {"rank": cfg.lora_rank, "alpha": alpha, "targets": list(cfg.lora_target_modules),
+            weights = lora_state(accelerator.unwrap_model(self.transformer), self.alpha)
+            meta = {"rank": cfg.lora_rank, "alpha": self.alpha, "targets": list(cfg.lora_target_modules),
                     "base_model": str(cfg.pretrained_model_name_or_path), "steps": state.step,
-                    "config_hash": config_hash}
-            path = save_checkpoint(output_dir, state, weights, meta, list(cfg.lora_export_formats), optimizer,
-                                   lr_scheduler, generator, cfg.model_dump(mode="json"), accelerator.num_processes - 1)
-            prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
-            log.write_loss_curve(output_dir / "loss.png")
-            log.event("checkpoint", step=state.step, path=str(path))
+                    "config_hash": self.config_hash}
+            path = save_checkpoint(self.output_dir, state, weights, meta, list(cfg.lora_export_formats),
+                                   self.optimizer, self.lr_scheduler, self.generator, cfg.model_dump(mode="json"),
+                                   accelerator.num_processes - 1)
+            prune_checkpoints(self.output_dir, cfg.checkpoints_total_limit)
+            self.log.write_loss_curve(self.output_dir / "loss.png")
+            self.log.event("checkpoint", step=state.step, path=str(path))
         accelerator.wait_for_everyone()
         return path
 
-    def validate() -> None:
-        if validator is not None:
+    def validate(self) -> None:
+        """Renders and held-out loss on the main process; the others wait at the barrier."""
+        if self.validator is not None:
             started = time.time()
-            metrics = validator.run(model, state.step, writer)
-            log.event("validation", step=state.step, seconds=time.time() - started, **metrics)
-            console.print("validation at step {}: {}".format(
-                state.step, ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())))
-        accelerator.wait_for_everyone()
+            metrics = self.validator.run(self.model, self.state.step, self.writer)
+            self.log.event("validation", step=self.state.step, seconds=time.time() - started, **metrics)
+            self.console.print("validation at step {}: {}".format(
+                self.state.step, ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())))
+        self.accelerator.wait_for_everyone()
 
+    def finish(self) -> TrainResult:
+        """The final checkpoint's LoRA copied to `output_dir/lora.safetensors`."""
+        lora_path = self.output_dir / "lora.safetensors"
+        final = self.output_dir / f"checkpoint-{self.state.step}"
+        if not final.is_dir():  # e.g. resumed from a checkpoint in another directory at the last step
+            self.checkpoint()  # every rank: it holds a barrier
+        if self.accelerator.is_main_process:
+            shutil.copyfile(final / "lora.safetensors", lora_path)
+            self.log.event("done", step=self.state.step, lora=str(lora_path))
+            self.console.print(f"done: {self.state.step} steps, final loss EMA {self.log.ema:.4f}, "
+                               f"{self.state.nan_skipped} non-finite steps skipped; LoRA at {lora_path}")
+        if self.writer is not None:
+            self.writer.close()
+        return TrainResult(state=self.state, lora_path=lora_path, losses=self.log.losses)
+
+
+def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainResult:
+    run = TrainingRun(loaded, console or Console())
+    cfg, state = run.cfg, run.state
     if cfg.validation_on_startup and state.step == 0:
-        validate()
-    gpu_peak = dense_bf16_peak_flops()
-    nonfinite_in_row = 0
-    with progress_bar(console) as bar:
-        task = bar.add_task("train", total=total_steps, completed=state.step, status="")
-        while state.step < total_steps:
-            items = [data.items[i] for i in next_batch(sampler, state)]
-            strategy, x0, start, embeds, mask = assemble_batch(items, data, generator, text_len)
-            noise = torch.randn(x0.shape, generator=generator)
-            sigmas = sample_sigmas(len(items), generator, cfg.flow_sigma_sampling, cfg.flow_schedule_shift or 12.0)
-            device = accelerator.device
-            with accelerator.accumulate(transformer):
-                try:
-                    with accelerator.autocast():
-                        loss, _ = flow_matching_loss(
-                            transformer, x0.to(device), noise.to(device), sigmas, embeds.to(device), mask.to(device),
-                            strategy, None if start is None else start.to(device),
-                        )
-                except torch.cuda.OutOfMemoryError as error:
-                    advice = plan.advice() if plan is not None else "try musubi_blocks_to_swap or int8-quanto"
-                    raise TrainingStopped(
-                        f"out of memory at step {state.step} (bucket {items[0].bucket.label}): {error}. The last "
-                        f"checkpoint is intact. {advice}"
-                    ) from error
-                # decided together: a rank that skipped backward alone would hang the others' all-reduce
-                nonfinite = accelerator.reduce(torch.tensor([float(not torch.isfinite(loss))], device=device), "sum")
-                if nonfinite.item() > 0:
-                    nonfinite_in_row += 1
-                    state.nan_skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    console.print(f"[yellow]step {state.step}: loss is {loss.item()}, step skipped[/]")
-                    if nonfinite_in_row >= MAX_CONSECUTIVE_NONFINITE:
-                        path = checkpoint()
-                        raise TrainingStopped(
-                            f"{nonfinite_in_row} non-finite losses in a row; saved {path}. Try a lower "
-                            "learning_rate, max_grad_norm 1.0, or base_model_precision bf16 instead of fp8."
-                        )
-                    continue
-                nonfinite_in_row = 0
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+        run.validate()
+    with progress_bar(run.console) as bar:
+        task = bar.add_task("train", total=run.total_steps, completed=state.step, status="")
+        while state.step < run.total_steps:
+            if not run.step():
                 continue
-            state.step += 1
-            metrics = step_metrics(model, items, x0, embeds, strategy, cfg.gradient_accumulation_steps,
-                                   log.last_seconds, gpu_peak)
-            seconds = log.record(state.step, loss.item(), lr_scheduler.get_last_lr()[0], grad_norm, metrics)
-            bar.update(task, completed=state.step, status=f"loss {log.ema:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
-                       f"{seconds:.2f} s/step VRAM {peak_vram_gib():.1f} GiB")
-            if state.step % cfg.checkpoint_step_interval == 0 or state.step == total_steps:
-                checkpoint()
+            bar.update(task, completed=state.step, status=f"loss {run.log.ema:.4f} lr "
+                       f"{run.lr_scheduler.get_last_lr()[0]:.2e} {run.log.step_times[-1]:.2f} s/step "
+                       f"VRAM {peak_vram_gib():.1f} GiB")
+            if state.step % cfg.checkpoint_step_interval == 0 or state.step == run.total_steps:
+                run.checkpoint()
             if cfg.validation_step_interval and state.step % cfg.validation_step_interval == 0:
-                validate()
-            log.restart_clock()
-
-    lora_path = output_dir / "lora.safetensors"
-    final = output_dir / f"checkpoint-{state.step}"
-    if not final.is_dir():  # e.g. resumed from a checkpoint in another directory at the last step
-        checkpoint()  # every rank: it holds a barrier
-    if accelerator.is_main_process:
-        shutil.copyfile(final / "lora.safetensors", lora_path)
-        log.event("done", step=state.step, lora=str(lora_path))
-        console.print(f"done: {state.step} steps, final loss EMA {log.ema:.4f}, "
-                      f"{state.nan_skipped} non-finite steps skipped; LoRA at {lora_path}")
-    if writer is not None:
-        writer.close()
-    return TrainResult(state=state, lora_path=lora_path, losses=log.losses)
+                run.validate()
+            run.log.restart_clock()
+    return run.finish()

@@ -7,7 +7,6 @@ denoiser's training steps never share the GPU with the VAE or umT5.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,7 @@ import torch
 from rich.console import Console
 
 from ..cache import CachedLatent, LatentCache, LatentJob, TextCache, clean_prompt
-from ..components import load_text_encoder, load_tokenizer, load_vae
+from ..components import free_device_memory, load_text_encoder, load_tokenizer, load_vae
 from ..config import LoadedConfig
 from ..data import ClipItem, DatasetScan, DataSpec, load_clip_pixels, load_start_frame_pixels, scan_dataset
 
@@ -122,7 +121,7 @@ def _cache_latents(loaded, scans, root, device, console, failed, shard: Shard) -
             caches[dataset_id] = LatentCache(cache_dir, None, identity=cache.identity)
     finally:
         del vae
-        _free(device)
+        free_device_memory(device)
     return caches
 
 
@@ -146,14 +145,8 @@ def _cache_text(loaded, prompts, root, device, console, failed, shard: Shard) ->
                 features[cleaned] = cache.get(cleaned)
     finally:
         del encoder
-        _free(device)
+        free_device_memory(device)
     return features
-
-
-def _free(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def prepare_data(

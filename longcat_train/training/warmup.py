@@ -25,12 +25,12 @@ import torch
 from ..lora import add_lora
 from ..lora.adapters import compute_lora_in_autocast_dtype
 from ..model.release import random_transformer
+from ..release_facts import TEXT_TOKENS, latent_shape
 from ..objective.flow import sample_sigmas
 from ..objective.loss import flow_matching_loss
 from ..objective.strategy import ImageToVideo, TextToVideo
 
 MAX_WARM_BUCKETS = 3  # the largest ones; each adds a second or two
-TEXT_TOKENS = 512  # the umT5 length the release pads to (`text_tokens_zero_pad`)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def _forward_backward(spec: WarmupSpec, buckets: list[tuple[int, int, int]], dev
     strategy = ImageToVideo() if spec.image_to_video else TextToVideo()
     generator = torch.Generator().manual_seed(0)
     for height, width, frames in sorted(buckets, key=lambda b: b[0] * b[1] * b[2], reverse=True)[:MAX_WARM_BUCKETS]:
-        shape = (spec.batch_size, model.config.in_channels, 1 + (frames - 1) // 4, height // 8, width // 8)
+        shape = (spec.batch_size, model.config.in_channels, *latent_shape(frames, height, width))
         x0 = torch.randn(shape, device=device)
         text = torch.randn(spec.batch_size, 1, TEXT_TOKENS, model.config.caption_channels, device=device)
         mask = torch.ones(spec.batch_size, TEXT_TOKENS, dtype=torch.long, device=device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -13,14 +12,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from longcat_train.cache import TextCache, clean_prompt, collate_text
-from longcat_train.components import load_scheduler, load_text_encoder, load_tokenizer, load_vae
+from longcat_train.components import free_device_memory, load_scheduler, load_text_encoder, load_tokenizer, load_vae
 from longcat_train.config import LoadedConfig, TrainingConfig, parse_resolution
 from longcat_train.data import ClipItem, DataSpec, scan_dataset
 from longcat_train.lora import apply_loras, read_lora
-from longcat_train.model.loading import load_dit
+from longcat_train.memory import load_frozen_transformer
+from longcat_train.release_facts import TEXT_TOKENS
 
 from .outputs import render_stem, write_render
-from .periodic import TEXT_LENGTH, ValidationCase, validation_cases
+from .periodic import ValidationCase, validation_cases
 from .render import RenderSettings, load_start_image, render_video
 
 # The cfg_step LoRA was distilled for 16 steps without CFG (the official pipeline's defaults for it).
@@ -81,12 +81,6 @@ def _cases(loaded: LoadedConfig, training: TrainingConfig, image: Path | None, p
     return cases
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _encode_prompts(root: Path, prompts: Sequence[str], device: torch.device, dtype: torch.dtype):
     """Padded `(embeds [1, 1, 512, C], mask [1, 512])` per prompt, tokenized and encoded exactly as
     the official pipeline does (cleaning, padding to 512, truncation)."""
@@ -99,9 +93,9 @@ def _encode_prompts(root: Path, prompts: Sequence[str], device: torch.device, dt
         features = encoder_cache.encode([clean_prompt(p) for p in unique])
     finally:
         del encoder
-        _free(device)
+        free_device_memory(device)
     return {
-        prompt: collate_text([(embeds, torch.ones(embeds.shape[0], dtype=torch.long))], max_len=TEXT_LENGTH)
+        prompt: collate_text([(embeds, torch.ones(embeds.shape[0], dtype=torch.long))], max_len=TEXT_TOKENS)
         for prompt, embeds in zip(unique, features, strict=True)
     }
 
@@ -142,8 +136,10 @@ def run_validate(
     text = _encode_prompts(root, [negative_prompt, *(case.prompt for case in cases)], device,
                            torch.bfloat16 if on_cuda else torch.float32)
 
-    # bf16 on CUDA as the release runs; on the CPU the checkpoint's own dtype
-    transformer = load_dit(Path(root) / "dit", torch.bfloat16 if on_cuda else None, device)
+    # on CUDA in the run's precision (quantized too, as periodic validation renders); on the CPU
+    # the checkpoint's own dtype
+    precision = training.base_model_precision if on_cuda else "no_change"
+    transformer = load_frozen_transformer(Path(root) / "dit", precision, device, quantize_device=device)
     transformer.set_attention_implementation(training.attention_implementation)
     apply_loras(transformer, [(read_lora(path).weights, strength) for path, strength in loras])
     vae = load_vae(root, dtype=torch.bfloat16 if on_cuda else torch.float32, device=device)

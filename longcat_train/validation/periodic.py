@@ -17,7 +17,6 @@ This needs the whole model on the main process (DDP replicas, not sharded parame
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,18 +28,18 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from longcat_train.cache import CachedLatent, clean_prompt, collate_text
-from longcat_train.components import load_scheduler
+from longcat_train.components import free_device_memory, load_scheduler
 from longcat_train.config import LoadedConfig, TrainingConfig
 from longcat_train.data import ClipItem, load_start_frame_pixels
 from longcat_train.objective.flow import shift_sigmas
 from longcat_train.objective.loss import flow_matching_loss
 from longcat_train.objective.strategy import STRATEGIES
+from longcat_train.release_facts import TEXT_TOKENS
 
 from .outputs import contact_sheet, render_stem, write_render
 from .render import RenderSettings, fit_pixels, render_video
 
 # The padded text length of the release (`text_tokens_zero_pad`: padding is attended as zeros).
-TEXT_LENGTH = 512
 HELDOUT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Renders are the slow part of a validation; an eval split of hundreds of clips renders its first few.
 MAX_DATASET_RENDERS = 4
@@ -110,12 +109,6 @@ def sigma_quantiles(scheme: str, shift: float, quantiles: Sequence[float] = HELD
     return shift_sigmas(u, shift).float()
 
 
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class Validator:
     """Renders and held-out loss of one training run; see the module notes for the contract.
 
@@ -160,9 +153,8 @@ class Validator:
                 f"text features missing for {len(missing)} validation prompt(s), e.g. {missing[:3]}. "
                 "Fix: encode Validator.required_prompts(...) with the TextCache and pass them all."
             )
-        self._text = {p: collate_text([features[clean_prompt(p)]], max_len=TEXT_LENGTH) for p in needed}
+        self._text = {p: collate_text([features[clean_prompt(p)]], max_len=TEXT_TOKENS) for p in needed}
         self.negative = self._text[needed[0]]
-        self.last_files: list[Path] = []
 
     @staticmethod
     def required_prompts(loaded: LoadedConfig, eval_items: Sequence[ClipItem] = ()) -> list[str]:
@@ -194,7 +186,6 @@ class Validator:
 
     def _render(self, transformer: torch.nn.Module, step: int, writer: ScalarImageWriter | None) -> dict[str, float]:
         directory = self.output_root / f"step_{step}"
-        self.last_files = []
         fidelity: list[float] = []
         vae = self.vae_loader()
         try:
@@ -204,7 +195,7 @@ class Validator:
                     transformer, vae, embeds, mask, *self.negative,
                     start_pixels=case.start_pixels, **self.settings.as_kwargs(),
                 )
-                self.last_files.extend(write_render(directory, case.stem, result.frames).paths())
+                write_render(directory, case.stem, result.frames)
                 if result.first_frame_psnr is not None:
                     fidelity.append(result.first_frame_psnr)
                 if writer is not None:
@@ -212,7 +203,7 @@ class Validator:
                     writer.add_image(f"validation/{case.stem}", sheet, step, dataformats="HWC")
         finally:
             del vae
-            _free_memory()
+            free_device_memory()
         return {"validation/first_frame_psnr": float(np.mean(fidelity))} if fidelity else {}
 
     def _heldout_loss(self, transformer: torch.nn.Module) -> dict[str, float]:

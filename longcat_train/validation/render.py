@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from PIL import Image
 
-from longcat_train.components import LATENT_CHANNELS, denormalize_latents, normalize_latents, vae_latent_stats
+from longcat_train.components import denormalize_latents, normalize_latents, vae_latent_stats
+from longcat_train.release_facts import FLOW_SHIFT, LATENT_CHANNELS
 from longcat_train.config import TrainingConfig
 
 from .sampler import denoise
@@ -37,11 +38,11 @@ class RenderSettings:
     guidance: float
     seed: int
     distilled: bool = False
-    shift: float = 12.0
+    shift: float = FLOW_SHIFT
     tiling: bool = False
 
     @classmethod
-    def from_training(cls, training: TrainingConfig, shift: float = 12.0) -> RenderSettings:
+    def from_training(cls, training: TrainingConfig, shift: float = FLOW_SHIFT) -> RenderSettings:
         """The `validation_*` keys (seed: `validation_seed`, else `seed`; tiling: `vae_enable_tiling`)."""
         height, width = training.validation_size
         seed = training.seed if training.validation_seed is None else training.validation_seed
@@ -157,12 +158,12 @@ def render_video(
     seed: int,
     start_pixels: Optional[torch.Tensor] = None,
     distilled: bool = False,
-    shift: float = 12.0,
+    shift: float = FLOW_SHIFT,
     tiling: bool = False,
     on_step: Optional[Callable[[int, int], None]] = None,
 ) -> RenderResult:
     """Render one video. Text features are `[1, 1, L, C]` / `[1, L]` (pad to 512 with
-    `collate_text(..., max_len=512)` to match the release). `start_pixels` `[3, 1, H, W]` in [-1, 1]
+    `collate_text(..., max_len=TEXT_TOKENS)` to match the release). `start_pixels` `[3, 1, H, W]` in [-1, 1]
     makes it image-to-video (its latent is frame 0, never changed); None makes it text-to-video.
     `tiling` decodes (and encodes) with the VAE in tiles, for large renders."""
     shape = latent_shape(vae, height, width, num_frames)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from longcat_train.release_facts import FLOW_SHIFT
+
 NUM_TRAIN_TIMESTEPS = 1000
 DISTILL_GRID_STEPS = 50  # the cfg_step_lora was distilled on this 50-step grid
 
@@ -27,7 +29,7 @@ def sampling_sigmas(num_inference_steps: int, distilled: bool = False) -> torch.
     return grid[torch.from_numpy(picks)] / NUM_TRAIN_TIMESTEPS
 
 
-def make_scheduler(num_inference_steps: int, shift: float = 12.0, distilled: bool = False,
+def make_scheduler(num_inference_steps: int, shift: float = FLOW_SHIFT, distilled: bool = False,
                    device: torch.device | str = "cpu") -> FlowMatchEulerDiscreteScheduler:
     """A fresh diffusers scheduler holding the shifted schedule (σ' = shift·σ / (1 + (shift−1)·σ))."""
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
@@ -56,7 +58,7 @@ def denoise(
     num_inference_steps: int,
     guidance_scale: float,
     num_cond_latents: int = 0,
-    shift: float = 12.0,
+    shift: float = FLOW_SHIFT,
     distilled: bool = False,
     on_step: Optional[Callable[[int, int], None]] = None,
 ) -> torch.Tensor:
