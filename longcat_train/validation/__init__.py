@@ -1,5 +1,5 @@
 """Validation renders and the official sampler."""
 
-from .sampler import cfg_zero_star, denoise, make_scheduler, sampling_sigmas
+from .denoise import cfg_zero_star, denoise, make_scheduler, sampling_sigmas
 
 __all__ = ["cfg_zero_star", "denoise", "make_scheduler", "sampling_sigmas"]

@@ -21,7 +21,7 @@ from longcat_train.components import denormalize_latents, normalize_latents, vae
 from longcat_train.release_facts import FLOW_SHIFT, LATENT_CHANNELS
 from longcat_train.config import TrainingConfig
 
-from .sampler import denoise
+from .denoise import denoise
 
 # Image-to-video conditions on exactly one clean latent frame, the start image's.
 I2V_COND_LATENTS = 1
