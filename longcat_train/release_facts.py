@@ -15,6 +15,13 @@ FLOW_SHIFT = 12.0  # the scheduler's shift, used where no scheduler config is at
 DEFAULT_FRAMES = 93  # what the base model renders, at 15 fps
 DEFAULT_FPS = 15
 
+# The block linears whose outputs selective checkpointing may keep (`keep_projections`), by role:
+# role → the linear's path inside a block
+PROJECTION_MODULES = {
+    "qkv": "attn.qkv", "attention_out": "attn.proj", "cross_q": "cross_attn.q_linear",
+    "cross_out": "cross_attn.proj", "ffn_w1": "ffn.w1", "ffn_w3": "ffn.w3",
+}
+
 RELEASE_DIT_CONFIG = dict(
     in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
     mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2],

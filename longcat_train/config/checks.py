@@ -14,7 +14,8 @@ from longcat_train.config.datasets import DatasetConfig, TextEmbedsConfig
 from longcat_train.config.model_paths import check_checkpoint_dir
 from longcat_train.config.problems import ProblemList
 from longcat_train.config.rules import PIXEL_MULTIPLE
-from longcat_train.config.training import KEPT_PROJECTION_MODULES, TrainingConfig
+from longcat_train.config.training import TrainingConfig
+from longcat_train.release_facts import PROJECTION_MODULES
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,10 @@ def _check_kept_projections(training: TrainingConfig, file: Path, problems: Prob
                      f"{training.base_model_precision} weights run PEFT's own LoRA forward, which keeps no projection",
                      'use "base_model_precision": "bf16" for the speed, or remove keep_projections to save the host RAM',
                      severity="warning")
-    untargeted = [r for r in kept if KEPT_PROJECTION_MODULES[r] not in training.lora_target_modules]
+    untargeted = [r for r in kept if PROJECTION_MODULES[r] not in training.lora_target_modules]
     if untargeted:
         problems.add(file, "keep_projections", kept,
-                     f"{untargeted} name linears without a LoRA ({[KEPT_PROJECTION_MODULES[r] for r in untargeted]}), "
+                     f"{untargeted} name linears without a LoRA ({[PROJECTION_MODULES[r] for r in untargeted]}), "
                      "and only LoRA linears can be kept",
                      "add those modules to lora_target_modules or remove them from keep_projections", severity="warning")
 

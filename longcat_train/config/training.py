@@ -2,21 +2,55 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
 
+from longcat_train.release_facts import PROJECTION_MODULES
 from longcat_train.config.rules import check_alignment, check_frames, check_resolution_text, parse_resolution
 
 ModelFlavour = Literal["final"]
 BasePrecision = Literal["bf16", "no_change", "int8-quanto", "int4-quanto", "fp8-torchao"]
-AttentionImplementation = Literal["auto", "sdpa", "flash", "xformers", "bsa"]
-LoraFormat = Literal["comfyui", "official", "diffusers"]
-# the model's `PROJECTION_ROLES` and the linear each names (tests check both agree with the model)
-KeptProjection = Literal["qkv", "attention_out", "cross_q", "cross_out", "ffn_w1", "ffn_w3"]
-KEPT_PROJECTION_MODULES = {"qkv": "attn.qkv", "attention_out": "attn.proj", "cross_q": "cross_attn.q_linear",
-                           "cross_out": "cross_attn.proj", "ffn_w1": "ffn.w1", "ffn_w3": "ffn.w3"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One name of an extension table below, with the words the docs and the CLI use for it."""
+
+    note: str = ""  # said after the name in the key's description: "`official` (LongCat's own format)"
+    title: str = ""  # the name in a sentence ("official LongCat"); LoRA formats need one (CLI, errors)
+
+
+# The extension tables: the names the config accepts, `config.md` and the CLI list, without torch
+# (the config loads before any heavy import and `lora`/`model` import the config, not the other
+# way round). The code behind each name is the table of the same keys in `lora/formats.py`
+# (`LORA_FORMATS`) and `model/attention.py` (`ATTENTION_BACKENDS`); each refuses to import when
+# its names differ from these, so a name cannot be accepted here without code behind it.
+LORA_FORMAT_CHOICES: dict[str, Choice] = {
+    "comfyui": Choice(title="ComfyUI"),  # first: the default, written at every checkpoint
+    "official": Choice("LongCat's own format", title="official LongCat"),
+    "diffusers": Choice(title="diffusers"),
+}
+ATTENTION_CHOICES: dict[str, Choice] = {
+    "auto": Choice("fastest available per shape; block-sparse where the released model uses it"),
+    "sdpa": Choice(),
+    "flash": Choice(),
+    "xformers": Choice(),
+    "bsa": Choice(),
+}
+
+
+def described_choices(choices: dict[str, Choice]) -> str:
+    """"`a` (note), `b`": the names of an extension table for a key's description."""
+    return ", ".join(f"`{name}`" + (f" ({c.note})" if c.note else "") for name, c in choices.items())
+
+
+# Literal[tuple] is Literal[*names]: pydantic checks and `config.md` lists the tables' names.
+AttentionImplementation = Literal[tuple(ATTENTION_CHOICES)]  # type: ignore[valid-type]
+LoraFormat = Literal[tuple(LORA_FORMAT_CHOICES)]  # type: ignore[valid-type]
+KeptProjection = Literal[tuple(PROJECTION_MODULES)]  # type: ignore[valid-type]
 
 # Every linear layer of a block that carries most of the compute; the patch embedder, caption
 # MLP, timestep MLP and final layer are left frozen on purpose.
@@ -70,8 +104,7 @@ class TrainingConfig(BaseModel):
     attention_implementation: AttentionImplementation = Field(
         "auto",
         validation_alias=AliasChoices("attention_implementation", "attention_mechanism"),
-        description="Self-attention kernel: `auto` (fastest available per shape; block-sparse where "
-        "the released model uses it), `sdpa`, `flash`, `xformers`, `bsa`. "
+        description=f"Self-attention kernel: {described_choices(ATTENTION_CHOICES)}. "
         "Also read from `attention_mechanism`, SimpleTuner's name.",
     )
     flow_schedule_shift: float | None = Field(
@@ -108,8 +141,7 @@ class TrainingConfig(BaseModel):
     lora_export_formats: list[LoraFormat] = Field(
         ["comfyui"],
         min_length=1,
-        description="LoRA files written at each checkpoint: `comfyui`, `official` (LongCat's own "
-        "format), `diffusers`.",
+        description=f"LoRA files written at each checkpoint: {described_choices(LORA_FORMAT_CHOICES)}.",
     )
 
     # --- optimisation -------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""LoRA on the LongCat-Video transformer: PEFT adapters for training, files in three formats, and
-forward-hook application of any number of LoRAs for renders."""
+"""LoRA on the LongCat-Video transformer: PEFT adapters for training, files in the formats of
+`formats.LORA_FORMATS`, and forward-hook application of any number of LoRAs for renders."""
 
 from .adapters import DEFAULT_TARGETS, add_lora, lora_state
 from .apply import apply_loras

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import LoraWeights, module_names_valid
+from .formats import LoraWeights, unknown_module_names
 
 
 class LoraHandle:
@@ -24,7 +24,7 @@ def apply_loras(model: torch.nn.Module, loras: list[tuple[LoraWeights, float]]) 
     hooks = []
     modules = dict(model.named_modules())
     for weights, strength in loras:
-        unknown = module_names_valid(weights, model)
+        unknown = unknown_module_names(weights, model)
         if unknown:
             raise ValueError(f"LoRA modules not in this transformer: {unknown[:5]} (is it a LongCat-Video LoRA?)")
         for name, m in weights.modules.items():

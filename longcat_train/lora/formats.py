@@ -1,4 +1,6 @@
-"""LoRA files in the three formats users meet, through one in-memory form.
+"""LoRA files in the formats users meet, through one in-memory form. `LORA_FORMATS` is the table of
+formats: a new one is a writer and a reader here, its row there and its name in the config's
+`LORA_FORMAT_CHOICES`.
 
 - `comfyui` (default): `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` / `.alpha`.
 - `official` (the LongCat release's own loader): `lora___lorahyphen___<module with . → ___lorahyphen___>`
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMATS = ("comfyui", "official", "diffusers")
+from ..config.training import LORA_FORMAT_CHOICES
+
 FUSED_SPLITS = {"attn.qkv": 3, "cross_attn.kv_linear": 2}
 OFFICIAL_PREFIX = "lora___lorahyphen___"
 OFFICIAL_HYPHEN = "___lorahyphen___"
@@ -169,16 +173,66 @@ def _from_prefixed(state: dict[str, torch.Tensor], prefix: str, alpha_default: f
     return LoraWeights(modules)
 
 
+def _read_comfyui(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
+    return _from_prefixed(state, "diffusion_model.", None)
+
+
+def _read_official(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
+    return _from_official(state, meta.get("rank"))
+
+
+def _read_diffusers(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
+    adapter = json.loads(header.get("lora_adapter_metadata", "{}"))
+    return _from_prefixed(state, "transformer.", adapter.get("lora_alpha"))
+
+
+def _diffusers_header(weights: LoraWeights, meta: dict) -> dict[str, str]:
+    return {"lora_adapter_metadata": json.dumps(
+        {"r": meta.get("rank"), "lora_alpha": meta.get("alpha"),
+         "target_modules": sorted({n.split(".", 2)[-1] for n in weights.modules})}
+    )}
+
+
+def _no_header(weights: LoraWeights, meta: dict) -> dict[str, str]:
+    return {}
+
+
+@dataclass(frozen=True)
+class LoraFileFormat:
+    """What one LoRA file format needs: the key prefix that tells its files apart, and its writer
+    and reader (both between `LoraWeights` and the file's tensors)."""
+
+    key_prefix: str  # every tensor key of the format starts with it; `detect_format` goes by it
+    write: Callable[[LoraWeights], dict[str, torch.Tensor]]
+    # (tensors, our metadata from the header, the whole header) -> weights
+    read: Callable[[dict[str, torch.Tensor], dict, dict[str, str]], LoraWeights]
+    # (weights, our metadata) -> header entries the format's own loaders read, besides ours
+    header: Callable[[LoraWeights, dict], dict[str, str]] = _no_header
+
+
+# The formats, in the order of the config's `LORA_FORMAT_CHOICES` (the names `lora_export_formats`
+# accepts and `export-lora --format` offers, with their descriptions).
+LORA_FORMATS: dict[str, LoraFileFormat] = {
+    "comfyui": LoraFileFormat("diffusion_model.", _to_comfyui, _read_comfyui),
+    "official": LoraFileFormat(OFFICIAL_PREFIX, _to_official, _read_official),
+    "diffusers": LoraFileFormat("transformer.", _to_diffusers, _read_diffusers, _diffusers_header),
+}
+if list(LORA_FORMATS) != list(LORA_FORMAT_CHOICES):  # a name the config accepts needs code, and back
+    raise RuntimeError(f"LORA_FORMATS {list(LORA_FORMATS)} and the config's LORA_FORMAT_CHOICES "
+                       f"{list(LORA_FORMAT_CHOICES)} must name the same formats in the same order")
+FORMATS = tuple(LORA_FORMATS)
+
+
 def detect_format(keys) -> str:
     keys = list(keys)
-    if any(k.startswith(OFFICIAL_PREFIX) for k in keys):
-        return "official"
-    if any(k.startswith("diffusion_model.") for k in keys):
-        return "comfyui"
-    if any(k.startswith("transformer.") for k in keys):
-        return "diffusers"
-    raise ValueError("unrecognised LoRA file: expected keys starting with 'diffusion_model.' (ComfyUI), "
-                     f"'{OFFICIAL_PREFIX}' (official LongCat) or 'transformer.' (diffusers)")
+    # the longest (most specific) prefix first, so a file with keys of two formats reads as the
+    # more specific one (official before ComfyUI before diffusers)
+    for name, fmt in sorted(LORA_FORMATS.items(), key=lambda item: -len(item[1].key_prefix)):
+        if any(k.startswith(fmt.key_prefix) for k in keys):
+            return name
+    expected = [f"'{fmt.key_prefix}' ({LORA_FORMAT_CHOICES[name].title})" for name, fmt in LORA_FORMATS.items()]
+    raise ValueError("unrecognised LoRA file: expected keys starting with "
+                     f"{', '.join(expected[:-1])} or {expected[-1]}")
 
 
 def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "comfyui", metadata: dict | None = None) -> Path:
@@ -192,13 +246,8 @@ def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "comfyui", met
         meta.setdefault("rank", ranks.pop())
     if len(alphas) == 1:
         meta.setdefault("alpha", alphas.pop())
-    tensors = {"comfyui": _to_comfyui, "official": _to_official, "diffusers": _to_diffusers}[fmt](weights)
-    header = {META_KEY: json.dumps(meta, sort_keys=True), "format": fmt}
-    if fmt == "diffusers":
-        header["lora_adapter_metadata"] = json.dumps(
-            {"r": meta.get("rank"), "lora_alpha": meta.get("alpha"),
-             "target_modules": sorted({n.split(".", 2)[-1] for n in weights.modules})}
-        )
+    tensors = LORA_FORMATS[fmt].write(weights)
+    header = {META_KEY: json.dumps(meta, sort_keys=True), "format": fmt, **LORA_FORMATS[fmt].header(weights, meta)}
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
@@ -207,26 +256,20 @@ def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "comfyui", met
 
 
 def read_lora(path: str | Path) -> LoraFile:
-    """Read any of the three formats (and the official `cfg_step_lora` / `refinement_lora` files)."""
+    """Read any format of `LORA_FORMATS` (and the official `cfg_step_lora` / `refinement_lora` files)."""
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(header.get(META_KEY, "{}"))
     fmt = detect_format(state)
-    if fmt == "official":
-        weights = _from_official(state, meta.get("rank"))
-    elif fmt == "comfyui":
-        weights = _from_prefixed(state, "diffusion_model.", None)
-    else:
-        adapter = json.loads(header.get("lora_adapter_metadata", "{}"))
-        weights = _from_prefixed(state, "transformer.", adapter.get("lora_alpha"))
+    weights = LORA_FORMATS[fmt].read(state, meta, header)
     if not weights.modules:
         raise ValueError(f"{path}: no LoRA modules found")
     return LoraFile(weights=weights, format=fmt, metadata=meta)
 
 
-def module_names_valid(weights: LoraWeights, model: torch.nn.Module) -> list[str]:
+def unknown_module_names(weights: LoraWeights, model: torch.nn.Module) -> list[str]:
     """Names in the LoRA that are not linears of the model (for a clear error before a render)."""
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     return [n for n in weights.modules if re.sub(r"\.base_layer$", "", n) not in linears]

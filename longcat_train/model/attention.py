@@ -2,22 +2,25 @@
 
 Every call site in the transformer goes through `AttentionDispatcher`, so choosing a backend is a
 config key (`attention_implementation`), never a code change. Tensors are `[B, heads, N, D]`.
+`ATTENTION_BACKENDS` is the table of backends: a new one is its row there (function, what it needs
+installed, the ops selective checkpointing keeps) and its name in the config's `ATTENTION_CHOICES`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..config.training import ATTENTION_CHOICES
 from .activation_offload import keep_on_host
 from .bsa_settings import BsaSettings
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "sdpa", "flash", "xformers", "bsa")
 
 # On Hopper, cuDNN attention measured 1.6-1.8x faster than SDPA's flash backend at 37k tokens
 # (see docs/benchmarks.md); the others stay as fall-backs for shapes cuDNN refuses.
@@ -28,15 +31,15 @@ _CUDA_SDPA_PRIORITY = [
     SDPBackend.MATH,
 ]
 
-# The ops whose outputs selective activation checkpointing keeps instead of recomputing: PyTorch's
-# SDPA kernels and our block-sparse attention (registered in `bsa.py`).
-KEPT_ATTENTION_OPS = frozenset({
+# The ops behind PyTorch's SDPA kernels and our block-sparse attention (registered in `bsa.py`),
+# whose outputs selective activation checkpointing keeps instead of recomputing.
+_SDPA_OPS = frozenset({
     "aten::_scaled_dot_product_cudnn_attention",
     "aten::_scaled_dot_product_flash_attention",
     "aten::_scaled_dot_product_efficient_attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "longcat::block_sparse_attention",
 })
+_BSA_OPS = frozenset({"longcat::block_sparse_attention"})
 
 
 def qualified_op_name(op) -> str | None:
@@ -88,25 +91,55 @@ def _xformers(q, k, v, attn_mask=None):
     return out.transpose(1, 2)
 
 
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One `attention_implementation`: its dense attention function, the ops whose outputs selective
+    checkpointing keeps (a kernel missing here is silently recomputed), and what it needs installed."""
+
+    dense: Callable  # (q, k, v, attn_mask=None) -> out: cross-attention, and self-attention when not block-sparse
+    kept_ops: frozenset[str]  # its attention ops ("namespace::name") whose outputs checkpointing keeps
+    needs_modules: tuple[str, ...] = ()  # available when any one of them is importable
+    install_hint: str = ""  # the error's words after the backend's name when none is
+
+
+# Every backend, in the order of the config's `ATTENTION_CHOICES` (the names
+# `attention_implementation` accepts). `auto` and `bsa` run SDPA for dense attention and
+# block-sparse attention for video self-attention where `AttentionDispatcher.bsa_decision` says so.
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "auto": AttentionBackend(_sdpa, _SDPA_OPS | _BSA_OPS),
+    "sdpa": AttentionBackend(_sdpa, _SDPA_OPS),
+    # flash and xformers fall back to SDPA with a mask; their own kernels are not listed, so
+    # selective checkpointing recomputes them (as it always has)
+    "flash": AttentionBackend(
+        _flash, _SDPA_OPS, ("flash_attn", "flash_attn_interface"),
+        "needs the flash-attn package (pip install flash-attn); use 'sdpa' or 'auto' instead",
+    ),
+    "xformers": AttentionBackend(
+        _xformers, _SDPA_OPS, ("xformers",), "needs the xformers package; use 'sdpa' or 'auto' instead",
+    ),
+    "bsa": AttentionBackend(
+        _sdpa, _SDPA_OPS | _BSA_OPS, ("triton",), "needs Triton (Linux, pip install triton); use 'sdpa' or 'auto'",
+    ),
+}
+if list(ATTENTION_BACKENDS) != list(ATTENTION_CHOICES):  # a name the config accepts needs code, and back
+    raise RuntimeError(f"ATTENTION_BACKENDS {list(ATTENTION_BACKENDS)} and the config's ATTENTION_CHOICES "
+                       f"{list(ATTENTION_CHOICES)} must name the same backends in the same order")
+BACKENDS = tuple(ATTENTION_BACKENDS)
+
+# The ops whose outputs selective activation checkpointing keeps instead of recomputing: every
+# backend's, so the checkpoint policy cannot miss one.
+KEPT_ATTENTION_OPS = frozenset().union(*(backend.kept_ops for backend in ATTENTION_BACKENDS.values()))
+
+
 def check_backend_available(name: str) -> None:
     """Raise a clear error when a backend named explicitly cannot run here."""
     if name not in BACKENDS:
         raise AttentionBackendUnavailable(
             f"attention_implementation={name!r} is unknown; choose one of {', '.join(BACKENDS)}"
         )
-    if name == "flash" and not (_has_module("flash_attn") or _has_module("flash_attn_interface")):
-        raise AttentionBackendUnavailable(
-            "attention_implementation='flash' needs the flash-attn package (pip install flash-attn); "
-            "use 'sdpa' or 'auto' instead"
-        )
-    if name == "xformers" and not _has_module("xformers"):
-        raise AttentionBackendUnavailable(
-            "attention_implementation='xformers' needs the xformers package; use 'sdpa' or 'auto' instead"
-        )
-    if name == "bsa" and not _has_module("triton"):
-        raise AttentionBackendUnavailable(
-            "attention_implementation='bsa' needs Triton (Linux, pip install triton); use 'sdpa' or 'auto'"
-        )
+    backend = ATTENTION_BACKENDS[name]
+    if backend.needs_modules and not any(_has_module(module) for module in backend.needs_modules):
+        raise AttentionBackendUnavailable(f"attention_implementation={name!r} {backend.install_hint}")
 
 
 # The official model turns block-sparse attention on for its 720p stage: 704x1280 and up, i.e.
@@ -129,7 +162,7 @@ class AttentionDispatcher:
         self.implementation = implementation
         self.bsa = bsa or BsaSettings()
         self.bsa_enabled = use_bsa
-        self._dense = {"flash": _flash, "xformers": _xformers}.get(implementation, _sdpa)
+        self._dense = ATTENTION_BACKENDS[implementation].dense
         self._logged: set[tuple[bool, str]] = set()
 
     def dense(self, q, k, v, attn_mask=None):

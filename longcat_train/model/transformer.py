@@ -27,20 +27,14 @@ from .activation_offload import begin_block, host_offload
 from .attention import AttentionDispatcher, is_attention_op, qualified_op_name
 from .bsa_settings import BsaSettings
 from .checkpoint_keys import verify_checkpoint_keys
+from ..release_facts import PROJECTION_MODULES
 from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, swiglu
 
 CHECKPOINT_MODES = ("none", "full", "selective")
 # Projections whose outputs selective checkpointing can keep (`keep_projections`), and the linear
 # each names. Keeping one skips its GEMM in the recomputation; it works where the linear carries
 # a LoRA on the fused path (`lora.fused_linear.lora_linear`, bf16 weights on CUDA).
-PROJECTION_ROLES = {
-    "qkv": ("attn", "qkv"),
-    "attention_out": ("attn", "proj"),
-    "cross_q": ("cross_attn", "q_linear"),
-    "cross_out": ("cross_attn", "proj"),
-    "ffn_w1": ("ffn", "w1"),
-    "ffn_w3": ("ffn", "w3"),
-}
+PROJECTION_ROLES = {role: tuple(path.split(".")) for role, path in PROJECTION_MODULES.items()}
 
 
 def _no_autocast(fn):

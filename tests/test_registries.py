@@ -1,0 +1,184 @@
+"""The extension tables (issue 26): LoRA file formats and attention backends each have one table of
+names (the config's, torch-free) and one of code keyed the same way; the config, the CLI and the
+code all read them, so a new entry cannot be half-registered."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from longcat_train.cli import EXIT_CONFIG_ERROR, app
+from longcat_train.config import ConfigError, TrainingConfig, load_config
+from longcat_train.config.training import ATTENTION_CHOICES, LORA_FORMAT_CHOICES
+from longcat_train.lora.formats import (
+    LORA_FORMATS,
+    LoraModule,
+    LoraWeights,
+    detect_format,
+    read_lora,
+    unknown_module_names,
+    write_lora,
+)
+from longcat_train.model.attention import (
+    ATTENTION_BACKENDS,
+    KEPT_ATTENTION_OPS,
+    AttentionBackendUnavailable,
+    AttentionDispatcher,
+    _has_module,
+    check_backend_available,
+)
+from tests.config_factory import base_datasets, base_training, write_pair
+
+RUNNER = CliRunner()
+WIDE = {"COLUMNS": "250"}
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGCAT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+def _literal_names(field: str) -> tuple[str, ...]:
+    annotation = TrainingConfig.model_fields[field].annotation
+    if typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation)
+    return typing.get_args(annotation)
+
+
+def test_the_config_accepts_exactly_the_names_the_code_has():
+    assert list(LORA_FORMATS) == list(LORA_FORMAT_CHOICES)
+    assert list(ATTENTION_BACKENDS) == list(ATTENTION_CHOICES)
+    assert _literal_names("lora_export_formats") == tuple(LORA_FORMAT_CHOICES)
+    assert _literal_names("attention_implementation") == tuple(ATTENTION_CHOICES)
+    for name in (*LORA_FORMAT_CHOICES, *ATTENTION_CHOICES):  # config.md describes each one
+        description = TrainingConfig.model_fields[
+            "lora_export_formats" if name in LORA_FORMAT_CHOICES else "attention_implementation"
+        ].description
+        assert f"`{name}`" in description
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem_key", "names"),
+    [
+        ("lora_export_formats", ["comfyui", "kohya"], "lora_export_formats[1]", LORA_FORMAT_CHOICES),
+        ("attention_implementation", "sage", "attention_implementation", ATTENTION_CHOICES),
+    ],
+)
+def test_a_name_not_in_the_table_is_rejected_listing_the_tables_names(tmp_path, key, value, problem_key, names):
+    training = {**base_training(tmp_path), key: value}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_pair(tmp_path, training, base_datasets()))
+    (problem,) = [p for p in caught.value.errors if p.key == problem_key]
+    assert all(repr(name) in problem.fix for name in names), problem.fix
+
+
+def test_every_registered_name_loads_in_the_config(tmp_path):
+    training = {**base_training(tmp_path), "lora_export_formats": list(LORA_FORMAT_CHOICES)}
+    config = write_pair(tmp_path, training, base_datasets())
+    assert load_config(config).training.lora_export_formats == list(LORA_FORMAT_CHOICES)
+    for backend in ATTENTION_CHOICES:
+        loaded = load_config(config, (f"attention_implementation={backend}",))
+        assert loaded.training.attention_implementation == backend
+
+
+def test_the_config_and_the_cli_help_load_without_torch():
+    code = "import sys, longcat_train.config, longcat_train.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# --- LoRA formats -------------------------------------------------------------------------------
+
+
+def test_export_lora_help_and_errors_list_every_registered_format(tmp_path):
+    shown = RUNNER.invoke(app, ["export-lora", "--help"], env=WIDE)
+    assert shown.exit_code == 0, shown.output
+    for name, choice in LORA_FORMAT_CHOICES.items():
+        assert name in shown.output and choice.title in shown.output
+    lora = write_lora(tmp_path / "in.safetensors", _weights(), "comfyui")
+    bad = RUNNER.invoke(app, ["export-lora", str(lora), "out.safetensors", "--format", "kohya"], env=WIDE)
+    assert bad.exit_code == EXIT_CONFIG_ERROR
+    assert all(name in bad.output for name in LORA_FORMAT_CHOICES), bad.output
+
+
+def _weights() -> LoraWeights:
+    g = torch.Generator().manual_seed(0)
+    return LoraWeights({
+        "blocks.0.attn.qkv": LoraModule(torch.randn(4, 8, generator=g), torch.randn(24, 4, generator=g), 8.0),
+        "blocks.0.ffn.w2": LoraModule(torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), 8.0),
+    })
+
+
+@pytest.mark.parametrize("fmt", list(LORA_FORMATS))
+def test_every_registered_format_writes_reads_back_and_is_detected(tmp_path, fmt):
+    assert LORA_FORMAT_CHOICES[fmt].title, "a LoRA format needs a title (CLI help, error messages)"
+    weights = _weights()
+    path = write_lora(tmp_path / f"lora.{fmt}.safetensors", weights, fmt, {"steps": 2})
+    back = read_lora(path)
+    assert back.format == fmt and back.metadata["steps"] == 2
+    assert back.weights.modules.keys() == weights.modules.keys()
+    for name, m in weights.modules.items():
+        got = back.weights.modules[name]
+        assert torch.equal(got.down, m.down) and torch.equal(got.up, m.up) and got.alpha == m.alpha, name
+
+
+def test_detection_goes_by_each_formats_prefix_most_specific_first():
+    for name, fmt in LORA_FORMATS.items():
+        assert detect_format([f"{fmt.key_prefix}blocks.0.attn.proj.x"]) == name
+    # a file with keys of two formats reads as the more specific (longer) prefix, as it always has
+    mixed = [f"{LORA_FORMATS['comfyui'].key_prefix}a", f"{LORA_FORMATS['official'].key_prefix}b"]
+    assert detect_format(mixed) == "official"
+    with pytest.raises(ValueError) as caught:
+        detect_format(["foreign.key"])
+    assert all(f"'{fmt.key_prefix}'" in str(caught.value) for fmt in LORA_FORMATS.values())
+
+
+def test_unknown_module_names_are_the_loras_names_the_model_lacks():
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(4, 4)
+    weights = LoraWeights({
+        "proj": LoraModule(torch.zeros(1, 4), torch.zeros(4, 1), 1.0),
+        "missing": LoraModule(torch.zeros(1, 4), torch.zeros(4, 1), 1.0),
+    })
+    assert unknown_module_names(weights, model) == ["missing"]
+
+
+# --- attention backends -------------------------------------------------------------------------
+
+
+def test_every_backends_kept_ops_are_in_the_checkpoint_policys_set():
+    for name, backend in ATTENTION_BACKENDS.items():
+        assert backend.kept_ops, f"{name}: selective checkpointing would keep none of its attention"
+        assert backend.kept_ops <= KEPT_ATTENTION_OPS, name
+    assert KEPT_ATTENTION_OPS == frozenset().union(*(b.kept_ops for b in ATTENTION_BACKENDS.values()))
+
+
+def test_every_kept_op_is_a_real_op():
+    pytest.importorskip("triton")
+    import longcat_train.model.bsa  # noqa: F401  (registers longcat::block_sparse_attention)
+
+    for op in KEPT_ATTENTION_OPS:
+        namespace, name = op.split("::")
+        assert hasattr(getattr(torch.ops, namespace), name), op
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_BACKENDS))
+def test_every_backend_is_available_or_says_what_to_install(name):
+    backend = ATTENTION_BACKENDS[name]
+    assert callable(backend.dense)
+    if backend.needs_modules and not any(_has_module(m) for m in backend.needs_modules):
+        assert backend.install_hint
+        with pytest.raises(AttentionBackendUnavailable, match=f"attention_implementation='{name}'"):
+            check_backend_available(name)
+        return
+    dispatcher = AttentionDispatcher(name)
+    q = torch.randn(1, 2, 8, 4)
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)  # with a mask flash and xformers run SDPA: CPU-safe
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert torch.allclose(dispatcher.dense(q, q, q, mask), expected, atol=1e-6)
