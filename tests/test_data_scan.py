@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from longcat_train.data import (
     load_start_frame_pixels,
     scan_dataset,
 )
+from longcat_train.config.datasets import DatasetConfig
 from longcat_train.data.buckets import Bucket
 
 from .media_factory import (
@@ -232,13 +232,14 @@ def test_disabled_and_conditioning_datasets_yield_nothing(tmp_path: Path) -> Non
 
 
 def test_spec_from_config_object(tmp_path: Path) -> None:
-    cfg = SimpleNamespace(
+    cfg = DatasetConfig(
         id="d", type="local", dataset_type="video", is_i2v=True, instance_data_dir=str(tmp_path),
         caption_strategy=None, instance_prompt=None, resolution=480, resolution_type="pixel",
         cache_dir_vae="cache", conditioning_data=["s"], repeats=2, probability=0.5, crop=True,
         crop_style="center", crop_aspect="preserve", disabled=False, i2v_probability=0.8,
         caption_dropout_probability=0.1, strict_pairing=True, fps="source", frame_window="middle",
-        video=SimpleNamespace(num_frames=33, min_frames=None, max_frames=None, bucket_strategy="aspect_ratio", frame_interval=8),
+        video={"num_frames": 33, "min_frames": None, "max_frames": None, "bucket_strategy": "aspect_ratio",
+               "frame_interval": 8},
     )
     spec = DataSpec.from_dataset_config(cfg, alignment=32)
     assert spec.alignment == 32 and spec.num_frames == 33 and spec.frame_interval == 8

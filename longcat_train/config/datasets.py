@@ -13,6 +13,14 @@ from longcat_train.config.rules import check_frame_interval, check_frames
 DEFAULT_FPS = 15.0  # LongCat-Video is trained and sampled at 15 fps (not 30, as one guide says).
 DEFAULT_CAPTION_DROPOUT = 0.05
 
+DatasetType = Literal["video", "image", "conditioning"]
+CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]
+ResolutionType = Literal["pixel", "area", "pixel_area"]
+BucketStrategy = Literal["aspect_ratio", "resolution_frames"]
+CropStyle = Literal["center", "random", "corner"]
+CropAspect = Literal["preserve", "square"]
+FrameWindow = Literal["start", "middle", "random", "uniform"]
+
 Frames = Annotated[int, AfterValidator(check_frames)]
 FrameInterval = Annotated[int, AfterValidator(check_frame_interval)]
 
@@ -27,7 +35,7 @@ class VideoOptions(BaseModel):
         None, description="Skip clips with fewer frames (after fps resampling); null: `num_frames`."
     )
     max_frames: Frames | None = Field(None, description="Skip clips with more frames; null: no limit.")
-    bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = Field(
+    bucket_strategy: BucketStrategy = Field(
         "aspect_ratio",
         description="`aspect_ratio`: buckets by aspect, every clip `num_frames` long. "
         "`resolution_frames`: buckets `HxW@F` for mixed lengths, F rounded to `frame_interval`.",
@@ -45,7 +53,7 @@ class DatasetConfig(BaseModel):
 
     id: str = Field(min_length=1, description="Unique name, referenced by `conditioning_data` and `eval_dataset_id`.")
     type: Literal["local"] = Field("local", description="Storage backend; local directories only.")
-    dataset_type: Literal["video", "image", "conditioning"] = Field(
+    dataset_type: DatasetType = Field(
         "video",
         description="`video` clips, `image` stills (one-frame clips), or `conditioning`: start frames "
         "for an `is_i2v` dataset, matched to its clips by file stem.",
@@ -72,7 +80,7 @@ class DatasetConfig(BaseModel):
         description="Every clip must have a start frame in `conditioning_data`; when false a clip "
         "without one uses its own first frame (reported).",
     )
-    caption_strategy: Literal["textfile", "filename", "instanceprompt"] | None = Field(
+    caption_strategy: CaptionStrategy | None = Field(
         "textfile",
         description="`textfile` (same stem .txt), `filename` (the file name), `instanceprompt` "
         "(`instance_prompt` for all), null (no captions: conditioning data).",
@@ -88,14 +96,14 @@ class DatasetConfig(BaseModel):
     resolution: int | float = Field(
         480, gt=0, description="Target size; its unit follows `resolution_type`."
     )
-    resolution_type: Literal["pixel", "area", "pixel_area"] = Field(
+    resolution_type: ResolutionType = Field(
         "pixel",
         description="`pixel`: shorter edge in pixels; `area`: megapixels; `pixel_area`: the area of a "
         "`resolution`x`resolution` square, any aspect.",
     )
     crop: bool = Field(True, description="Crop to the bucket's aspect after resizing (otherwise squash).")
-    crop_style: Literal["center", "random", "corner"] = Field("center", description="Where the crop is taken.")
-    crop_aspect: Literal["preserve", "square"] = Field(
+    crop_style: CropStyle = Field("center", description="Where the crop is taken.")
+    crop_aspect: CropAspect = Field(
         "preserve", description="`preserve`: aspect buckets; `square`: everything square."
     )
     max_upscale: float = Field(
@@ -104,7 +112,7 @@ class DatasetConfig(BaseModel):
     fps: float | Literal["source"] = Field(
         DEFAULT_FPS, description='Frame rate clips are resampled to before windowing; "source" keeps every frame.'
     )
-    frame_window: Literal["start", "middle", "random", "uniform"] = Field(
+    frame_window: FrameWindow = Field(
         "start",
         description="Which `num_frames` of a longer clip: from the start, the middle, a random "
         "(seeded) start, or evenly spaced windows.",

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from longcat_train.data.spec import CropAspect, CropStyle, DataSpec, ResolutionType
+from longcat_train.config.datasets import CropAspect, CropStyle, ResolutionType
+from longcat_train.data.spec import DataSpec
 
 # Sources beyond this aspect ratio would be cropped to a sliver of their content.
 MAX_ASPECT_RATIO = 4.0

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from longcat_train.data.spec import CaptionStrategy
+from longcat_train.config.datasets import CaptionStrategy
 
 
 @dataclass(frozen=True)
