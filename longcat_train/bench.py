@@ -87,7 +87,7 @@ def fitting_projections(settings: BenchSettings) -> tuple[str, ...]:
 def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None, after_lora=None,
                 before_step=None) -> dict:
     """`before_lora(model)` / `after_lora(model)`: optional setup steps (quantizing, block swap,
-    a memory cap) run around `add_lora`, before the timed steps (scripts/bench_memory.py).
+    a memory cap) run around `add_lora`, before the timed steps (`bench_memory.py`).
     `before_step(i)` runs before step i (0-based, warm-up included), e.g. to start a profiler once
     warm-up and autotuning are over (scripts/profile_step.py)."""
     from .lora import add_lora

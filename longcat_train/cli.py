@@ -15,6 +15,7 @@ from typing import Annotated, NoReturn
 import typer
 from pydantic_core import PydanticCustomError
 from rich.console import Console
+from rich.markup import escape
 
 from longcat_train.config import ConfigError, ConfigProblem, LoadedConfig, load_config
 
@@ -26,7 +27,7 @@ ALLOCATOR_DEFAULTS = {
     "expandable_segments": "True",
     # pinned host memory (offloaded activations, swapped blocks: up to ~100 GiB) as malloc'd pages
     # touched by 8 threads then registered, 8.5 GiB/s against cudaHostAlloc's 2.0 on an H200 host
-    # (docs/benchmarks.md, session 8): 12 s instead of 50 before the first step
+    # (docs/benchmarks.md): 12 s instead of 50 before the first step
     "pinned_use_cuda_host_register": "True",
     "pinned_num_register_threads": "8",
 }
@@ -44,6 +45,7 @@ from longcat_train.config.examples import ExistingFilesError, write_example_conf
 from longcat_train.config.problems import problems_table
 from longcat_train.config.rules import check_frames, parse_resolution
 from longcat_train.config.summary import config_summary
+from longcat_train.config.training import LORA_FORMAT_CHOICES
 
 EXIT_CONFIG_ERROR = 2
 EXIT_STOPPED = 1
@@ -114,13 +116,17 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
 
 
 def _run_training(loaded: LoadedConfig):
+    from longcat_train.training.interrupts import RunInterrupted
     from longcat_train.training.loop import TrainingStopped, run_training
 
     try:
         return run_training(loaded, _out())
     except TrainingStopped as stopped:
-        _err().print(f"[bold red]training stopped:[/] {stopped}")
+        _err().print(f"[bold red]training stopped:[/] {escape(str(stopped))}", soft_wrap=True)
         raise typer.Exit(EXIT_STOPPED) from None
+    except RunInterrupted as interrupted:
+        _err().print(f"[bold yellow]training interrupted:[/] {escape(str(interrupted))}", soft_wrap=True)
+        raise typer.Exit(interrupted.exit_code) from None
 
 
 def _lora_specs(values: list[str]) -> tuple[list[tuple[Path, float]], list[ConfigProblem]]:
@@ -241,22 +247,32 @@ def data_check(config: ConfigOption, set_: SetOption = None) -> None:
     data_check_report(list(data_specs(loaded).values()), seed=loaded.training.seed).render(_out())
 
 
-@app.command("export-lora")
+def _listed(words: list[str], last: str) -> str:
+    """"a, b or c" (`last` "or") from the words."""
+    return f"{', '.join(words[:-1])} {last} {words[-1]}" if len(words) > 1 else "".join(words)
+
+
+# the LoRA formats' names and titles, from the config's table (no torch needed for --help)
+_FORMAT_NAMES = list(LORA_FORMAT_CHOICES)
+_FORMAT_TITLES = [choice.title for choice in LORA_FORMAT_CHOICES.values()]
+
+
+@app.command("export-lora", help=f"Convert a LoRA file between the {_listed(_FORMAT_TITLES, 'and')} formats.")
 def export_lora(
     source: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A LoRA file we or the official code wrote.")],
     target: Annotated[Path, typer.Argument(help="The file to write.")],
-    format_: Annotated[str, typer.Option("--format", help="comfyui, official or diffusers.")] = "comfyui",
+    format_: Annotated[str, typer.Option("--format", help=f"{_listed(_FORMAT_NAMES, 'or')}.")] = _FORMAT_NAMES[0],
 ) -> None:
-    """Convert a LoRA file between the ComfyUI, official LongCat and diffusers formats."""
-    if format_ not in ("comfyui", "official", "diffusers"):
-        _fail(ConfigError([_argument_problem("--format", format_, "unknown LoRA format", "use comfyui, official or diffusers")]))
+    if format_ not in LORA_FORMAT_CHOICES:
+        _fail(ConfigError([_argument_problem("--format", format_, "unknown LoRA format",
+                                             f"use {_listed(_FORMAT_NAMES, 'or')}")]))
     from longcat_train.lora import read_lora, write_lora
 
     try:
         lora = read_lora(source)
     except Exception as error:  # unreadable or foreign file: say which and why, no traceback
         _fail(ConfigError([_argument_problem("SOURCE", str(source), f"not a readable LoRA file ({error})",
-                                             "give a .safetensors LoRA in ComfyUI, official LongCat or diffusers format")]))
+                                             f"give a .safetensors LoRA in {_listed(_FORMAT_TITLES, 'or')} format")]))
     write_lora(target, lora.weights, format_, lora.metadata)
     _out().print(f"wrote {target} ({format_}, {len(lora.weights.modules)} modules, read as {lora.format})")
 
@@ -299,12 +315,18 @@ def plan(
 
 @app.command()
 def bench(
-    resolution: Annotated[str, typer.Option(metavar="HxW", help="Clip size.")] = "480x832",
-    frames: Annotated[int, typer.Option(help="Frames; (frames - 1) % 4 == 0.")] = 93,
+    resolution: Annotated[str | None, typer.Option(
+        metavar="HxW", help="Clip size (default 480x832; bsa: 720x1280 and 480x832).")] = None,
+    frames: Annotated[int | None, typer.Option(help="Frames; (frames - 1) % 4 == 0 (default 93).")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
-    steps: Annotated[int, typer.Option(help="Measured steps (e2e: optimizer steps of the whole run, at least 4).")] = 10,
-    mode: Annotated[str, typer.Option(help="train, render, vae, or e2e (the whole user path on a release-shaped "
-                                            "checkpoint: cache, train, SIGKILL, resume, validate, bench).")] = "train",
+    steps: Annotated[int | None, typer.Option(
+        help="Measured steps (default 10; memory: 2 per row; bsa: timed iterations, 10, --quick 3; "
+             "e2e: optimizer steps of the whole run, 5 or more).")] = None,
+    mode: Annotated[str, typer.Option(help="train, render, vae, memory (s/step, peak VRAM and the planner's "
+                                            "prediction per memory setting, one process per row), bsa (block-sparse "
+                                            "attention against dense cuDNN SDPA, one layer), or e2e (the whole user "
+                                            "path on a release-shaped checkpoint: cache, train, SIGKILL, resume, "
+                                            "validate, bench).")] = "train",
     workdir: Annotated[Path, typer.Option(help="e2e: where the checkpoint, clips and run go (a complete "
                                                "checkpoint there is reused).")] = Path("e2e_run"),
     scale: Annotated[str, typer.Option(help="e2e: release (13.6B shapes, CUDA) or tiny (CPU).")] = "release",
@@ -314,28 +336,48 @@ def bench(
     clips: Annotated[int, typer.Option(help="e2e: training clips written (one more is held out).")] = 5,
     skip: Annotated[str, typer.Option(help="e2e: phases left out, comma-separated: validate (the `validate "
                                            "--lora` render), bench (the `bench` comparison).")] = "",
+    rows: Annotated[str, typer.Option(help="memory: rows, comma-separated (default all): bf16, bf16-kept, "
+                                           "int8-quanto, fp8-torchao, swap8, swap16, swap24, swap40, group-offload, "
+                                           "cap24, cap48 (the planner's pick under a 24 / 48 GiB cap).")] = "",
+    block_error: Annotated[bool, typer.Option(help="memory: instead of rows, the relative error of one full-size "
+                                                   "block per quantized precision.")] = False,
+    quick: Annotated[bool, typer.Option(help="bsa: one small grid, a smoke run.")] = False,
 ) -> None:
-    """Benchmark full-size training steps (random weights, no checkpoint); prints one JSON line."""
+    """Benchmark full-size training steps (random weights, no checkpoint); prints one JSON line (--mode: other
+    benchmarks)."""
     problems: list[ConfigProblem] = []
+    # bsa without --resolution times the release's two sizes; every other mode one clip size
+    bsa_resolution = resolution
+    resolution, frames = resolution or "480x832", frames or 93
     for option, value, rule in (("--resolution", resolution, parse_resolution), ("--frames", frames, check_frames)):
         try:
             rule(value)  # type: ignore[operator]
         except PydanticCustomError as error:
             problems.append(_argument_problem(option, value, error.message(), str((error.context or {}).get("fix", ""))))
-    if mode not in ("train", "render", "vae", "e2e"):
-        problems.append(_argument_problem("--mode", mode, "unknown mode", "use train, render, vae or e2e"))
+    if mode not in ("train", "render", "vae", "memory", "bsa", "e2e"):
+        problems.append(_argument_problem("--mode", mode, "unknown mode",
+                                          "use train, render, vae, memory, bsa or e2e"))
+    if steps is None:  # each mode's default; bsa's (10 timed iterations, --quick 3) is its own
+        steps = {"memory": 2, "bsa": None}.get(mode, 10)
+    if mode == "memory":
+        from longcat_train.bench_memory import ROWS
+
+        unknown_rows = sorted(set(filter(None, rows.split(","))) - set(ROWS))
+        if unknown_rows:
+            problems.append(_argument_problem("--rows", rows, f"unknown rows {unknown_rows}",
+                                              f"use rows from {', '.join(ROWS)}, comma-separated"))
     if mode == "e2e" and steps <= 4:
         problems.append(_argument_problem("--steps", steps, "e2e kills the run after step 3 and resumes it",
                                           "give --steps 5 or more"))
     if scale not in ("release", "tiny"):
         problems.append(_argument_problem("--scale", scale, "unknown scale", "use release or tiny"))
-    from longcat_train.config.training import KEPT_PROJECTION_MODULES
+    from longcat_train.release_facts import PROJECTION_MODULES
 
     kept = {"auto": None, "none": ()}.get(keep_projections, tuple(filter(None, keep_projections.split(","))))
-    unknown = sorted(set(kept or ()) - set(KEPT_PROJECTION_MODULES))
+    unknown = sorted(set(kept or ()) - set(PROJECTION_MODULES))
     if unknown:
         problems.append(_argument_problem("--keep-projections", keep_projections, f"unknown projections {unknown}",
-                                          f"use auto, none or names from {sorted(KEPT_PROJECTION_MODULES)}"))
+                                          f"use auto, none or names from {sorted(PROJECTION_MODULES)}"))
     skipped = set(filter(None, skip.split(",")))
     if skipped - {"validate", "bench"}:
         problems.append(_argument_problem("--skip", skip, f"unknown phases {sorted(skipped - {'validate', 'bench'})}",
@@ -357,11 +399,22 @@ def bench(
             _err().print(f"[bold red]bench e2e:[/] {error}")
             raise typer.Exit(EXIT_STOPPED) from None
         return
-    from longcat_train.bench import BenchSettings, run_bench
-
     try:
-        run_bench(BenchSettings(mode=mode, resolution=resolution, frames=frames, rank=rank, steps=steps,
-                                keep_projections=kept))
+        if mode == "memory":
+            from longcat_train.bench_memory import ROWS, MemoryBenchSettings, run_memory_bench
+
+            run_memory_bench(MemoryBenchSettings(rows=tuple(filter(None, rows.split(","))) or ROWS,
+                                                 resolution=resolution, frames=frames, rank=rank, steps=steps,
+                                                 block_error=block_error))
+        elif mode == "bsa":
+            from longcat_train.bench_bsa import BsaBenchSettings, run_bsa_bench
+
+            run_bsa_bench(BsaBenchSettings.for_bench(bsa_resolution, frames, steps, quick))
+        else:
+            from longcat_train.bench import BenchSettings, run_bench
+
+            run_bench(BenchSettings(mode=mode, resolution=resolution, frames=frames, rank=rank, steps=steps,
+                                    keep_projections=kept))
     except RuntimeError as error:
         _err().print(f"[bold red]bench:[/] {error}")
         raise typer.Exit(EXIT_STOPPED) from None

@@ -1,5 +1,5 @@
 """GPU timeline of one block-sparse attention forward + backward: every CUDA kernel of the last
-profiled step with its start and duration (what `bench_bsa.py`'s totals are made of).
+profiled step with its start and duration (what `longcat bench --mode bsa`'s totals are made of).
 
     python scripts/profile_bsa.py                 # 720x1280x93 grid, 32 heads x 128, bf16
     python scripts/profile_bsa.py --grid 24 30 52 # 480x832x93

@@ -59,3 +59,34 @@ def test_a_checkpoint_from_before_the_sampler_kept_its_position_still_resumes() 
     state = TrainState.from_saved({"step": 6, "epoch": 2, "batches_in_epoch": 1, "nan_skipped": 0})
     assert state.step == 6 and state.sampler == {"epoch": 2, "position": 1}
     assert TrainState.from_saved({"step": 1, "sampler": {"epoch": 0, "position": 1}}).sampler["position"] == 1
+
+
+def test_latest_passes_over_a_damaged_checkpoint_with_a_warning_and_a_named_one_is_refused(tmp_path):
+    import pytest
+
+    from longcat_train.training.checkpoint import STATE_TENSORS, CheckpointError, checkpoint_problem
+
+    optimizer, scheduler, weights = _parts()
+    generator = torch.Generator().manual_seed(0)
+    for step in (2, 4):
+        save_checkpoint(tmp_path, TrainState(step=step), weights, {}, [], optimizer, scheduler, generator, {})
+    damaged = tmp_path / "checkpoint-4"
+    data = (damaged / STATE_TENSORS).read_bytes()
+    (damaged / STATE_TENSORS).write_bytes(data[: len(data) // 2])  # a disk that filled up mid-write
+    assert "training_state.safetensors" in checkpoint_problem(damaged)
+    warnings = []
+    assert resolve_resume(tmp_path, "latest", warn=warnings.append).name == "checkpoint-2"
+    assert len(warnings) == 1 and "checkpoint-4" in warnings[0]
+    with pytest.raises(CheckpointError, match="checkpoint-4 is damaged.*latest"):
+        resolve_resume(tmp_path, str(damaged))
+
+
+def test_config_mismatches_name_the_shape_keys_that_changed(tmp_path):
+    from longcat_train.training.checkpoint import config_mismatches
+
+    optimizer, scheduler, weights = _parts()
+    path = save_checkpoint(tmp_path, TrainState(step=2), weights, {}, [], optimizer, scheduler,
+                           torch.Generator(), {"lora_rank": 16, "lora_target_modules": ["attn.qkv"]})
+    assert config_mismatches(path, {"lora_rank": 16, "lora_target_modules": ["attn.qkv"]}) == []
+    assert config_mismatches(path, {"lora_rank": 32, "lora_target_modules": ["attn.qkv"]}) == [
+        "lora_rank=16 in the checkpoint, 32 in this config"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from longcat_train.cli import EXIT_CONFIG_ERROR, app
+from longcat_train.config import load_config
 from tests.config_factory import base_datasets, base_training, write_pair
 
 RUNNER = CliRunner()
@@ -147,9 +149,22 @@ def test_commands_without_config(tmp_path: Path) -> None:
     assert bench.exit_code == EXIT_CONFIG_ERROR and "816 or 832" in bench.output and "89 or 93" in bench.output
     kept = RUNNER.invoke(app, ["bench", "--keep-projections", "qkv,ffn_w2"], env=WIDE)
     assert kept.exit_code == EXIT_CONFIG_ERROR and "ffn_w2" in kept.output and "attention_out" in kept.output
+    rows = RUNNER.invoke(app, ["bench", "--mode", "memory", "--rows", "bf16,swap7"], env=WIDE)
+    assert rows.exit_code == EXIT_CONFIG_ERROR and "swap7" in rows.output and "group-offload" in rows.output
     if not torch.cuda.is_available():
-        no_gpu = RUNNER.invoke(app, ["bench"], env=WIDE)
-        assert no_gpu.exit_code == 1 and "CUDA GPU" in no_gpu.output
+        for mode in ("train", "memory", "bsa"):
+            no_gpu = RUNNER.invoke(app, ["bench", "--mode", mode], env=WIDE)
+            assert no_gpu.exit_code == 1 and "CUDA GPU" in no_gpu.output, mode
+
+
+def test_bench_bsa_times_the_release_sizes_unless_given_one() -> None:
+    from longcat_train.bench_bsa import BsaBenchSettings
+
+    default = BsaBenchSettings.for_bench()
+    assert default.cases == (("720x1280x93", (24, 45, 80)), ("480x832x93", (24, 30, 52))) and default.iters == 10
+    one = BsaBenchSettings.for_bench("480x832", 61, 5)
+    assert one.cases == (("480x832x61", (16, 30, 52)),) and one.iters == 5
+    assert BsaBenchSettings.for_bench(quick=True).iters == 3
 
 
 def test_set_value_is_json_when_it_parses(tmp_path: Path) -> None:
@@ -163,3 +178,16 @@ def test_set_value_is_json_when_it_parses(tmp_path: Path) -> None:
         app, ["config", "check", "--config", str(config), "--set", "lora_target_modules=attn.qkv"], env=WIDE
     )
     assert as_text.exit_code == EXIT_CONFIG_ERROR and "lora_target_modules" in as_text.output
+
+
+def test_the_demo_project_works_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from longcat_train.demo.synthetic import write_demo
+
+    monkeypatch.chdir(tmp_path)
+    config = write_demo(Path("demo_run"), steps=2)  # as `longcat demo` writes it, relative to the shell
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_config(tmp_path / config)
+    assert loaded.checkpoint_dir == tmp_path / "demo_run" / "model"
+    assert json.loads((tmp_path / config).read_text())["pretrained_model_name_or_path"] == "model"

@@ -16,6 +16,7 @@ from tests.config_factory import base_datasets, base_training, write_checkpoint,
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDES = REPO / "tests" / "data" / "guide_examples"
+PACKAGED = REPO / "longcat_train" / "examples"  # the example configs `longcat config init` writes
 
 
 @pytest.fixture(autouse=True)
@@ -158,8 +159,10 @@ def test_edit_guide_config_needs_the_validation_split_it_names(tmp_path: Path) -
     ],
 )
 def test_examples_accepted_with_real_folders(tmp_path: Path, config_name: str, backend_name: str) -> None:
-    shutil.copy(REPO / "configs" / config_name, tmp_path / "config.json")
-    shutil.copy(REPO / "configs" / backend_name, tmp_path / "multidatabackend.json")
+    # the examples are the package's (`longcat config init` writes them); the tiers live in configs/tiers/
+    config = REPO / "configs" / config_name if config_name.startswith("tiers/") else PACKAGED / config_name
+    shutil.copy(config, tmp_path / "config.json")
+    shutil.copy(PACKAGED / backend_name, tmp_path / "multidatabackend.json")
     for folder in ("data/clips", "data/start_frames", "data/val/clips", "data/val/start_frames"):
         (tmp_path / folder).mkdir(parents=True)
     write_checkpoint(tmp_path / "home" / "models" / "LongCat-Video")
@@ -168,11 +171,25 @@ def test_examples_accepted_with_real_folders(tmp_path: Path, config_name: str, b
     assert [d.id for d in loaded.training_datasets] == ["clips"]
 
 
-def test_packaged_examples_match_configs() -> None:
-    packaged = sorted((REPO / "longcat_train" / "examples").glob("*.example"))
-    assert [p.name for p in packaged] == sorted(p.name for p in (REPO / "configs").glob("*.example"))
-    for path in packaged:
-        assert path.read_bytes() == (REPO / "configs" / path.name).read_bytes(), path.name
+def test_config_init_writes_every_packaged_example(tmp_path: Path) -> None:
+    """The README's way to get the examples: `longcat config init DIR [--t2v]` writes the package's copies."""
+    from typer.testing import CliRunner
+
+    from longcat_train.cli import app
+
+    written = {}
+    for kind, args in (("i2v", []), ("t2v", ["--t2v"])):
+        result = CliRunner().invoke(app, ["config", "init", str(tmp_path / kind), *args])
+        assert result.exit_code == 0, result.output
+        written[kind] = {p.name: p.read_bytes() for p in (tmp_path / kind).iterdir()}
+    expected = {
+        "i2v": {"config.json": "config.json.example", "multidatabackend.json": "multidatabackend.json.example"},
+        "t2v": {"config.json": "config.t2v.json.example", "multidatabackend.json": "multidatabackend.t2v.json.example"},
+    }
+    assert {kind: {name: (PACKAGED / source).read_bytes() for name, source in files.items()}
+            for kind, files in expected.items()} == written
+    assert sorted(p.name for p in PACKAGED.glob("*.example")) == sorted(
+        source for files in expected.values() for source in files.values())
 
 
 def test_reference_doc_is_current() -> None:

@@ -3,7 +3,7 @@
 The kernels run in Triton's CPU interpreter, in one fresh subprocess (this file executed as a
 script: TRITON_INTERPRET must be set before Triton is imported), at tiny sizes. In float32 the fused
 ops equal the eager official numerics to ~1e-7; the interpreter rounds to bfloat16 differently from
-the GPU, so bfloat16 is only held to bf16 tolerance here (the GPU check is scripts/gpu_model_checks.py).
+the GPU, so bfloat16 is only held to bf16 tolerance here (the GPU check is tests/test_gpu_model_checks.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The Triton kernels compile for Hopper (sm_90) on a machine without a GPU.
 
 The CPU tests run kernels in Triton's interpreter, which executes the Python and so accepts code
-that the compiler rejects (a descriptor helper with two returns once passed every CPU test and failed
-on the H200). Compiling ahead of time, to PTX and through the ptxas that ships with Triton, catches that here.
+that the compiler rejects (e.g. a descriptor helper with two returns). Compiling ahead of time, to PTX
+and through the ptxas that ships with Triton, catches that here.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ dataset made with PyAV, and configs that run the real `train` path on the CPU in
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,9 @@ def demo_configs(root: Path, checkpoint: Path, steps: int = 300, resolution: int
                 "cache_dir": "cache/text"}]
     config = {
         "model_family": "longcat_video", "model_flavour": "final", "model_type": "lora",
-        "pretrained_model_name_or_path": str(checkpoint), "base_model_precision": "no_change",
+        # relative to the config's folder, as relative paths are read: the project works from any shell folder
+        "pretrained_model_name_or_path": os.path.relpath(Path(checkpoint).resolve(), Path(root).resolve()),
+        "base_model_precision": "no_change",
         "mixed_precision": "no", "output_dir": "output", "data_backend_config": "multidatabackend.json",
         "train_batch_size": 1, "gradient_checkpointing": False, "lora_rank": 16, "learning_rate": 2e-3,
         "max_train_steps": steps, "seed": 42, "checkpoint_step_interval": steps // 2,

@@ -42,7 +42,7 @@ from ..pinned_memory import PinnedArena
 from .quantize import QUANTIZED_PRECISIONS
 
 GIB = 2**30
-# calibration point (docs/benchmarks.md, 2026-11-21, H200): full checkpointing, block inputs
+# calibration point (H200, docs/benchmarks.md "memory settings"): full checkpointing, block inputs
 # offloaded, 37,440 tokens
 MEASURED_PEAK_GIB = 37.02
 MEASURED_TOKENS = 37_440
@@ -381,7 +381,7 @@ class MemoryPlan:
 SPEED_ORDER = (("selective", "bf16"), ("selective", "int8-quanto"), ("full", "bf16"), ("full", "int8-quanto"),
                ("selective", "int4-quanto"), ("full", "int4-quanto"))
 # kept projections, from most to none: each GiB kept per block saves ~5.6 ms of recomputed GEMM per
-# block at 480x832x93 (H200, docs/benchmarks.md session 3: 11.16 → 10.82 → 10.72 s/step)
+# block at 480x832x93 (H200, docs/benchmarks.md)
 PROJECTION_SETS = (("qkv", "attention_out", "cross_q"), ("qkv", "attention_out"), ("qkv",), ())
 
 

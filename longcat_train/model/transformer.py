@@ -1,6 +1,6 @@
 """The LongCat-Video DiT, with the released parameter names, in one readable file.
 
-Numerics follow the official implementation (see docs/longcat-video-model.md in the shared spec):
+Numerics follow the official implementation (github.com/meituan-longcat/LongCat-Video):
 timestep embedding, adaLN modulation, gated residuals and the final layer run in fp32; LayerNorms
 normalise in fp32; RMSNorm normalises in fp32 and multiplies its weight in the input dtype; 3D RoPE
 is computed in fp32 with adjacent-pair rotation. The network predicts x0 − ε.

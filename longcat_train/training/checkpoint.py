@@ -9,6 +9,7 @@ save leaves the previous checkpoint untouched and never a half-written one under
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,10 +17,12 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..lora import LoraWeights, read_lora, write_lora
@@ -28,6 +31,13 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LORA_FILE = "lora.safetensors"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
+CHECKSUMS = "checksums.json"  # sha256 of every other file, written last
+# config keys a checkpoint's tensors depend on: a resume with other values cannot load them
+SHAPE_KEYS = ("lora_rank", "lora_target_modules")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says why and the ways out."""
 
 
 @dataclass
@@ -125,6 +135,7 @@ def save_checkpoint(
         "numpy_random": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "config": resolved_config,
     }, indent=1, default=str))
+    (tmp / CHECKSUMS).write_text(json.dumps({p.name: _sha256(p) for p in sorted(tmp.iterdir())}, indent=1))
     for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
@@ -136,6 +147,46 @@ def save_checkpoint(
     else:
         tmp.rename(final)
     return final
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (a file missing, truncated or changed since
+    it was saved), or None. Checkpoints written before checksums existed get their headers read."""
+    path = Path(path)
+    if not (path / CHECKSUMS).is_file():
+        for name in (STATE_JSON, STATE_TENSORS, LORA_FILE):
+            if not (path / name).is_file():
+                return f"{name} is missing"
+        try:
+            json.loads((path / STATE_JSON).read_text())
+            for name in (STATE_TENSORS, LORA_FILE):
+                with safe_open(str(path / name), framework="pt"):
+                    pass
+        except Exception as error:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+            return f"unreadable ({type(error).__name__}: {error})"
+        return None
+    try:
+        expected = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return f"{CHECKSUMS} is unreadable ({error})"
+    for name, digest in expected.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if _sha256(path / name) != digest:
+            return f"{name} does not match the checksum written when it was saved (truncated or changed)"
+    return None
+
+
+def config_mismatches(path: Path, config: dict) -> list[str]:
+    """The shape-defining keys whose value in `config` differs from the run that saved `path`."""
+    saved = json.loads((Path(path) / STATE_JSON).read_text()).get("config", {})
+    return [f"{key}={json.dumps(saved[key])} in the checkpoint, {json.dumps(config[key])} in this config"
+            for key in SHAPE_KEYS if key in saved and saved[key] != config.get(key)]
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -156,17 +207,27 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
     return removed
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """`latest` → the newest complete checkpoint in output_dir (None when there is none yet)."""
+def resolve_resume(output_dir: Path, resume: str | None, warn: Callable[[str], None] = lambda _: None) -> Path | None:
+    """`latest` → the newest checkpoint in output_dir that verifies (None when there is none yet);
+    each damaged one passed over goes to `warn`. A named checkpoint that is damaged raises
+    `CheckpointError`."""
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            warn(f"{path} is damaged ({problem}); resuming from the checkpoint before it")
+        return None
     path = Path(resume)
     if not (path / STATE_JSON).is_file():
         raise FileNotFoundError(f"resume_from_checkpoint={resume}: {path / STATE_JSON} not found; "
                                 "point it at a checkpoint-<step> directory or use \"latest\"")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is damaged: {problem}. Use resume_from_checkpoint=\"latest\" (the newest "
+                              "checkpoint that verifies) or name an earlier checkpoint-<step>")
     return path
 
 

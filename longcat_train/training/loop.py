@@ -10,12 +10,14 @@ log), `checkpoint`, `validate`, and `finish`. Every random draw of the loop come
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -26,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from rich.console import Console
+from rich.markup import escape
 
 from ..cache import collate_text
 from ..components import load_dit_config, load_scheduler, load_vae
@@ -51,9 +54,12 @@ from ..model import LongCatVideoTransformer3DModel
 from ..model.activation_offload import HOST_ARENA
 from ..model.flops import dense_bf16_peak_flops, transformer_flops
 from ..release_facts import TEXT_TOKENS
+from ..run_lock import DirectoryInUse, hold_directory
 from ..validation.periodic import HeldOutLatents, Validator
 from .checkpoint import (
+    CheckpointError,
     TrainState,
+    config_mismatches,
     load_checkpoint,
     prune_checkpoints,
     resolve_resume,
@@ -62,9 +68,10 @@ from .checkpoint import (
 )
 from ..objective.flow import sample_sigmas
 from .prepare import PreparedData, prepare_data
-from .progress import RunLog, peak_vram_gib, progress_bar, startup_table
+from .progress import PlainProgress, RunLog, peak_vram_gib, progress_bar, startup_table
 from ..objective.loss import flow_matching_loss
 from ..objective.strategy import choose_strategy
+from .interrupts import RunInterrupted, StopRequest, stop_on_signals
 from .trackers import open_trackers
 from .warmup import WarmupReport, WarmupSpec, start_kernel_warmup
 
@@ -285,7 +292,8 @@ class TrainingRun:
     (resumed where a checkpoint says), logs open. One method per phase of the loop: `step`,
     `checkpoint`, `validate`, `finish`."""
 
-    def __init__(self, loaded: LoadedConfig, console: Console) -> None:
+    def __init__(self, loaded: LoadedConfig, console: Console, scope: contextlib.ExitStack) -> None:
+        """`scope` holds what the run holds until it ends (the lock on `output_dir`)."""
         cfg = loaded.training
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +303,11 @@ class TrainingRun:
         )
         # one startup table and progress bar, not one per rank
         self.console = console if accelerator.is_main_process else Console(quiet=True)
+        if accelerator.is_main_process:
+            try:
+                scope.enter_context(hold_directory(self.output_dir, "a training run"))
+            except DirectoryInUse as error:
+                raise TrainingStopped(f"{error}. Wait for it to end, or give this run another output_dir.") from None
         with accelerator.main_process_first():
             self.data = data = prepare_data(loaded, accelerator.device, self.console)
         cached_at = time.time()
@@ -326,8 +339,18 @@ class TrainingRun:
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=self.total_steps)
         self.state = TrainState()
-        resume = resolve_resume(self.output_dir, cfg.resume_from_checkpoint)
+        try:
+            resume = resolve_resume(self.output_dir, cfg.resume_from_checkpoint,
+                                    warn=lambda message: self.console.print(f"[yellow]{escape(message)}[/]"))
+        except CheckpointError as error:
+            raise TrainingStopped(str(error)) from error
         if resume is not None:
+            mismatches = config_mismatches(resume, cfg.model_dump(mode="json"))
+            if mismatches:
+                raise TrainingStopped(
+                    f"cannot resume from {resume}: {'; '.join(mismatches)}. Either resume with the checkpoint's "
+                    f"values (--set {' --set '.join(m.split(' in the checkpoint')[0] for m in mismatches)}), or "
+                    "start a fresh run (another output_dir, or resume_from_checkpoint null)")
             self.state, weights = load_checkpoint(resume, optimizer, lr_scheduler, self.generator,
                                                   accelerator.process_index)
             try:
@@ -449,6 +472,25 @@ class TrainingRun:
                 self.state.step, ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())))
         self.accelerator.wait_for_everyone()
 
+    def stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop (all ranks must checkpoint at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
+
+    def stop(self, stop: StopRequest, saved: bool) -> None:
+        """After the step a stop signal arrived in: its checkpoint (unless just written), how to
+        resume, then `RunInterrupted`."""
+        if not saved:
+            self.checkpoint()
+        path = self.output_dir / f"checkpoint-{self.state.step}"
+        self.log.event("interrupted", step=self.state.step, signal=stop.name or "another rank's", path=str(path))
+        raise RunInterrupted(
+            f"stopped by {stop.name or 'a signal on another rank'} after step {self.state.step}; checkpoint saved "
+            f"at {path}. Resume with: longcat train --config {self.loaded.config_path} "
+            f"--set resume_from_checkpoint=latest", stop.signal or signal.SIGTERM)
+
     def finish(self) -> TrainResult:
         """The final checkpoint's LoRA copied to `output_dir/lora.safetensors`."""
         lora_path = self.output_dir / "lora.safetensors"
@@ -466,21 +508,33 @@ class TrainingRun:
 
 
 def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainResult:
-    run = TrainingRun(loaded, console or Console())
-    cfg, state = run.cfg, run.state
-    if cfg.validation_on_startup and state.step == 0:
-        run.validate()
-    with progress_bar(run.console) as bar:
-        task = bar.add_task("train", total=run.total_steps, completed=state.step, status="")
-        while state.step < run.total_steps:
-            if not run.step():
-                continue
-            bar.update(task, completed=state.step, status=f"loss {run.log.ema:.4f} lr "
-                       f"{run.lr_scheduler.get_last_lr()[0]:.2e} {run.log.step_times[-1]:.2f} s/step "
-                       f"VRAM {peak_vram_gib():.1f} GiB")
-            if state.step % cfg.checkpoint_step_interval == 0 or state.step == run.total_steps:
-                run.checkpoint()
-            if cfg.validation_step_interval and state.step % cfg.validation_step_interval == 0:
-                run.validate()
-            run.log.restart_clock()
-    return run.finish()
+    """Train to the end; on SIGINT / SIGTERM stop after the running step with a checkpoint
+    (`RunInterrupted`). One run per `output_dir`: a second one is refused, naming the first."""
+    with contextlib.ExitStack() as scope:
+        run = TrainingRun(loaded, console or Console(), scope)
+        # from here on a signal costs work: before, caches are written atomically and nothing is lost
+        stop = scope.enter_context(stop_on_signals())
+        cfg, state = run.cfg, run.state
+        if cfg.validation_on_startup and state.step == 0:
+            run.validate()
+        plain = None if run.console.is_terminal else PlainProgress(run.console, run.total_steps)
+        with progress_bar(run.console) as bar:
+            task = bar.add_task("train", total=run.total_steps, completed=state.step, status="")
+            while state.step < run.total_steps:
+                if not run.step():
+                    continue
+                if plain is not None:
+                    plain.update(state.step, run.log.losses[-1][1], run.log.ema, run.lr_scheduler.get_last_lr()[0],
+                                 run.log.step_times)
+                bar.update(task, completed=state.step, status=f"loss {run.log.ema:.4f} lr "
+                           f"{run.lr_scheduler.get_last_lr()[0]:.2e} {run.log.step_times[-1]:.2f} s/step "
+                           f"VRAM {peak_vram_gib():.1f} GiB")
+                saved = state.step % cfg.checkpoint_step_interval == 0 or state.step == run.total_steps
+                if saved:
+                    run.checkpoint()
+                if run.stop_agreed(stop):
+                    run.stop(stop, saved)
+                if cfg.validation_step_interval and state.step % cfg.validation_step_interval == 0:
+                    run.validate()
+                run.log.restart_clock()
+        return run.finish()

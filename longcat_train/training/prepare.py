@@ -7,6 +7,7 @@ denoiser's training steps never share the GPU with the VAE or umT5.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ from ..cache import CachedLatent, LatentCache, LatentJob, TextCache, clean_promp
 from ..components import free_device_memory, load_text_encoder, load_tokenizer, load_vae
 from ..config import LoadedConfig
 from ..data import ClipItem, DatasetScan, DataSpec, load_clip_pixels, load_start_frame_pixels, scan_dataset
+from ..run_lock import hold_directory
 
 
 @dataclass
@@ -87,6 +89,15 @@ class Shard:
         return jobs[self.rank :: self.world]
 
 
+def _writing(cache_dir: Path, what: str, shard: Shard, console: Console):
+    """Held while this run writes into `cache_dir` (by its first rank; its other ranks share the
+    work): a second run that writes there waits, saying for whom, instead of encoding the same
+    entries alongside."""
+    if shard.rank != 0:
+        return contextlib.nullcontext()
+    return hold_directory(Path(cache_dir), f"writing the {what}", wait=True, on_wait=console.print)
+
+
 def _cache_latents(loaded, scans, root, device, console, failed, shard: Shard) -> dict[str, LatentCache]:
     cfg = loaded.training
     vae_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
@@ -108,12 +119,13 @@ def _cache_latents(loaded, scans, root, device, console, failed, shard: Shard) -
                     jobs[(item.key, "start")] = LatentJob(
                         start, lambda item=item: load_start_frame_pixels(item), "start_frame", item.key
                     )
-            summary = cache.encode_many(shard.take(list(jobs.values())), progress=console.is_terminal)
+            with _writing(cache_dir, "latent cache", shard, console):
+                summary = cache.encode_many(shard.take(list(jobs.values())), progress=console.is_terminal)
+                shard.barrier()
             console.print(summary.as_table())
             if summary.failed or summary.rebuilt:
                 console.print(summary.issues_table())
             failed.extend((issue.label, issue.reason) for issue in summary.failed)
-            shard.barrier()
             # every rank drops the items whose entries some rank failed to write
             present = {key for key, job in jobs.items() if cache.path_for(job.fingerprint, job.kind).is_file()}
             scan.items = [i for i in scan.items if (i.key, "clip") in present
@@ -131,12 +143,13 @@ def _cache_text(loaded, prompts, root, device, console, failed, shard: Shard) ->
     encoder = load_text_encoder(root, dtype=encoder_dtype, device=device)
     try:
         cache = TextCache(text_cache_dir(loaded), tokenizer, encoder)
-        summary = cache.encode_many(shard.take(list(dict.fromkeys(prompts))), progress=console.is_terminal)
+        with _writing(text_cache_dir(loaded), "text cache", shard, console):
+            summary = cache.encode_many(shard.take(list(dict.fromkeys(prompts))), progress=console.is_terminal)
+            shard.barrier()
         console.print(summary.as_table())
         if summary.failed:
             console.print(summary.issues_table())
             failed.extend((issue.label, issue.reason) for issue in summary.failed)
-        shard.barrier()
         # the encoder is still loaded: anything another rank failed to write is encoded here
         features = {}
         for prompt in ["", *prompts]:

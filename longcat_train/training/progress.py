@@ -90,6 +90,32 @@ class RunLog:
         return path
 
 
+@dataclass
+class PlainProgress:
+    """Progress where the bar is off (output to a file, a pipe, nohup, Slurm): one plain line at the
+    first and last step and then every `every_steps` steps or `every_seconds`, whichever first."""
+
+    console: Console
+    total_steps: int
+    every_steps: int = 10
+    every_seconds: float = 30.0
+    _printed_at: float | None = None
+
+    def update(self, step: int, loss: float, ema: float, lr: float, step_times: list[float]) -> None:
+        now = time.monotonic()
+        due = (self._printed_at is None or step == self.total_steps or step % self.every_steps == 0
+               or now - self._printed_at >= self.every_seconds)
+        if not due:
+            return
+        self._printed_at = now
+        recent = sorted(step_times[-10:])
+        s_per_step = recent[len(recent) // 2]  # the median of the last ten: checkpoints do not skew it
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) * s_per_step))
+        self.console.print(f"step {step}/{self.total_steps} loss {loss:.4f} ema {ema:.4f} lr {lr:.2e} "
+                           f"{s_per_step:.2f} s/step peak VRAM {peak_vram_gib():.1f} GiB ETA {eta}",
+                           markup=False, highlight=False, soft_wrap=True)
+
+
 def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]step"),

@@ -1,37 +1,30 @@
-"""Benchmark our Triton block-sparse attention against dense cuDNN SDPA on one GPU.
+"""`longcat bench --mode bsa`: our Triton block-sparse attention against dense cuDNN SDPA on one GPU.
 
 One attention layer (default 32 heads x 128, bf16), self-attention over a video token grid:
 forward and forward+backward times for BSA and for dense SDPA forced to the cuDNN backend, the
 speedup, and the bf16 error of BSA against the masked dense reference computed in float32 (on a
-slice of heads and query rows for the large grids; gradients on a small grid in full).
-
-    python scripts/bench_bsa.py            # 720x1280x93 and 480x832x93
-    python scripts/bench_bsa.py --quick    # small smoke run
+slice of heads and query rows for the large grids; gradients on a small grid in full). The cases are
+720x1280x93 and 480x832x93 unless `--resolution` / `--frames` name one; `--quick` is a small smoke run.
 
 Prints a table, then one JSON line with everything (the last line of stdout).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# Runnable from a plain checkout (no `pip install -e .` needed on the device).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from longcat_train.model import bsa_kernels  # noqa: E402
-from longcat_train.model.bsa import (  # noqa: E402
+from .model import bsa_kernels
+from .model.bsa import (
     _make_grid,
     _queries_by_kv_block,
     _regroup,
@@ -41,19 +34,46 @@ from longcat_train.model.bsa import (  # noqa: E402
     kept_kv_block_count,
     select_kv_blocks,
 )
+from .release_facts import PATCH_SIZE, latent_shape
 
 Shape3D = tuple[int, int, int]
 
-# (label, token grid t x h x w) — video frames F -> latent (F-1)/4+1, pixels /8 (VAE) /2 (patch).
-FULL_CASES: list[tuple[str, Shape3D]] = [
-    ("720x1280x93", (24, 45, 80)),  # 86,400 tokens; h=45 is padded to 48
-    ("480x832x93", (24, 30, 52)),  # 37,440 tokens; h=30 is padded to 32
-]
-QUICK_CASES: list[tuple[str, Shape3D]] = [("quick 8x15x20", (8, 15, 20))]
+# 86,400 and 37,440 tokens; their token rows (45 and 30) are padded to 48 and 32
+RELEASE_RESOLUTIONS = ("720x1280", "480x832")
+QUICK_CASES: tuple[tuple[str, Shape3D], ...] = (("quick 8x15x20", (8, 15, 20)),)
 GRAD_CHECK_GRID: Shape3D = (8, 15, 16)  # small enough for a full float32 reference with autograd
 QUICK_GRAD_CHECK_GRID: Shape3D = (4, 15, 16)
 CHUNK: Shape3D = (4, 4, 4)
 DEVICE = torch.device("cuda")
+
+
+def shape_case(resolution: str, frames: int) -> tuple[str, Shape3D]:
+    """(label, token grid t x h x w) of a clip shape: its latent shape cut into the DiT's patches."""
+    h, w = (int(v) for v in resolution.lower().split("x"))
+    latent = latent_shape(frames, h, w)
+    return f"{h}x{w}x{frames}", tuple(n // p for n, p in zip(latent, PATCH_SIZE))  # type: ignore[return-value]
+
+
+@dataclass
+class BsaBenchSettings:
+    cases: tuple[tuple[str, Shape3D], ...] = tuple(shape_case(r, 93) for r in RELEASE_RESOLUTIONS)
+    grad_check_grid: Shape3D = GRAD_CHECK_GRID
+    heads: int = 32
+    head_dim: int = 128
+    sparsity: float = 0.9375
+    iters: int = 10  # timed iterations
+    warmup: int = 3  # untimed iterations (the first autotunes)
+    error_rows: int = 1024  # query rows in the error slice
+
+    @classmethod
+    def for_bench(cls, resolution: str | None = None, frames: int | None = None, iters: int | None = None,
+                  quick: bool = False) -> BsaBenchSettings:
+        """The `longcat bench` options: one clip shape or the release's two (93 frames unless given), or
+        the quick smoke run; `iters` defaults to 10 (quick: 3)."""
+        if quick:
+            return cls(cases=QUICK_CASES, grad_check_grid=QUICK_GRAD_CHECK_GRID, iters=3 if iters is None else iters)
+        resolutions = (resolution,) if resolution else RELEASE_RESOLUTIONS
+        return cls(cases=tuple(shape_case(r, frames or 93) for r in resolutions), iters=10 if iters is None else iters)
 
 
 def time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
@@ -178,30 +198,30 @@ def selection_breakdown(q: torch.Tensor, v: torch.Tensor, grid: Shape3D, sparsit
         return {f"select_{name}_ms": time_ms(fn, warmup, iters) for name, fn in stages.items()}
 
 
-def bench_case(label: str, grid: Shape3D, args: argparse.Namespace,
+def bench_case(label: str, grid: Shape3D, settings: BsaBenchSettings,
                dense: Callable[..., torch.Tensor]) -> dict[str, Any]:
     n = math.prod(grid)
     # token-major storage seen as [B, heads, N, D], as the transformer hands q, k, v over
-    shape = (1, n, args.heads, args.head_dim)
+    shape = (1, n, settings.heads, settings.head_dim)
     q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
                for _ in range(3))
     grad_out = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
 
     def bsa(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return block_sparse_attention(a, b, c, grid, grid, args.sparsity, CHUNK, CHUNK)
+        return block_sparse_attention(a, b, c, grid, grid, settings.sparsity, CHUNK, CHUNK)
 
     n_blocks = math.prod(math.ceil(s / c) for s, c in zip(grid, CHUNK))
-    keep = kept_kv_block_count(n_blocks, args.sparsity)
+    keep = kept_kv_block_count(n_blocks, settings.sparsity)
     result: dict[str, Any] = {"case": label, "tokens": n, "token_grid": list(grid), "blocks": n_blocks,
                               "kept_blocks_per_query_block": keep}
     t = {
-        "bsa_fwd_ms": time_ms(forward_only(bsa, q, k, v), args.warmup, args.iters),
-        "bsa_fwd_bwd_ms": time_ms(fwd_bwd(bsa, q, k, v, grad_out), args.warmup, args.iters),
-        "dense_fwd_ms": time_ms(forward_only(dense, q, k, v), args.warmup, args.iters),
-        "dense_fwd_bwd_ms": time_ms(fwd_bwd(dense, q, k, v, grad_out), args.warmup, args.iters),
+        "bsa_fwd_ms": time_ms(forward_only(bsa, q, k, v), settings.warmup, settings.iters),
+        "bsa_fwd_bwd_ms": time_ms(fwd_bwd(bsa, q, k, v, grad_out), settings.warmup, settings.iters),
+        "dense_fwd_ms": time_ms(forward_only(dense, q, k, v), settings.warmup, settings.iters),
+        "dense_fwd_bwd_ms": time_ms(fwd_bwd(dense, q, k, v, grad_out), settings.warmup, settings.iters),
     }
     result |= t
-    stages = selection_breakdown(q.detach(), v.detach(), grid, args.sparsity, args.warmup, args.iters)
+    stages = selection_breakdown(q.detach(), v.detach(), grid, settings.sparsity, settings.warmup, settings.iters)
     # the selection as the op runs it: q and k regrouped and pooled (Triton), scored, top-k (Triton)
     result["selection_ms"] = 2 * stages["select_regroup_pool_one_ms"] + stages["select_top_chunks_ms"]
     result |= stages
@@ -211,15 +231,15 @@ def bench_case(label: str, grid: Shape3D, args: argparse.Namespace,
     # Throughput in attention matmuls (2·M·N·D each): forward 2; our backward 7 (dq and dk/dv
     # kernels each recompute P), dense backward 5. Sparse counts padded tokens and kept blocks only.
     block = math.prod(CHUNK)
-    sparse_matmul = 2 * args.heads * (n_blocks * block) * (keep * block) * args.head_dim
-    dense_matmul = 2 * args.heads * n * n * args.head_dim
+    sparse_matmul = 2 * settings.heads * (n_blocks * block) * (keep * block) * settings.head_dim
+    dense_matmul = 2 * settings.heads * n * n * settings.head_dim
     result["bsa_fwd_tflops"] = 2 * sparse_matmul / t["bsa_fwd_ms"] / 1e9
     result["bsa_fwd_bwd_tflops"] = 9 * sparse_matmul / t["bsa_fwd_bwd_ms"] / 1e9
     result["dense_fwd_tflops"] = 2 * dense_matmul / t["dense_fwd_ms"] / 1e9
     result["dense_fwd_bwd_tflops"] = 7 * dense_matmul / t["dense_fwd_bwd_ms"] / 1e9
     result["bsa_peak_mem_gib"] = peak_memory_gib(fwd_bwd(bsa, q, k, v, grad_out))
     result["dense_peak_mem_gib"] = peak_memory_gib(fwd_bwd(dense, q, k, v, grad_out))
-    result |= output_errors(q, k, v, grid, args.sparsity, dense, rows=args.error_rows, heads=2)
+    result |= output_errors(q, k, v, grid, settings.sparsity, dense, rows=settings.error_rows, heads=2)
     return result
 
 
@@ -255,21 +275,10 @@ def print_table(cases: list[dict[str, Any]]) -> None:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small grid, few iterations (smoke run)")
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--sparsity", type=float, default=0.9375)
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10, quick 3)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations (the first autotunes)")
-    parser.add_argument("--error-rows", type=int, default=1024, help="query rows in the error slice")
-    args = parser.parse_args()
-    if args.iters is None:
-        args.iters = 3 if args.quick else 10
+def run_bsa_bench(settings: BsaBenchSettings) -> dict[str, Any]:
+    """Every case, the gradient check and the tuned kernel configs: printed, and returned as one report."""
     if not torch.cuda.is_available():
-        print("error: this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
-        return 2
+        raise RuntimeError("longcat bench --mode bsa needs a CUDA GPU (torch.cuda.is_available() is False)")
 
     import triton
 
@@ -278,35 +287,32 @@ def main() -> int:
     dense, dense_backend = dense_sdpa_backend()
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "heads": args.heads, "head_dim": args.head_dim, "dtype": "bfloat16", "sparsity": args.sparsity,
-        "chunk": list(CHUNK), "dense_backend": dense_backend, "iters": args.iters, "cases": [],
+        "heads": settings.heads, "head_dim": settings.head_dim, "dtype": "bfloat16", "sparsity": settings.sparsity,
+        "chunk": list(CHUNK), "dense_backend": dense_backend, "iters": settings.iters, "cases": [],
     }
-    for label, grid in QUICK_CASES if args.quick else FULL_CASES:
+    for label, grid in settings.cases:
         try:
-            report["cases"].append(bench_case(label, grid, args, dense))
+            report["cases"].append(bench_case(label, grid, settings, dense))
         except Exception as err:  # keep going: one failed case must not hide the others' numbers
             traceback.print_exc()
             report["cases"].append({"case": label, "error": f"{type(err).__name__}: {err}"[:300]})
         torch.cuda.empty_cache()
-    grad_grid = QUICK_GRAD_CHECK_GRID if args.quick else GRAD_CHECK_GRID
+    grad_grid = settings.grad_check_grid
     try:
         report["gradient_check"] = {"token_grid": list(grad_grid), "heads": 4,
-                                    **gradient_errors(grad_grid, 4, args.head_dim, args.sparsity)}
+                                    **gradient_errors(grad_grid, 4, settings.head_dim, settings.sparsity)}
     except Exception as err:
         traceback.print_exc()
         report["gradient_check"] = {"error": f"{type(err).__name__}: {err}"[:300]}
     report["tuned_configs"] = tuned_configs()
 
     print(f"\n{report['device']}  torch {report['torch']}  triton {report['triton']}  "
-          f"{args.heads} heads x {args.head_dim}, bf16, sparsity {args.sparsity}, dense = {dense_backend} SDPA")
+          f"{settings.heads} heads x {settings.head_dim}, bf16, sparsity {settings.sparsity}, "
+          f"dense = {dense_backend} SDPA")
     print_table(report["cases"])
     print("gradient check (bf16 vs fp32 masked reference):", report["gradient_check"])
     print("tuned configs:", report["tuned_configs"])
     for case in report["cases"]:
         print(case["case"], {key: round(value, 3) for key, value in case.items() if key.startswith("select_")})
-    print(json.dumps(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    print(json.dumps(report), flush=True)
+    return report

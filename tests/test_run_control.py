@@ -1,0 +1,103 @@
+"""`longcat train` around its steps, as the user sees it from a shell: progress lines in a log
+file, one run per output_dir, and Ctrl-C / kill stopping with a checkpoint that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from longcat_train.demo.synthetic import demo_configs, write_dataset
+from longcat_train.demo.tiny_checkpoint import write_tiny_checkpoint
+from longcat_train.run_lock import LOCK_FILE, DirectoryInUse, hold_directory
+
+STEPS = 6
+
+
+def _project(root: Path) -> Path:
+    """A demo project under `root` (model, clips, configs): 6 steps, a checkpoint every 2, no
+    validation renders."""
+    model = write_tiny_checkpoint(root / "model")
+    write_dataset(root / "data", count=3, val_count=1)
+    return demo_configs(root, model, steps=STEPS, overrides={"checkpoint_step_interval": 2,
+                                                              "validation_steps": None, "checkpoints_total_limit": None})
+
+
+def _train(config: Path, *extra: str, log: Path | None = None, **popen) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-m", "longcat_train.cli", "train", "--config", str(config), *extra],
+                            stdout=out, stderr=subprocess.PIPE, text=True, cwd=config.parent,
+                            env={**os.environ, "COLUMNS": "200"}, **popen)
+
+
+def test_a_log_file_gets_progress_lines(tmp_path: Path) -> None:
+    config = _project(tmp_path)
+    log = tmp_path / "train.log"
+    run = _train(config, log=log)
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    lines = [line for line in log.read_text().splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 1/6 loss ") and lines[-1].startswith("step 6/6 loss ")
+    assert all(" s/step " in line and " ETA " in line for line in lines)
+
+    # a resume after changing the LoRA's shape: what differs and the ways out, no traceback
+    changed = _train(config, "--set", "resume_from_checkpoint=latest", "--set", "lora_rank=8",
+                     "--set", "max_train_steps=8")
+    _, stderr = changed.communicate(timeout=300)
+    assert changed.returncode == 1
+    assert "lora_rank=16 in the checkpoint, 8 in this config" in stderr and "--set lora_rank=16" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_second_run_into_a_held_output_dir_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    config = _project(tmp_path)
+    with hold_directory(tmp_path / "output", "a training run"):
+        run = _train(config)
+        _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1
+    assert f"PID {os.getpid()}" in stderr and "output_dir" in stderr
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 999_999_999, "host": "gone", "started": 0}))
+    with hold_directory(tmp_path, "first"):  # nobody holds the flock: the stale file does not matter
+        try:
+            with hold_directory(tmp_path, "second"):
+                raise AssertionError("a held directory was taken twice")
+        except DirectoryInUse as error:
+            assert f"PID {os.getpid()}" in str(error)
+
+
+def test_sigint_stops_with_a_checkpoint_and_the_resume_ends_bit_identical(tmp_path: Path) -> None:
+    config = _project(tmp_path)
+    run = _train(config)  # uninterrupted; it also writes the caches both runs then read
+    assert run.wait(timeout=600) == 0, run.stderr.read()
+
+    elsewhere = ("--set", "output_dir=interrupted")
+    events = tmp_path / "interrupted" / "events.jsonl"
+    run = _train(config, *elsewhere)
+    deadline = time.time() + 600
+    while time.time() < deadline and run.poll() is None:
+        steps = [json.loads(line) for line in events.read_text().splitlines()] if events.is_file() else []
+        if any(e["event"] == "step" and e["step"] >= 3 for e in steps):
+            run.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 130, stderr
+    assert "Resume with: longcat train" in stderr
+    stopped = [json.loads(line) for line in events.read_text().splitlines() if '"interrupted"' in line][-1]
+    assert stopped["step"] < STEPS and (tmp_path / "interrupted" / f"checkpoint-{stopped['step']}").is_dir()
+
+    resumed = _train(config, *elsewhere, "--set", "resume_from_checkpoint=latest")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    final, reference = (load_file(tmp_path / out / "lora.safetensors") for out in ("interrupted", "output"))
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[key], reference[key]) for key in final)  # bit for bit
