@@ -90,8 +90,7 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     a memory cap) run around `add_lora`, before the timed steps (`bench_memory.py`).
     `before_step(i)` runs before step i (0-based, warm-up included), e.g. to start a profiler once
     warm-up and autotuning are over (scripts/profile_step.py)."""
-    from .lora import add_lora
-    from .lora.adapters import compute_lora_in_autocast_dtype
+    from .lora.adapters import add_lora, compute_lora_in_autocast_dtype
     from .memory.planner import offload_requests
     from .objective.flow import sample_sigmas
     from .objective.loss import flow_matching_loss

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longcat_train.lora import DEFAULT_TARGETS, add_lora, apply_loras, lora_state, read_lora, write_lora
-from longcat_train.lora.adapters import load_lora_into_adapter
+from longcat_train.lora import apply_loras, read_lora, write_lora
+from longcat_train.lora.adapters import DEFAULT_TARGETS, add_lora, load_lora_into_adapter, lora_state
 
 from .reference import load_reference, reference_model, rel_l2
 

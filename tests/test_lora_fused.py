@@ -11,9 +11,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from longcat_train.lora import add_lora, lora_state
 from longcat_train.lora import fused_linear
-from longcat_train.lora.adapters import compute_lora_in_autocast_dtype, load_lora_into_adapter
+from longcat_train.lora.adapters import add_lora, compute_lora_in_autocast_dtype, load_lora_into_adapter, lora_state
 from longcat_train.lora.fused_linear import (
     FusedLoraLinear,
     _BaseHalfFunction,

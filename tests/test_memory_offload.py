@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from longcat_train.lora import add_lora
+from longcat_train.lora.adapters import add_lora
 from longcat_train.memory import GroupOffloadConflict, enable_block_swap, enable_group_offload, quantize_transformer
 
 from longcat_train.model import LongCatVideoTransformer3DModel

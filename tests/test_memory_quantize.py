@@ -5,7 +5,7 @@ import pytest
 import torch
 from optimum.quanto import QLinear
 
-from longcat_train.lora import add_lora
+from longcat_train.lora.adapters import add_lora
 from longcat_train.memory import QuantizationError, load_quantized_transformer, quantize_transformer
 from longcat_train.memory.quantize import QUANTIZED_LINEARS, is_quantized
 from longcat_train.model import LongCatVideoTransformer3DModel

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
 from longcat_train.config import load_config
 from longcat_train.demo.synthetic import write_demo
 from longcat_train.objective.flow import sample_sigmas, shift_sigmas
+from longcat_train.training.loss_plot import loss_series, read_events
 from longcat_train.training.loop import TrainingStopped, run_training
 from longcat_train.objective.loss import flow_matching_loss
 from longcat_train.objective.strategy import ImageToVideo, TextToVideo
@@ -120,6 +122,8 @@ def test_resume_after_sigkill_ends_with_the_identical_lora(demo_root, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the loss EMA restored from the checkpoint: the resumed run logs the uninterrupted run's values
+    assert loss_series(read_events(killed / "events.jsonl"))["ema"] == loss_series(read_events(straight / "events.jsonl"))["ema"]
 
 
 def test_demo_loss_falls_and_writes_checkpoints(demo_root, tmp_path):
@@ -175,10 +179,22 @@ def test_two_processes_train_together_and_checkpoint_both_random_streams(demo_ro
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "longcat_train.cli", "train",
             "--config", str(demo_root / "config.json"), "--set", "max_train_steps=4", "--set",
-            "checkpoint_step_interval=4", "--set", "validation_steps=null", "--set", f"output_dir={out}"]
+            "checkpoint_step_interval=4", "--set", "validation_steps=null", "--set", f"output_dir={out}",
+            "--set", "lr_scheduler=linear", "--set", "lr_warmup_steps=2"]
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "× 2 processes" in result.stdout
     assert result.stdout.count("longcat train") == 1  # only the main process prints
     assert (out / "checkpoint-4" / "rng.rank1.safetensors").is_file()
     assert (out / "lora.safetensors").is_file()
+    # the learning rates of a single process's schedule over the same 4 steps (warm-up, then linear)
+    lr = json.loads((demo_root / "config.json").read_text())["learning_rate"]
+    reference = get_scheduler("linear", torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr),
+                              num_warmup_steps=2, num_training_steps=4)
+    expected = []
+    for _ in range(4):
+        reference.optimizer.step()
+        reference.step()
+        expected.append(reference.get_last_lr()[0])
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["lr"] for e in events if e["event"] == "step"] == pytest.approx(expected)

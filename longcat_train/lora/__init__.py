@@ -1,18 +1,9 @@
-"""LoRA on the LongCat-Video transformer: PEFT adapters for training, files in the formats of
-`formats.LORA_FORMATS`, and forward-hook application of any number of LoRAs for renders."""
+"""LoRA on the LongCat-Video transformer: files in the formats of `formats.LORA_FORMATS` and
+forward-hook application of any number of LoRAs for renders, importable without PEFT (so
+`export-lora` and renders start fast); the PEFT adapters that training attaches are in
+`lora.adapters`."""
 
-from .adapters import DEFAULT_TARGETS, add_lora, lora_state
 from .apply import apply_loras
 from .formats import FORMATS, LoraFile, LoraWeights, read_lora, write_lora
 
-__all__ = [
-    "DEFAULT_TARGETS",
-    "FORMATS",
-    "LoraFile",
-    "LoraWeights",
-    "add_lora",
-    "apply_loras",
-    "lora_state",
-    "read_lora",
-    "write_lora",
-]
+__all__ = ["FORMATS", "LoraFile", "LoraWeights", "apply_loras", "read_lora", "write_lora"]

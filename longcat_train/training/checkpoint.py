@@ -45,6 +45,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     sampler: dict[str, Any] = field(default_factory=dict)  # `BucketBatchSampler.state_dict()`
     nan_skipped: int = 0
+    loss_ema: float | None = None  # the progress line's loss EMA, continued on resume (None: none yet)
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]) -> TrainState:

@@ -34,8 +34,7 @@ from ..cache import collate_text
 from ..components import load_dit_config, load_scheduler, load_vae
 from ..config import LoadedConfig, TrainingConfig
 from ..data import BucketBatchSampler, ClipItem
-from ..lora import add_lora, lora_state
-from ..lora.adapters import compute_lora_in_autocast_dtype, load_lora_into_adapter
+from ..lora.adapters import add_lora, compute_lora_in_autocast_dtype, load_lora_into_adapter, lora_state
 from ..memory import (
     PLANNED_KEYS,
     GroupOffloadConflict,
@@ -68,6 +67,7 @@ from .checkpoint import (
 )
 from ..objective.flow import sample_sigmas
 from .prepare import PreparedData, prepare_data
+from .loss_plot import write_loss_curve
 from .progress import PlainProgress, RunLog, peak_vram_gib, progress_bar, startup_table
 from ..objective.loss import flow_matching_loss
 from ..objective.strategy import choose_strategy
@@ -359,9 +359,11 @@ class TrainingRun:
                 raise TrainingStopped(f"cannot resume from {resume}: {error}") from error
             load_lora_into_adapter(transformer, weights)
             self.console.print(f"resumed from {resume} at step {self.state.step}")
-        self.transformer, self.optimizer, self.lr_scheduler = accelerator.prepare(
-            transformer, optimizer, lr_scheduler, device_placement=[not placed, True, True]
-        )
+        # the schedule stays outside `prepare`: Accelerate's wrapper steps it once per process at each
+        # optimizer step, which ran an N-process schedule N times too fast (its length is in steps)
+        self.lr_scheduler = lr_scheduler
+        self.transformer, self.optimizer = accelerator.prepare(transformer, optimizer,
+                                                               device_placement=[not placed, True])
         self.model = accelerator.unwrap_model(self.transformer)
         self.model.train()
         self.text_len = TEXT_TOKENS if self.model.config.text_tokens_zero_pad else None
@@ -374,6 +376,7 @@ class TrainingRun:
                                         cfg.tracker_run_name, cfg.model_dump(mode="json"))
         self.log = RunLog(writer=self.writer,
                           events_path=self.output_dir / EVENTS_FILE if accelerator.is_main_process else None)
+        self.log.ema = self.state.loss_ema
         self.log.event("start", step=self.state.step, total_steps=self.total_steps, cached_at=cached_at,
                        weights_at=model.weights_at, loaded_at=model.loaded_at, ready_at=time.time(),
                        **model.warmup.as_event(), memory={key: getattr(cfg, key) for key in PLANNED_KEYS},
@@ -418,7 +421,8 @@ class TrainingRun:
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
             self.optimizer.step()
-            self.lr_scheduler.step()
+            if accelerator.sync_gradients:  # once per optimizer step, not per accumulated batch
+                self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             return False
@@ -444,6 +448,7 @@ class TrainingRun:
         """Every rank calls this: its RNG goes in, and all wait until the directory is published."""
         accelerator, state, cfg = self.accelerator, self.state, self.cfg
         state.sampler = self.sampler.state_dict()
+        state.loss_ema = self.log.ema
         if not accelerator.is_main_process:
             save_rank_rng(self.output_dir, state.step, accelerator.process_index, self.generator)
         accelerator.wait_for_everyone()
@@ -457,8 +462,8 @@ class TrainingRun:
                                    self.optimizer, self.lr_scheduler, self.generator, cfg.model_dump(mode="json"),
                                    accelerator.num_processes - 1)
             prune_checkpoints(self.output_dir, cfg.checkpoints_total_limit)
-            self.log.write_loss_curve(self.output_dir / "loss.png")
             self.log.event("checkpoint", step=state.step, path=str(path))
+            self.plot_loss()
         accelerator.wait_for_everyone()
         return path
 
@@ -468,9 +473,15 @@ class TrainingRun:
             started = time.time()
             metrics = self.validator.run(self.model, self.state.step, self.writer)
             self.log.event("validation", step=self.state.step, seconds=time.time() - started, **metrics)
+            self.plot_loss()  # with the held-out point of this step
             self.console.print("validation at step {}: {}".format(
                 self.state.step, ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())))
         self.accelerator.wait_for_everyone()
+
+    def plot_loss(self) -> None:
+        """`output_dir/loss.png` from the whole run's events (main process)."""
+        write_loss_curve(self.output_dir / EVENTS_FILE, self.output_dir / "loss.png",
+                         warn=lambda message: self.console.print(f"[yellow]{escape(message)}[/]"))
 
     def stop_agreed(self, stop: StopRequest) -> bool:
         """Whether any rank was asked to stop (all ranks must checkpoint at the same step)."""

@@ -1,5 +1,5 @@
-"""What the user sees during a run: the startup table, the progress line, TensorBoard scalars, the
-loss curve PNG and the closing summary."""
+"""What the user sees during a run: the startup table, the progress line, TensorBoard scalars and the
+closing summary (the loss curve PNG is loss_plot.py's)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -69,25 +68,6 @@ class RunLog:
             return
         with open(self.events_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
-
-    def write_loss_curve(self, path: Path, width: int = 640, height: int = 320) -> Path:
-        """A plain line plot of loss per step (PIL, so no plotting stack is needed)."""
-        image = Image.new("RGB", (width, height), "white")
-        draw = ImageDraw.Draw(image)
-        if len(self.losses) >= 2:
-            steps = [s for s, _ in self.losses]
-            values = [v for _, v in self.losses]
-            lo, hi = min(values), max(values)
-            span_s, span_v = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-12)
-            pad = 24
-            points = [
-                (pad + (s - steps[0]) / span_s * (width - 2 * pad), height - pad - (v - lo) / span_v * (height - 2 * pad))
-                for s, v in zip(steps, values)
-            ]
-            draw.line(points, fill=(30, 90, 200), width=2)
-            draw.text((pad, 4), f"loss {values[-1]:.4f} (min {lo:.4f}, max {hi:.4f}) at step {steps[-1]}", fill="black")
-        image.save(path)
-        return path
 
 
 @dataclass

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lora import add_lora
-from ..lora.adapters import compute_lora_in_autocast_dtype
+from ..lora.adapters import add_lora, compute_lora_in_autocast_dtype
 from ..model.release import random_transformer
 from ..release_facts import TEXT_TOKENS, latent_shape
 from ..objective.flow import sample_sigmas
