@@ -123,3 +123,9 @@ def test_next_batch_walks_the_epochs_as_iteration_does_and_resumes_from_state() 
     resumed.load_state_dict(run.state_dict())
     taken += [resumed.next_batch() for _ in range(len(expected) - 7)]
     assert taken == expected
+
+
+def test_next_batch_refuses_to_spin_when_no_batch_can_be_formed() -> None:
+    sampler = BucketBatchSampler(_items(), batch_size=10_000, seed=3)
+    with pytest.raises(ValueError, match="no batch of 10000"):
+        sampler.next_batch()

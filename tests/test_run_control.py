@@ -101,3 +101,21 @@ def test_sigint_stops_with_a_checkpoint_and_the_resume_ends_bit_identical(tmp_pa
     final, reference = (load_file(tmp_path / out / "lora.safetensors") for out in ("interrupted", "output"))
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[key], reference[key]) for key in final)  # bit for bit
+
+
+def test_a_batch_size_no_bucket_can_fill_is_refused_naming_the_buckets(tmp_path: Path) -> None:
+    config = _project(tmp_path)
+    run = _train(config, "--set", "train_batch_size=50")
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1
+    assert "no batch of train_batch_size=50" in stderr and "items" in stderr and "Traceback" not in stderr
+
+
+def test_rerunning_a_finished_run_says_so_and_exits_0(tmp_path: Path) -> None:
+    config = _project(tmp_path)
+    short = ("--set", "max_train_steps=2", "--set", "checkpoint_step_interval=2")
+    assert _train(config, *short).wait(timeout=600) == 0
+    again = _train(config, *short, "--set", "resume_from_checkpoint=latest")
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0, stderr
+    assert "holds a finished run (2 of 2 steps)" in stdout

@@ -12,6 +12,9 @@ from longcat_train.data.decode import seeded_rng
 from longcat_train.data.items import ClipItem
 
 
+MAX_EMPTY_EPOCHS = 100  # epochs drawn in a row without a batch before `next_batch` gives up
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Yields lists of indices into `items`; every list is one bucket.
 
@@ -100,7 +103,11 @@ class BucketBatchSampler(Sampler[list[int]]):
         """This rank's next batch, moving on to the next epoch when one is used up. The position is
         what `state_dict` saves, so a resumed run continues with exactly the batch that was next."""
         batches = self.epoch_batches(self.epoch)
+        epochs_moved = 0
         while self.position >= len(batches):
+            epochs_moved += 1
+            if epochs_moved > MAX_EMPTY_EPOCHS:  # e.g. a batch size above every bucket's count: never spin
+                raise ValueError(f"no batch of {self.batch_size} in {MAX_EMPTY_EPOCHS} epochs in a row")
             self.epoch, self.position = self.epoch + 1, 0
             batches = self.epoch_batches(self.epoch)
         self.position += 1

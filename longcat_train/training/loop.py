@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -335,7 +336,16 @@ class TrainingRun:
             data.items, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index,
             probabilities={d.id: d.probability for d in loaded.datasets},
         )
-        self.total_steps = max_steps(cfg, len(self.sampler.epoch_batches(0)))
+        batches = len(self.sampler.epoch_batches(0))
+        if batches == 0:
+            sizes = Counter(item.bucket.label for item in data.items)
+            raise TrainingStopped(
+                f"no batch of train_batch_size={cfg.train_batch_size} can be formed"
+                f"{f' on each of {accelerator.num_processes} processes' if accelerator.num_processes > 1 else ''}: "
+                "a batch takes its items from one bucket, and the buckets hold "
+                + ", ".join(f"{label}: {count}" for label, count in sorted(sizes.items()))
+                + " items. Lower train_batch_size, or add clips to one bucket")
+        self.total_steps = max_steps(cfg, batches)
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=self.total_steps)
         self.state = TrainState()
@@ -511,7 +521,8 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             shutil.copyfile(final / "lora.safetensors", lora_path)
             self.log.event("done", step=self.state.step, lora=str(lora_path))
-            self.console.print(f"done: {self.state.step} steps, final loss EMA {self.log.ema:.4f}, "
+            ema = "none" if self.log.ema is None else f"{self.log.ema:.4f}"
+            self.console.print(f"done: {self.state.step} steps, final loss EMA {ema}, "
                                f"{self.state.nan_skipped} non-finite steps skipped; LoRA at {lora_path}")
         if self.writer is not None:
             self.writer.close()
@@ -526,6 +537,10 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
         # from here on a signal costs work: before, caches are written atomically and nothing is lost
         stop = scope.enter_context(stop_on_signals())
         cfg, state = run.cfg, run.state
+        if state.step >= run.total_steps:
+            run.console.print(f"{cfg.output_dir} holds a finished run ({state.step} of {run.total_steps} steps): "
+                              "nothing to train; raise max_train_steps to train on", soft_wrap=True)
+            return run.finish()
         if cfg.validation_on_startup and state.step == 0:
             run.validate()
         plain = None if run.console.is_terminal else PlainProgress(run.console, run.total_steps)
