@@ -90,3 +90,33 @@ def test_config_mismatches_name_the_shape_keys_that_changed(tmp_path):
     assert config_mismatches(path, {"lora_rank": 16, "lora_target_modules": ["attn.qkv"]}) == []
     assert config_mismatches(path, {"lora_rank": 32, "lora_target_modules": ["attn.qkv"]}) == [
         "lora_rank=16 in the checkpoint, 32 in this config"]
+
+
+def test_leftovers_of_killed_saves_and_prunes_are_removed_and_pruning_leaves_none(tmp_path):
+    from longcat_train.training.checkpoint import remove_leftovers
+
+    optimizer, scheduler, weights = _parts()
+    generator = torch.Generator().manual_seed(0)
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, TrainState(step=step), weights, {}, [], optimizer, scheduler, generator, {})
+    prune_checkpoints(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
+    for name in (".checkpoint-8.tmp-4242", ".checkpoint-2.old-17"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in remove_leftovers(tmp_path)] == [".checkpoint-2.old-17", ".checkpoint-8.tmp-4242"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
+
+
+def test_check_room_refuses_a_disk_without_space_for_two_checkpoints(tmp_path, monkeypatch):
+    import shutil
+
+    import pytest
+
+    from longcat_train.training import checkpoint
+    from longcat_train.training.checkpoint import CheckpointError, check_room
+
+    check_room(tmp_path, 1024)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=1500))
+    with pytest.raises(CheckpointError, match="room for two"):
+        check_room(tmp_path, 1024)

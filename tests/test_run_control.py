@@ -119,3 +119,11 @@ def test_rerunning_a_finished_run_says_so_and_exits_0(tmp_path: Path) -> None:
     stdout, stderr = again.communicate(timeout=600)
     assert again.returncode == 0, stderr
     assert "holds a finished run (2 of 2 steps)" in stdout
+
+
+def test_non_finite_lora_weights_are_never_saved(tmp_path: Path) -> None:
+    config = _project(tmp_path)
+    run = _train(config, "--set", "learning_rate=Infinity", "--set", "checkpoint_step_interval=1")
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 1 and "not finite" in stderr and "Traceback" not in stderr
+    assert not list((tmp_path / "output").glob("checkpoint-*"))

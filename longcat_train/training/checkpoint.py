@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config.model_paths import give_umask_mode
 from ..lora import LoraWeights, read_lora, write_lora
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -76,6 +77,7 @@ def save_rank_rng(output_dir: Path, step: int, rank: int, generator: torch.Gener
     main process assembles the checkpoint and moved into it."""
     path = rank_rng_path(output_dir, step, rank)
     save_file(_rng_tensors(generator), str(path))
+    give_umask_mode(path)
     return path
 
 
@@ -127,6 +129,7 @@ def save_checkpoint(
         rank_rng_path(output_dir, state.step, rank).replace(tmp / f"rng.rank{rank}.safetensors")
     opt_tensors, opt_json = _optimizer_tensors(optimizer)
     save_file({**opt_tensors, **_rng_tensors(generator)}, str(tmp / STATE_TENSORS))
+    give_umask_mode(tmp / STATE_TENSORS)
     np_state = np.random.get_state()
     (tmp / STATE_JSON).write_text(json.dumps({
         "state": asdict(state),
@@ -204,8 +207,41 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
         return []
     removed = list_checkpoints(output_dir)[:-keep]
     for path in removed:
-        shutil.rmtree(path)
+        # renamed first (atomic): a kill mid-delete leaves a leftover `remove_leftovers` clears, never
+        # a half-deleted checkpoint under its real name
+        doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(doomed)
+        shutil.rmtree(doomed)
     return removed
+
+
+def remove_leftovers(output_dir: Path) -> list[Path]:
+    """Delete what killed saves and prunes left in `output_dir` (`.checkpoint-N.tmp-PID`,
+    `.checkpoint-N.old-PID`). Only safe while holding the directory's run lock: then no live
+    process is writing them."""
+    leftovers = sorted(p for p in Path(output_dir).glob(".checkpoint-*") if p.is_dir()
+                       and re.match(r"^\.checkpoint-\d+\.(tmp|old)-\d+$", p.name))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
+def check_room(output_dir: Path, checkpoint_bytes: int) -> None:
+    """Before the first step: `output_dir` takes files and has room for two checkpoints (a save
+    writes the new one before the old one is pruned), or `CheckpointError` saying which."""
+    output_dir = Path(output_dir)
+    try:
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"longcat")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointError(f"cannot write checkpoints into {output_dir} ({error.strerror}); "
+                              "give output_dir a writable folder") from None
+    free = shutil.disk_usage(output_dir).free
+    if free < 2 * checkpoint_bytes:
+        raise CheckpointError(f"{output_dir} has {free / 2**30:.2f} GiB free; a checkpoint takes about "
+                              f"{checkpoint_bytes / 2**30:.2f} GiB and a save needs room for two. Free space, "
+                              "lower checkpoints_total_limit, or move output_dir")
 
 
 def resolve_resume(output_dir: Path, resume: str | None, warn: Callable[[str], None] = lambda _: None) -> Path | None:

@@ -59,9 +59,12 @@ from ..validation.periodic import HeldOutLatents, Validator
 from .checkpoint import (
     CheckpointError,
     TrainState,
+    check_room,
     config_mismatches,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    remove_leftovers,
     resolve_resume,
     save_checkpoint,
     save_rank_rng,
@@ -220,7 +223,9 @@ def run_description(cfg, model, params, alpha, data: PreparedData, step: int, to
         "model": f"{cfg.model_family}/{cfg.model_flavour} at {cfg.pretrained_model_name_or_path}",
         "precision": f"weights {next(model.parameters()).dtype}, autocast {cfg.mixed_precision}",
         "trainable parameters": f"{sum(p.numel() for p in params):,} (LoRA rank {cfg.lora_rank}, alpha {alpha})",
-        "datasets": ", ".join(f"{i}: {len(s.items)} items, {len(s.skipped)} skipped" for i, s in data.scans.items()),
+        "datasets": ", ".join(f"{i}: {len(s.items)} items, {len(s.skipped)} skipped"
+                              + (f", {len(s.caption_warnings)} without caption" if s.caption_warnings else "")
+                              for i, s in data.scans.items()),
         "buckets": ", ".join(sorted({i.bucket.label for i in data.items})),
         "steps": f"{step} → {total_steps} (batch {cfg.train_batch_size} × accumulation "
                  f"{cfg.gradient_accumulation_steps} × {processes} processes)",
@@ -328,6 +333,15 @@ class TrainingRun:
             compute_lora_in_autocast_dtype(transformer)
         placed = place_for_memory(transformer, cfg, accelerator.device)
         self.params = [p for p in transformer.parameters() if p.requires_grad]
+        if accelerator.is_main_process:  # it holds the output_dir lock: nothing else writes there
+            for leftover in remove_leftovers(self.output_dir):
+                self.console.print(f"removed {leftover.name}, left by a save or prune that was killed")
+            # LoRA files (one per format) and AdamW's two moments, all float32
+            checkpoint_bytes = sum(p.numel() for p in self.params) * 4 * (2 + len(cfg.lora_export_formats))
+            try:
+                check_room(self.output_dir, checkpoint_bytes)
+            except CheckpointError as error:
+                raise TrainingStopped(str(error)) from None
         optimizer = torch.optim.AdamW(
             self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=accelerator.device.type == "cuda",
@@ -457,6 +471,11 @@ class TrainingRun:
     def checkpoint(self) -> Path | None:
         """Every rank calls this: its RNG goes in, and all wait until the directory is published."""
         accelerator, state, cfg = self.accelerator, self.state, self.cfg
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):  # every rank holds the same LoRA
+            last = list_checkpoints(self.output_dir)
+            raise TrainingStopped(
+                f"the LoRA weights are not finite at step {state.step}; not saved. The last saved checkpoint is "
+                f"{last[-1] if last else 'none'}. Try a lower learning_rate or max_grad_norm 1.0")
         state.sampler = self.sampler.state_dict()
         state.loss_ema = self.log.ema
         if not accelerator.is_main_process:
