@@ -1,13 +1,19 @@
 """The `longcat` command line: a thin shell; each command loads the config and calls one function.
 
 Exit codes: 0 done, 1 a run stopped on purpose (non-finite losses, out of memory, no GPU for a
-benchmark), 2 config or argument problems (no traceback). Heavy modules are imported inside the
-commands so `--help` and `config check` answer at once.
+benchmark) or `data check` found a training dataset without a usable clip, 2 config or argument
+problems (no traceback). Heavy modules are imported inside the commands so `--help` and
+`config check` answer at once.
+
+Output to a pipe or file is printed at a width nothing reaches, so paths, ids and commands are never
+cut or wrapped; `--json` (`config check`, `data check`, `plan`) prints one JSON document instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -42,7 +48,7 @@ def allocator_settings(current: str) -> str:
 
 os.environ["PYTORCH_CUDA_ALLOC_CONF"] = allocator_settings(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 from longcat_train.config.examples import ExistingFilesError, write_example_configs
-from longcat_train.config.problems import problems_table
+from longcat_train.config.problems import problems_document, warnings_table
 from longcat_train.config.rules import check_frames, parse_resolution
 from longcat_train.config.summary import config_summary
 from longcat_train.config.training import LORA_FORMAT_CHOICES
@@ -63,15 +69,33 @@ data_app = typer.Typer(help="Inspect datasets without a GPU or a model.", no_arg
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
+# The width of output to a pipe or file: no line of ours reaches it, so nothing is cut or wrapped.
+PIPED_WIDTH = 10_000
+
+
+def _console(stderr: bool = False) -> Console:
+    # Made per call so the terminal width (COLUMNS) is read when the command runs. A pipe or file
+    # is told by isatty, not rich's is_terminal, which FORCE_COLOR (set for coloured CI logs) turns on.
+    console = Console(stderr=stderr)
+    return console if console.file.isatty() else Console(stderr=stderr, width=PIPED_WIDTH)
 
 
 def _out() -> Console:
-    # Made per call so the terminal width (COLUMNS) is read when the command runs.
-    return Console()
+    return _console()
 
 
 def _err() -> Console:
-    return Console(stderr=True)
+    return _console(stderr=True)
+
+
+def _print_json(document: dict) -> None:
+    typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def _flag(*names: str, help: str) -> typer.models.OptionInfo:
+    """A boolean option given without a value (`--t2v`, not `--t2v true`); an empty metavar, as
+    typer's help would otherwise print `<bool>` after it, which reads as if it took one."""
+    return typer.Option(*names, metavar="", help=help)
 
 
 ConfigOption = Annotated[
@@ -88,19 +112,27 @@ SetOption = Annotated[
 ]
 
 
-def _fail(error: ConfigError) -> NoReturn:
-    _err().print(error)
+JsonOption = Annotated[bool, _flag("--json", help="Print one JSON document on stdout instead of tables "
+                                                   "(config problems too; the exit code is the same).")]
+
+
+def _fail(error: ConfigError, as_json: bool = False) -> NoReturn:
+    if as_json:
+        _print_json(problems_document(error.problems))
+    else:
+        _err().print(error)
     raise typer.Exit(EXIT_CONFIG_ERROR)
 
 
-def _load(config: Path, overrides: list[str] | None, **checks: bool) -> LoadedConfig:
-    """The checked config, or the problem table on stderr and exit code 2."""
+def _load(config: Path, overrides: list[str] | None, as_json: bool = False, **checks: bool) -> LoadedConfig:
+    """The checked config, or the problems (a table on stderr, or `--json` on stdout) and exit code 2.
+    Warnings go in the table, or are left for the command's JSON document."""
     try:
         loaded = load_config(config, tuple(overrides or ()), **checks)
     except ConfigError as error:
-        _fail(error)
-    if loaded.warnings:
-        _err().print(problems_table(loaded.warnings, "[bold yellow]warnings[/]"))
+        _fail(error, as_json)
+    if loaded.warnings and not as_json:
+        _err().print(warnings_table(loaded.warnings))
     return loaded
 
 
@@ -129,17 +161,31 @@ def _run_training(loaded: LoadedConfig):
         raise typer.Exit(interrupted.exit_code) from None
 
 
+def _strength(text: str) -> float | None:
+    """The LoRA strength `text` gives, or None when it is not a finite number."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _lora_specs(values: list[str]) -> tuple[list[tuple[Path, float]], list[ConfigProblem]]:
     """`PATH[:STRENGTH]` -> (path, strength); strength defaults to 1.0."""
     specs: list[tuple[Path, float]] = []
     problems: list[ConfigProblem] = []
     for value in values:
-        path_text, _, strength_text = value.rpartition(":")
-        try:
-            strength = float(strength_text) if path_text else 1.0
-        except ValueError:
-            path_text, strength = value, 1.0  # a ':' inside the path, no strength given
-        path = Path(path_text or value)
+        path_text, colon, strength_text = value.rpartition(":")
+        path, strength = Path(value), 1.0
+        if colon and not path.is_file():  # PATH:STRENGTH, unless the ':' is in an existing file's name
+            given = _strength(strength_text)
+            if given is not None or Path(path_text).is_file():
+                path, strength = Path(path_text), 1.0 if given is None else given
+            if given is None and path.is_file():
+                problems.append(_argument_problem(
+                    "--lora", value, f"bad strength {strength_text!r}: not a finite number",
+                    f"give PATH:STRENGTH with a number, e.g. {path_text}:0.8"
+                ))
         if not path.is_file():
             problems.append(_argument_problem(
                 "--lora", value, "LoRA file does not exist", "give an existing .safetensors file, optionally PATH:STRENGTH"
@@ -159,27 +205,33 @@ def validate(
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     guidance: Annotated[float | None, typer.Option(help="CFG scale (1 disables CFG).")] = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
-    distilled: Annotated[bool, typer.Option("--distilled", help="16-step distilled schedule (with the cfg_step LoRA).")] = False,
+    distilled: Annotated[bool, _flag("--distilled", help="16-step distilled schedule (with the cfg_step LoRA).")] = False,
     set_: SetOption = None,
 ) -> None:
     """Render videos (one-off, no training) with the validation settings and optional LoRAs."""
-    # The render options are the validation_* keys, so they pass through the same checks.
+    # The render options are the validation_* keys, so they pass through the same checks; a problem
+    # with a given option's key names the option.
     options = {
-        "validation_prompt": prompt,
-        "validation_resolution": resolution,
-        "validation_num_video_frames": frames,
-        "validation_num_inference_steps": steps,
-        "validation_guidance": guidance,
-        "validation_seed": seed,
+        "validation_prompt": ("--prompt", prompt),
+        "validation_resolution": ("--resolution", resolution),
+        "validation_num_video_frames": ("--frames", frames),
+        "validation_num_inference_steps": ("--steps", steps),
+        "validation_guidance": ("--guidance", guidance),
+        "validation_seed": ("--seed", seed),
     }
-    overrides = [*(set_ or []), *(f"{k}={json.dumps(v)}" for k, v in options.items() if v is not None)]
+    given = {key: (option, value) for key, (option, value) in options.items() if value is not None}
+    overrides = [*(set_ or []), *(f"{key}={json.dumps(value)}" for key, (_, value) in given.items())]
     loras, problems = _lora_specs(lora or [])
     if image is not None and not image.is_file():
         problems.append(_argument_problem("--image", str(image), "image file does not exist", "give an existing PNG/JPEG"))
     try:
         loaded = load_config(config, tuple(overrides))
     except ConfigError as error:
-        _fail(ConfigError([*error.problems, *problems]))
+        _fail(ConfigError([
+            *(dataclasses.replace(p, file="command line", key=given[p.key][0]) if p.key in given else p
+              for p in error.problems),
+            *problems,
+        ]))
     if problems:
         _fail(ConfigError(problems))
     from longcat_train.validation.command import run_validate
@@ -210,10 +262,16 @@ def cache(config: ConfigOption, set_: SetOption = None) -> None:
 def config_check(
     config: ConfigOption,
     set_: SetOption = None,
-    paths: Annotated[bool, typer.Option(help="Also check the checkpoint, dataset directories and resume path.")] = True,
+    paths: Annotated[bool, _flag("--paths/--no-paths",
+                                 help="Also check the checkpoint, dataset directories and resume path.")] = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Check config.json and its datasets file; print what they set up. Exit code 2 on problems."""
-    loaded = _load(config, set_, check_files=paths)
+    loaded = _load(config, set_, as_json, check_files=paths)
+    if as_json:
+        _print_json({**problems_document(loaded.warnings), "config": str(loaded.config_path),
+                     "datasets_file": str(loaded.backend_path), "paths_checked": paths})
+        return
     _out().print(config_summary(loaded))
     _out().print("[bold green]config OK[/]" + ("" if paths else " (files and directories not checked)"))
 
@@ -221,8 +279,8 @@ def config_check(
 @config_app.command("init")
 def config_init(
     directory: Annotated[Path, typer.Argument(help="Where to write config.json and multidatabackend.json.")],
-    text_to_video: Annotated[bool, typer.Option("--t2v", help="The text-to-video example instead of image-to-video.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+    text_to_video: Annotated[bool, _flag("--t2v", help="The text-to-video example instead of image-to-video.")] = False,
+    force: Annotated[bool, _flag("--force", help="Overwrite existing files.")] = False,
 ) -> None:
     """Write the example config.json and multidatabackend.json to edit."""
     try:
@@ -233,18 +291,27 @@ def config_init(
             for p in error.paths
         ]))
     for path in written:
-        _out().print(f"wrote {path}")
-    _out().print(f"next: edit them, then [bold]longcat config check --config {written[0]}[/]")
+        _out().print(f"wrote {escape(str(path))}")
+    _out().print(f"next: edit them, then [bold]longcat config check --config {escape(str(written[0]))}[/]")
 
 
-@data_app.command("check")
-def data_check(config: ConfigOption, set_: SetOption = None) -> None:
-    """Scan the datasets: usable items, skipped files with reasons, buckets, pairing (no GPU, no model)."""
-    loaded = _load(config, set_, check_checkpoint=False)
+@data_app.command("check", help="Scan the datasets: usable items, skipped files with reasons, buckets, pairing "
+                                  f"(no GPU, no model). Exit code {EXIT_STOPPED} when a training dataset has no "
+                                  "usable clips (`train` leaves it out, or stops), "
+                                  f"{EXIT_CONFIG_ERROR} on config problems.")
+def data_check(config: ConfigOption, set_: SetOption = None, as_json: JsonOption = False) -> None:
+    loaded = _load(config, set_, as_json, check_checkpoint=False)
     from longcat_train.data import data_check_report
     from longcat_train.training.prepare import data_specs
 
-    data_check_report(list(data_specs(loaded).values()), seed=loaded.training.seed).render(_out())
+    report = data_check_report(list(data_specs(loaded).values()), seed=loaded.training.seed,
+                               trained={d.id for d in loaded.training_datasets})
+    if as_json:
+        _print_json({**problems_document(loaded.warnings), **report.as_json()})
+    else:
+        report.render(_out())
+    if report.empty_training_datasets:
+        raise typer.Exit(EXIT_STOPPED)
 
 
 def _listed(words: list[str], last: str) -> str:
@@ -274,7 +341,7 @@ def export_lora(
         _fail(ConfigError([_argument_problem("SOURCE", str(source), f"not a readable LoRA file ({error})",
                                              f"give a .safetensors LoRA in {_listed(_FORMAT_TITLES, 'or')} format")]))
     write_lora(target, lora.weights, format_, lora.metadata)
-    _out().print(f"wrote {target} ({format_}, {len(lora.weights.modules)} modules, read as {lora.format})")
+    _out().print(f"wrote {escape(str(target))} ({format_}, {len(lora.weights.modules)} modules, read as {lora.format})")
 
 
 @app.command()
@@ -283,34 +350,40 @@ def plan(
     gpu_memory: Annotated[float | None, typer.Option(metavar="GiB", help="GPU memory to plan for (default: this GPU's).")] = None,
     host_memory: Annotated[float | None, typer.Option(metavar="GiB", help="Host RAM to plan for (default: this machine's).")] = None,
     set_: SetOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Predict peak GPU and host memory per bucket and recommend settings that fit."""
-    loaded = _load(config, set_, check_checkpoint=False)
-    import torch
+    loaded = _load(config, set_, as_json, check_checkpoint=False)
+    if gpu_memory is None:
+        # asked before the planner's and the data pipeline's imports, which take seconds
+        if not _cuda_available():
+            _fail(ConfigError([_argument_problem("--gpu-memory", None, "no CUDA GPU here to read the memory of",
+                                                 "pass --gpu-memory GiB, e.g. --gpu-memory 24")]), as_json)
+        import torch
 
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
     from longcat_train.memory import machine_memory_gib, plan_memory, planned_config_keys
     from longcat_train.training.prepare import scan_datasets
 
-    if gpu_memory is None:
-        if not torch.cuda.is_available():
-            _fail(ConfigError([_argument_problem("--gpu-memory", None, "no CUDA GPU here to read the memory of",
-                                                 "pass --gpu-memory GiB, e.g. --gpu-memory 24")]))
-        gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
     items = [item for scan in scan_datasets(loaded).values() for item in scan.items]
     buckets = sorted({(i.bucket.height, i.bucket.width, i.bucket.num_frames) for i in items})
     if not buckets:
         _fail(ConfigError([_argument_problem("datasets", None, "no usable clips to plan for",
-                                             "run `longcat data check` to see why clips are skipped")]))
+                                             "run `longcat data check` to see why clips are skipped")]), as_json)
     from longcat_train.components import load_dit_config
 
     # the checkpoint's own architecture when it is there (the release's otherwise)
     dit_config = load_dit_config(loaded.training.pretrained_model_name_or_path or "")
     host_memory = machine_memory_gib() if host_memory is None else host_memory
     picked = planned_config_keys(loaded.training, buckets, gpu_memory, host_memory, dit_config)
-    plan_memory(loaded.training.model_copy(update=picked), buckets, gpu_memory, dit_config, host_memory).render(_out())
+    memory_plan = plan_memory(loaded.training.model_copy(update=picked), buckets, gpu_memory, dit_config, host_memory)
+    if as_json:
+        _print_json({**problems_document(loaded.warnings), **memory_plan.as_json(), "picked": picked})
+        return
+    memory_plan.render(_out())
     if picked:
         _out().print("`train` sets these keys the config leaves unset (the fastest values that fit): "
-                     + ", ".join(f"{key}={json.dumps(value)}" for key, value in picked.items()))
+                     + escape(", ".join(f"{key}={json.dumps(value)}" for key, value in picked.items())))
 
 
 @app.command()
@@ -339,9 +412,9 @@ def bench(
     rows: Annotated[str, typer.Option(help="memory: rows, comma-separated (default all): bf16, bf16-kept, "
                                            "int8-quanto, fp8-torchao, swap8, swap16, swap24, swap40, group-offload, "
                                            "cap24, cap48 (the planner's pick under a 24 / 48 GiB cap).")] = "",
-    block_error: Annotated[bool, typer.Option(help="memory: instead of rows, the relative error of one full-size "
-                                                   "block per quantized precision.")] = False,
-    quick: Annotated[bool, typer.Option(help="bsa: one small grid, a smoke run.")] = False,
+    block_error: Annotated[bool, _flag("--block-error", help="memory: instead of rows, the relative error of one "
+                                                            "full-size block per quantized precision.")] = False,
+    quick: Annotated[bool, _flag("--quick", help="bsa: one small grid, a smoke run.")] = False,
 ) -> None:
     """Benchmark full-size training steps (random weights, no checkpoint); prints one JSON line (--mode: other
     benchmarks)."""
@@ -396,7 +469,7 @@ def bench(
             run_e2e(E2ESettings(workdir, scale, resolution, frames, rank, steps=steps, clips=clips,
                                 bench="bench" not in skipped, validate="validate" not in skipped), _out())
         except E2EFailed as error:
-            _err().print(f"[bold red]bench e2e:[/] {error}")
+            _err().print(f"[bold red]bench e2e:[/] {escape(str(error))}")
             raise typer.Exit(EXIT_STOPPED) from None
         return
     try:
@@ -416,7 +489,7 @@ def bench(
             run_bench(BenchSettings(mode=mode, resolution=resolution, frames=frames, rank=rank, steps=steps,
                                     keep_projections=kept))
     except RuntimeError as error:
-        _err().print(f"[bold red]bench:[/] {error}")
+        _err().print(f"[bold red]bench:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_STOPPED) from None
 
 
@@ -434,12 +507,12 @@ def demo(
     from longcat_train.demo.synthetic import write_demo
 
     config_path = write_demo(output_dir)
-    _out().print(f"wrote a tiny random LongCat-Video, synthetic paired clips and {config_path}")
+    _out().print(f"wrote a tiny random LongCat-Video, synthetic paired clips and {escape(str(config_path))}")
     result = _run_training(_load(config_path, None))
     losses = [loss for _, loss in result.losses]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     _out().print(f"[bold green]demo done[/]: loss {first:.4f} (first 10 steps) → {last:.4f} (last 10), "
-                 f"{100 * (1 - last / first):.0f}% lower; outputs in {output_dir / 'output'}")
+                 f"{100 * (1 - last / first):.0f}% lower; outputs in {escape(str(output_dir / 'output'))}")
 
 
 if __name__ == "__main__":

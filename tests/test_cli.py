@@ -119,7 +119,7 @@ def test_validate_options_go_through_config_rules(tmp_path: Path) -> None:
         app, ["validate", "--config", str(config), "--frames", "90", "--lora", "missing.safetensors:0.8"], env=WIDE
     )
     assert result.exit_code == EXIT_CONFIG_ERROR
-    assert "validation_num_video_frames" in result.output and "89 or 93" in result.output
+    assert "--frames" in result.output and "89 or 93" in result.output
     assert "--lora" in result.output and "does not exist" in result.output
 
 

@@ -107,7 +107,7 @@ CASES: list[tuple[str, Mutation, str, str, str]] = [
     ("resume path", _set("resume_from_checkpoint", "runs/nope"), "resume_from_checkpoint", '"latest"', "does not exist"),
     ("block swap range", _set("musubi_blocks_to_swap", 48), "musubi_blocks_to_swap", "at most 47", "less than or equal to 47"),
     ("group offload type", _set("group_offload_type", "disk"), "group_offload_type", "'block_level'", "one of"),
-    ("checkpoint dir missing", _set("pretrained_model_name_or_path", "meituan-longcat/LongCat-Video"), "pretrained_model_name_or_path", "huggingface-cli download", "local directories only"),
+    ("checkpoint dir missing", _set("pretrained_model_name_or_path", "meituan-longcat/LongCat-Video"), "pretrained_model_name_or_path", "hf download", "local directories only"),
     ("checkpoint without vae", _checkpoint_without_vae, "pretrained_model_name_or_path", "vae/", "vae/"),
     ("text encoder not umT5", _qwen_text_encoder, "pretrained_model_name_or_path", "umT5-XXL", "Qwen2.5-VL"),
     ("default checkpoint missing", _default_checkpoint_missing, "pretrained_model_name_or_path", "--local-dir", "LongCat-Video"),

@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
+from longcat_train.file_modes import give_umask_mode
+
 # Elements read from each weight tensor for a module's identity: enough that any real change of
 # the weights (fine-tuning, another release, another dtype) changes the hash, while hashing a
 # 13B-parameter encoder stays instant.
@@ -129,6 +131,7 @@ def write_safetensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor], me
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(contiguous, str(temporary), metadata=full_metadata)
+        give_umask_mode(temporary)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)

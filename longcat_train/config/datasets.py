@@ -86,6 +86,12 @@ class DatasetConfig(BaseModel):
         "(`instance_prompt` for all), null (no captions: conditioning data).",
     )
     instance_prompt: str | None = Field(None, description="The caption of every item with `instanceprompt`.")
+    allow_missing_captions: bool = Field(
+        False,
+        description="Train a dataset in which no usable clip has a caption (every one missing or empty), "
+        "all of them as unconditional samples; when false such a dataset is refused (its clips skipped, "
+        "`data check` exits 1), as it usually means captions are elsewhere or `caption_strategy` is wrong.",
+    )
     caption_dropout_probability: float = Field(
         DEFAULT_CAPTION_DROPOUT,
         ge=0.0,

@@ -1,4 +1,5 @@
-"""Where the LongCat-Video checkpoint lives, and what a usable checkpoint directory holds.
+"""Where the LongCat-Video checkpoint lives, what a usable checkpoint directory holds, and the mode
+the files this package writes get.
 
 Torch-free on purpose: `config check` must answer in well under a second, before any heavy import.
 """
@@ -36,7 +37,7 @@ def default_checkpoint_dir(flavour: str = "final") -> Path:
 
 def download_hint(target: Path) -> str:
     return (
-        f"download the release into it: `huggingface-cli download {HUB_REPOSITORY} --local-dir {target}` "
+        f"download the release into it: `hf download {HUB_REPOSITORY} --local-dir {target}` "
         f"(or set pretrained_model_name_or_path to where it already is; `longcat demo` makes a tiny one)"
     )
 

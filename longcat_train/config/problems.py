@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column, Table
 from rich.text import Text
 
 Severity = Literal["error", "warning"]
@@ -25,18 +27,24 @@ class _MissingType:
 MISSING: Any = _MissingType()
 
 
-def show_value(value: Any) -> str:
-    """A short rendering of a bad value, JSON-like as the user wrote it, truncated."""
+def json_value(value: Any) -> Any:
+    """`value` as a JSON document holds it: a path as its text, what JSON cannot hold as its repr."""
+    if isinstance(value, Path):
+        return str(value)
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def show_value(value: Any, limit: int | None = _VALUE_WIDTH) -> str:
+    """A bad value, JSON-like as the user wrote it (a path or a repr as is), cut to `limit` characters."""
     if value is MISSING:
         return "(missing)"
-    if isinstance(value, Path):
-        text = str(value)
-    else:
-        try:
-            text = json.dumps(value, ensure_ascii=False)
-        except (TypeError, ValueError):
-            text = repr(value)
-    return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 1] + "…"
+    plain = json_value(value)
+    text = plain if isinstance(plain, str) and not isinstance(value, str) else json.dumps(plain, ensure_ascii=False)
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,22 @@ class ConfigProblem:
     def __str__(self) -> str:
         where = f"{self.file}: " if self.file is not None else ""
         return f"{where}{self.key} = {show_value(self.value)}: {self.rule}. Fix: {self.fix}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "file": None if self.file is None else str(self.file),
+            "key": self.key,
+            "value": None if self.value is MISSING else json_value(self.value),
+            "missing": self.value is MISSING,
+            "rule": self.rule,
+            "fix": self.fix,
+            "severity": self.severity,
+        }
+
+
+def problems_document(problems: list[ConfigProblem]) -> dict[str, Any]:
+    """The start of every `--json` document: `ok` unless a problem is an error, and the problems."""
+    return {"ok": not any(p.severity == "error" for p in problems), "problems": [p.as_json() for p in problems]}
 
 
 @dataclass
@@ -100,23 +124,43 @@ def _short_path(file: Path | str | None) -> str:
     return file
 
 
-def problems_table(problems: list[ConfigProblem], title: str) -> Table:
-    table = Table(title=title, show_lines=True, title_justify="left", expand=False)
-    table.add_column("file", overflow="fold", style="dim")
-    table.add_column("key", overflow="fold", style="bold")
-    table.add_column("value", overflow="fold")
-    table.add_column("problem", overflow="fold")
-    table.add_column("fix", overflow="fold", style="green")
+class ValueTable(Table):
+    """The table every command prints: it never cuts a value to `…` (its columns fold in a narrow
+    terminal; the CLI prints piped output on a console wide enough that nothing folds; the table is
+    at least as wide as its title, which holds dataset ids), and a `str` title or cell is plain text,
+    so a user's `datasets[clips]` or `a[b].mp4` is not taken for rich markup. A styled cell is passed
+    as `Text`; a column as its header or a `Column`."""
+
+    def __init__(self, *columns: str | Column, title: str | None = None, **options: Any) -> None:
+        if title is not None:
+            options.setdefault("min_width", cell_len(title))
+        super().__init__(*columns, title=None if title is None else escape(title), **options)
+        for column in self.columns:
+            column.overflow = "fold"
+
+    def add_row(self, *cells: Any, **options: Any) -> None:
+        super().add_row(*(escape(c) if isinstance(c, str) else c for c in cells), **options)
+
+
+def problems_table(problems: list[ConfigProblem], title: str, title_style: str) -> Table:
+    table = ValueTable(
+        Column("file", style="dim"), Column("key", style="bold"), "value", "problem", Column("fix", style="green"),
+        title=title, title_style=title_style, show_lines=True, title_justify="left",
+    )
     for problem in problems:
         style = "red" if problem.severity == "error" else "yellow"
         table.add_row(
             _short_path(problem.file),
             problem.key,
-            show_value(problem.value),
+            show_value(problem.value, limit=None),
             Text(problem.rule, style=style),
             problem.fix,
         )
     return table
+
+
+def warnings_table(warnings: list[ConfigProblem]) -> Table:
+    return problems_table(warnings, "warnings", "bold yellow")
 
 
 class ConfigError(Exception):
@@ -134,7 +178,7 @@ class ConfigError(Exception):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         errors = self.errors
         noun = "problem" if len(errors) == 1 else "problems"
-        yield problems_table(errors, f"[bold red]{len(errors)} config {noun}; nothing was started[/]")
+        yield problems_table(errors, f"{len(errors)} config {noun}; nothing was started", "bold red")
         warnings = [p for p in self.problems if p.severity == "warning"]
         if warnings:
-            yield problems_table(warnings, "[bold yellow]warnings[/]")
+            yield warnings_table(warnings)

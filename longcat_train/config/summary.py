@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Group
-from rich.table import Table
+from rich.table import Column
 
 from longcat_train.config.loading import LoadedConfig
+from longcat_train.config.problems import ValueTable
 
 
 def _length(loaded: LoadedConfig) -> str:
@@ -17,9 +18,7 @@ def _length(loaded: LoadedConfig) -> str:
 
 def config_summary(loaded: LoadedConfig) -> Group:
     training = loaded.training
-    settings = Table.grid(padding=(0, 2))
-    settings.add_column(style="bold")
-    settings.add_column()
+    settings = ValueTable(Column(style="bold"), Column(), box=None, show_header=False, padding=(0, 2), pad_edge=False)
     rows = [
         ("config", str(loaded.config_path)),
         ("datasets file", str(loaded.backend_path)),
@@ -40,9 +39,8 @@ def config_summary(loaded: LoadedConfig) -> Group:
     for name, value in rows:
         settings.add_row(name, value)
 
-    datasets = Table(title="datasets", title_justify="left")
-    for column in ("id", "type", "role", "frames", "resolution", "directory"):
-        datasets.add_column(column, overflow="fold")
+    datasets = ValueTable("id", "type", "role", "frames", "resolution", "directory", title="datasets",
+                          title_justify="left")
     trained = {d.id for d in loaded.training_datasets}
     for dataset in loaded.datasets:
         if dataset.id == training.eval_dataset_id:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column
+from rich.text import Text
 
+from longcat_train.config.problems import ValueTable
 from longcat_train.data.decode import probe_clip
 from longcat_train.data.items import DatasetError, DatasetScan, SkippedFile
 from longcat_train.data.pairing import index_conditioning
@@ -28,8 +31,13 @@ def latent_cache_bytes(height: int, width: int, frames: int, dtype: Literal["bf1
 
 @dataclass
 class DatasetReport:
+    """One dataset's part of `data check`. `trained`: a training dataset (not start frames, not the
+    eval split), which `train` needs usable clips in. `caption_warnings`: kept files whose caption is
+    missing or empty."""
+
     dataset_id: str
     dataset_type: str
+    trained: bool = False
     disabled: bool = False
     error: str | None = None
     files_found: int = 0
@@ -47,6 +55,35 @@ class DatasetReport:
     strict_pairing: bool = False
     cache_bytes: int = 0
 
+    @property
+    def pairing(self) -> str:
+        if not self.is_i2v:
+            return "-"
+        if self.strict_pairing:
+            return f"{self.paired} paired (strict: unmatched skipped)"
+        return f"{self.paired} paired, {self.fallbacks} own first frame"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.dataset_id, "type": self.dataset_type, "trained": self.trained, "disabled": self.disabled,
+            "error": self.error, "files_found": self.files_found, "usable_files": self.usable_files,
+            "items": self.items, "captions_missing": len(self.caption_warnings),
+            "skipped": [_file_json(f) for f in self.skipped],
+            "caption_warnings": [_file_json(f) for f in self.caption_warnings],
+            "buckets": dict(sorted(self.buckets.items())),
+            "source_frames": {"min": min(self.source_frames), "median": statistics.median(self.source_frames),
+                              "max": max(self.source_frames)} if self.source_frames else None,
+            "source_fps": dict(self.source_fps),
+            "variable_frame_rate": self.variable_frame_rate,
+            "pairing": {"i2v": self.is_i2v, "paired": self.paired, "own_first_frame": self.fallbacks,
+                        "strict": self.strict_pairing},
+            "cache_bytes": self.cache_bytes,
+        }
+
+
+def _file_json(skipped: SkippedFile) -> dict[str, str]:
+    return {"path": str(skipped.path), "reason": skipped.reason}
+
 
 @dataclass
 class DataCheckReport:
@@ -61,19 +98,31 @@ class DataCheckReport:
     def usable_items(self) -> int:
         return sum(d.items for d in self.datasets)
 
+    @property
+    def empty_training_datasets(self) -> list[str]:
+        """Training datasets without a usable clip: `train` leaves them out, and stops when no
+        training dataset has one."""
+        return [d.dataset_id for d in self.datasets if d.trained and not d.items]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": not self.empty_training_datasets,
+            "empty_training_datasets": self.empty_training_datasets,
+            "datasets": [d.as_json() for d in self.datasets],
+            "cache_bytes": self.total_cache_bytes,
+            "cache_dtype": self.cache_dtype,
+        }
+
     def render(self, console: Console) -> None:
-        summary = Table(title="Datasets")
-        for column in ("dataset", "type", "found", "usable", "items", "skipped", "pairing", "cache"):
-            summary.add_column(column)
+        summary = ValueTable(
+            "dataset", "type", *(Column(name, justify="right") for name in ("found", "usable", "items", "skipped")),
+            Column("no caption", justify="right"), "pairing", Column("cache", justify="right"), title="Datasets",
+        )
         for d in self.datasets:
-            pairing = "-"
-            if d.is_i2v:
-                pairing = f"{d.paired} paired, {d.fallbacks} own first frame"
-                if d.strict_pairing:
-                    pairing = f"{d.paired} paired (strict: unmatched skipped)"
             summary.add_row(
                 d.dataset_id, d.dataset_type + (" (disabled)" if d.disabled else ""), str(d.files_found),
-                str(d.usable_files), str(d.items), str(len(d.skipped)), pairing, _human_bytes(d.cache_bytes),
+                str(d.usable_files), str(d.items), str(len(d.skipped)), str(len(d.caption_warnings)), d.pairing,
+                _human_bytes(d.cache_bytes),
             )
         console.print(summary)
         console.print(
@@ -82,29 +131,31 @@ class DataCheckReport:
         )
         for d in self.datasets:
             if d.error:
-                console.print(f"[red]{d.dataset_id}: {d.error}[/red]")
+                console.print(Text(f"{d.dataset_id}: {d.error}", style="red"))
             if d.buckets:
-                table = Table(title=f"{d.dataset_id}: buckets (WxH@frames)")
-                table.add_column("bucket")
-                table.add_column("items", justify="right")
+                table = ValueTable("bucket", Column("items", justify="right"),
+                                   title=f"{d.dataset_id}: buckets (WxH@frames)")
                 for label, count in sorted(d.buckets.items()):
                     table.add_row(label, str(count))
                 console.print(table)
             if d.source_frames:
-                console.print(
+                console.print(Text(
                     f"{d.dataset_id}: source frames min {min(d.source_frames)} / median "
                     f"{statistics.median(d.source_frames):g} / max {max(d.source_frames)}; fps "
                     + ", ".join(f"{fps} x{n}" for fps, n in d.source_fps.most_common())
                     + (f"; {d.variable_frame_rate} variable frame rate" if d.variable_frame_rate else "")
-                )
+                ))
             for title, rows, style in (("skipped", d.skipped, "red"), ("caption warnings", d.caption_warnings, "yellow")):
                 if rows:
-                    table = Table(title=f"{d.dataset_id}: {title}", title_style=style)
-                    table.add_column("file")
-                    table.add_column("reason")
+                    table = ValueTable("file", "reason", title=f"{d.dataset_id}: {title}", title_style=style)
                     for row in rows:
                         table.add_row(str(row.path), row.reason)
                     console.print(table)
+        if self.empty_training_datasets:
+            console.print(Text(
+                f"no usable clips in training dataset(s) {', '.join(self.empty_training_datasets)} (why: above); "
+                "`train` leaves them out, and stops when no training dataset has clips", style="bold red",
+            ))
 
 
 def _human_bytes(count: int) -> str:
@@ -140,18 +191,23 @@ def _fill_from_scan(report: DatasetReport, scan: DatasetScan, dtype: Literal["bf
 
 
 def data_check_report(
-    specs: Sequence[DataSpec], seed: int = 0, cache_dtype: Literal["bf16", "fp32"] = "bf16"
+    specs: Sequence[DataSpec], seed: int = 0, cache_dtype: Literal["bf16", "fp32"] = "bf16",
+    trained: Collection[str] | None = None,
 ) -> DataCheckReport:
-    """Scan every dataset (no GPU, no model) and summarise what training would see.
+    """Scan every dataset (no GPU, no model) and summarise what training would see. `trained`: the
+    ids of the training datasets (a config's `training_datasets`); None: every video and image one.
 
     Dataset-level problems (missing directory, unknown conditioning id) are reported in the
     dataset's row instead of raised, so one run lists everything to fix.
     """
     by_id = {spec.id: spec for spec in specs}
+    if trained is None:
+        trained = {spec.id for spec in specs if spec.dataset_type != "conditioning" and not spec.disabled}
     reports = []
     for spec in specs:
         report = DatasetReport(
             dataset_id=spec.id, dataset_type=spec.dataset_type, disabled=spec.disabled,
+            trained=spec.id in trained,
             is_i2v=spec.is_i2v and spec.is_video, strict_pairing=spec.strict_pairing,
         )
         try:

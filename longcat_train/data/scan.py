@@ -129,7 +129,8 @@ def scan_dataset(
     datasets (looked up in `conditioning_specs` by id). Without a match the clip falls back to
     its own first window frame and is listed in `fallbacks`; with `strict_pairing` it is skipped
     instead, with the reason (so `data check` lists every unmatched clip at once and training
-    proceeds with the paired ones).
+    proceeds with the paired ones). A dataset in which no usable file has a caption is refused
+    (every file skipped) unless `allow_missing_captions`.
 
     Raises `DatasetError` only for a dataset-level problem (missing directory, unknown
     conditioning id). Conditioning datasets yield no items of their own.
@@ -152,4 +153,21 @@ def scan_dataset(
             scan.skipped.append(SkippedFile(path, f"unexpected error: {type(err).__name__}: {err}"))
             continue
         scan.items.extend(item for item in items for _ in range(1 + spec.repeats))
+    if not spec.allow_missing_captions:
+        _refuse_if_uncaptioned(scan)
     return scan
+
+
+def _refuse_if_uncaptioned(scan: DatasetScan) -> None:
+    """Skip every file, with why, when no usable file has a caption (each kept file whose caption is
+    missing or empty has one caption warning). That is almost always a mistake (captions elsewhere,
+    the wrong caption_strategy), and trained, the LoRA would learn to ignore the prompt."""
+    if not scan.items or len(scan.caption_warnings) < len({item.path for item in scan.items}):
+        return
+    scan.skipped.extend(
+        SkippedFile(w.path, f"{w.reason}, as for every usable file of this dataset (refused; "
+                            "allow_missing_captions: true trains them without captions)")
+        for w in scan.caption_warnings
+    )
+    scan.skipped.sort(key=lambda skipped: skipped.path)
+    scan.items, scan.caption_warnings, scan.fallbacks, scan.paired = [], [], [], 0

@@ -56,6 +56,7 @@ class DataSpec:
     is_i2v: bool = False  # the config resolves its null to False
     caption_strategy: CaptionStrategy | None = _default("caption_strategy")
     instance_prompt: str | None = None
+    allow_missing_captions: bool = _default("allow_missing_captions")
     resolution: float = _default("resolution")
     resolution_type: ResolutionType = _default("resolution_type")
     alignment: int = TrainingConfig.model_fields["aspect_bucket_alignment"].default

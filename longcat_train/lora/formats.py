@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..file_modes import give_umask_mode
 from ..config.training import LORA_FORMAT_CHOICES
 
 FUSED_SPLITS = {"attn.qkv": 3, "cross_attn.kv_linear": 2}
@@ -251,6 +252,7 @@ def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "comfyui", met
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
+    give_umask_mode(tmp)
     tmp.replace(path)
     return path
 

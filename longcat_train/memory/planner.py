@@ -29,8 +29,8 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
-from typing import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterable
 
 import torch
 
@@ -354,26 +354,52 @@ class MemoryPlan:
         )
 
     def render(self, console) -> None:
-        from rich.table import Table
+        from rich.table import Column
+        from rich.text import Text
+
+        from ..config.problems import ValueTable
 
         host = "" if self.host_memory_gib is None else f", {self.host_memory_gib:.0f} GiB host RAM"
-        table = Table(title=f"memory plan: {self.settings.describe()} on {self.gpu_memory_gib:.0f} GiB{host}")
-        for column in ("bucket", "tokens", "weights", "LoRA+Adam", "activations", "peak VRAM", "host RAM", "fits"):
-            table.add_column(column, justify="right")
+        table = ValueTable(
+            *(Column(name, justify="right") for name in ("bucket", "tokens", "weights", "LoRA+Adam", "activations",
+                                                           "peak VRAM", "host RAM", "fits")),
+            title=f"memory plan: {self.settings.describe()} on {self.gpu_memory_gib:.0f} GiB{host}",
+        )
         for b in self.buckets:
             e = b.estimate
             table.add_row("x".join(map(str, b.bucket)), f"{b.tokens:,}", f"{e.weights:.1f}", f"{e.lora_state:.1f}",
                           f"{e.activations:.1f}", f"{e.vram:.1f}", f"{e.host:.1f}",
-                          "[green]yes[/]" if b.fits else "[red]no[/]")
+                          Text("yes", style="green") if b.fits else Text("no", style="red"))
         console.print(table)
         largest = self.largest_fitting_bucket
         console.print(f"largest bucket that fits: {'x'.join(map(str, largest)) if largest else 'none'}")
         if self.recommendation_estimate is not None:
-            console.print(f"{self.advice()}; predicted peak {self.recommendation_estimate.vram:.1f} GiB")
+            console.print(Text(f"{self.advice()}; predicted peak {self.recommendation_estimate.vram:.1f} GiB"))
         else:
-            console.print(self.advice())
+            console.print(Text(self.advice()))
         for note in self.notes:
-            console.print(f"[yellow]{note}[/]")
+            console.print(Text(note, style="yellow"))
+
+    def as_json(self) -> dict[str, Any]:
+        """The plan for `plan --json`: GiB figures as `render` prints them, unrounded."""
+        recommended = self.recommendation
+        return {
+            "gpu_memory_gib": self.gpu_memory_gib,
+            "host_memory_gib": self.host_memory_gib,
+            "settings": {**asdict(self.settings), "description": self.settings.describe()},
+            "buckets": [
+                {"bucket": list(b.bucket), "tokens": b.tokens, **{f"{k}_gib": v for k, v in asdict(b.estimate).items()},
+                 "peak_vram_gib": b.estimate.vram, "fits_gpu": b.fits_gpu, "fits_host": b.fits_host, "fits": b.fits}
+                for b in self.buckets
+            ],
+            "largest_fitting_bucket": None if self.largest_fitting_bucket is None else list(self.largest_fitting_bucket),
+            "recommendation": None if recommended is None else {
+                **asdict(recommended), "description": recommended.describe(),
+                "peak_vram_gib": self.recommendation_estimate.vram,
+            },
+            "advice": self.advice(),
+            "notes": self.notes,
+        }
 
 
 # (checkpointing, weights) from fastest to slowest (docs/benchmarks.md, H200, 480x832x93): selective

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config.model_paths import give_umask_mode
+from ..file_modes import give_umask_mode
 from ..lora import LoraWeights, read_lora, write_lora
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
