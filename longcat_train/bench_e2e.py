@@ -1,7 +1,7 @@
 """`longcat bench --mode e2e`: the main job the way a user runs it, on a checkpoint with the release's
 layout and shapes (random weights) and real clips on disk.
 
-It writes the checkpoint (`demo/release_checkpoint.py`) and 30 fps clips with captions, start
+It writes the checkpoint (`demo/release_model.py`) and 30 fps clips with captions, start
 frames and a held-out split, then runs the real commands as child processes, one after another:
 `longcat cache`; `longcat train` (a checkpoint every 2 steps, periodic validation), SIGKILLed once
 it has logged step 3; the same `train` resumed from checkpoint-2 to the end (its step 3 must repeat
@@ -50,15 +50,15 @@ class E2EFailed(RuntimeError):
 
 
 def _write_checkpoint(settings: E2ESettings, root: Path) -> dict:
-    from .demo.release_checkpoint import write_release_checkpoint
+    from .demo.release_model import write_release_model
 
     if settings.scale == "release":
-        return write_release_checkpoint(root, "cuda")
-    from .demo.tiny_checkpoint import TINY_DIT_CONFIG, TINY_VAE_CONFIG, tiny_umt5_config
+        return write_release_model(root, "cuda")
+    from .demo.tiny_model import TINY_DIT_CONFIG, TINY_VAE_CONFIG, tiny_umt5_config
     from .release_facts import RELEASE_VOCAB_SIZE
 
     umt5 = tiny_umt5_config(RELEASE_VOCAB_SIZE, TINY_DIT_CONFIG["caption_channels"]).to_dict()
-    return write_release_checkpoint(root, "cpu", dit_config=TINY_DIT_CONFIG, umt5_config=umt5, vae_config=TINY_VAE_CONFIG)
+    return write_release_model(root, "cpu", dit_config=TINY_DIT_CONFIG, umt5_config=umt5, vae_config=TINY_VAE_CONFIG)
 
 
 def _write_run(settings: E2ESettings, model: Path) -> Path:

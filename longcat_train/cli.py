@@ -300,7 +300,7 @@ def config_init(
                                   "usable clips (`train` leaves it out, or stops), "
                                   f"{EXIT_CONFIG_ERROR} on config problems.")
 def data_check(config: ConfigOption, set_: SetOption = None, as_json: JsonOption = False) -> None:
-    loaded = _load(config, set_, as_json, check_checkpoint=False)
+    loaded = _load(config, set_, as_json, check_model=False)
     from longcat_train.data import data_check_report
     from longcat_train.training.prepare import data_specs
 
@@ -353,7 +353,7 @@ def plan(
     as_json: JsonOption = False,
 ) -> None:
     """Predict peak GPU and host memory per bucket and recommend settings that fit."""
-    loaded = _load(config, set_, as_json, check_checkpoint=False)
+    loaded = _load(config, set_, as_json, check_model=False)
     if gpu_memory is None:
         # asked before the planner's and the data pipeline's imports, which take seconds
         if not _cuda_available():

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
-from .config.model_paths import CHECKPOINT_MARKERS as _REQUIRED_FILES
+from .config.model_paths import MODEL_MARKERS as _REQUIRED_FILES
 from .config.model_paths import is_umt5_config
 from .release_facts import LATENT_CHANNELS
 
@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
-class CheckpointLayout:
+class ModelLayout:
     """The official LongCat-Video directory: dit/, vae/, text_encoder/, tokenizer/, scheduler/."""
 
     root: Path
@@ -94,7 +94,7 @@ def free_device_memory(device: str | torch.device | None = None) -> None:
 def load_dit_config(root: str | Path) -> dict[str, Any] | None:
     """`dit/config.json` of the checkpoint at `root` (None when there is none yet): the architecture
     the memory plan predicts for, read without loading a weight."""
-    path = CheckpointLayout(root).dit / "config.json"
+    path = ModelLayout(root).dit / "config.json"
     return _read_json(path) if path.is_file() else None
 
 
@@ -102,7 +102,7 @@ def load_vae(
     root: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> AutoencoderKLWan:
     """The Wan 2.1 VAE from `vae/`, frozen and in eval mode."""
-    layout = CheckpointLayout(root)
+    layout = ModelLayout(root)
     layout.validate(("vae",))
     vae = AutoencoderKLWan.from_pretrained(layout.vae, torch_dtype=dtype, local_files_only=True)
     return vae.to(device).eval().requires_grad_(False)
@@ -116,7 +116,7 @@ def load_text_encoder(
     The class is decided from `text_encoder/config.json`; anything but umT5 is refused, and the
     encoder's width is checked against the DiT's `caption_channels` when `dit/config.json` exists.
     """
-    layout = CheckpointLayout(root)
+    layout = ModelLayout(root)
     layout.validate(("text_encoder",))
     config_path = layout.text_encoder / "config.json"
     config = _read_json(config_path)
@@ -140,14 +140,14 @@ def load_text_encoder(
 
 
 def load_tokenizer(root: str | Path) -> PreTrainedTokenizerBase:
-    layout = CheckpointLayout(root)
+    layout = ModelLayout(root)
     layout.validate(("tokenizer",))
     return AutoTokenizer.from_pretrained(layout.tokenizer, local_files_only=True)
 
 
 def load_scheduler(root: str | Path) -> FlowMatchEulerDiscreteScheduler:
     """The flow-matching scheduler with the release's settings (shift 12.0) read from its config."""
-    layout = CheckpointLayout(root)
+    layout = ModelLayout(root)
     layout.validate(("scheduler",))
     return FlowMatchEulerDiscreteScheduler.from_pretrained(layout.scheduler, local_files_only=True)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from longcat_train.demo.tiny_checkpoint import write_tiny_checkpoint
+from longcat_train.demo.tiny_model import write_tiny_model
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LongCat-Video in the official layout (dit/, vae/, text_encoder/, tokenizer/,
     scheduler/), written once per test session. Treat it as read-only."""
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_longcat"), seed=0)
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_longcat"), seed=0)

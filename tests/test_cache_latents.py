@@ -28,8 +28,8 @@ FRAMES, HEIGHT, WIDTH = 9, 32, 32
 
 
 @pytest.fixture(scope="module")
-def vae(tiny_checkpoint: Path) -> AutoencoderKLWan:
-    return load_vae(tiny_checkpoint)
+def vae(tiny_model: Path) -> AutoencoderKLWan:
+    return load_vae(tiny_model)
 
 
 def make_pixels(seed: int, frames: int = FRAMES) -> torch.Tensor:
@@ -101,10 +101,10 @@ def test_changing_one_fingerprint_reencodes_exactly_one(vae: AutoencoderKLWan, t
     assert [source.calls for source in sources] == [0, 1, 0]
 
 
-def test_other_vae_weights_never_reuse_entries(vae: AutoencoderKLWan, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_other_vae_weights_never_reuse_entries(vae: AutoencoderKLWan, tiny_model: Path, tmp_path: Path) -> None:
     jobs, _ = jobs_for(2)
     LatentCache(tmp_path, vae).encode_many(jobs, progress=False)
-    changed = load_vae(tiny_checkpoint)
+    changed = load_vae(tiny_model)
     with torch.no_grad():
         next(changed.parameters()).mul_(1.01)
     jobs, sources = jobs_for(2)
@@ -220,10 +220,10 @@ def test_pixels_the_vae_would_mangle_are_refused(
     assert not LatentCache(tmp_path, vae).path_for(fingerprint(0)).exists()
 
 
-def test_dtype_argument_runs_the_vae_in_that_dtype(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    vae = load_vae(tiny_checkpoint)
+def test_dtype_argument_runs_the_vae_in_that_dtype(tiny_model: Path, tmp_path: Path) -> None:
+    vae = load_vae(tiny_model)
     cache = LatentCache(tmp_path, vae, dtype=torch.bfloat16)
     assert next(vae.parameters()).dtype == torch.bfloat16
     latent = cache.get_or_encode(fingerprint(0), lambda: make_pixels(0))
     assert latent.mean.dtype == torch.float32  # stored in float32 whatever the VAE ran in
-    assert cache.identity != LatentCache(tmp_path, load_vae(tiny_checkpoint)).identity
+    assert cache.identity != LatentCache(tmp_path, load_vae(tiny_model)).identity

@@ -16,13 +16,13 @@ PROMPTS = ["A cat walks slowly across a sunny kitchen floor.", "A red car drives
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint: Path) -> Any:
-    return load_tokenizer(tiny_checkpoint)
+def tokenizer(tiny_model: Path) -> Any:
+    return load_tokenizer(tiny_model)
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_checkpoint: Path) -> UMT5EncoderModel:
-    return load_text_encoder(tiny_checkpoint)
+def encoder(tiny_model: Path) -> UMT5EncoderModel:
+    return load_text_encoder(tiny_model)
 
 
 def by_hand(tokenizer: Any, encoder: UMT5EncoderModel, text: str) -> tuple[torch.Tensor, int]:
@@ -82,18 +82,18 @@ def test_prompts_are_keyed_by_their_cleaned_text(tokenizer: Any, encoder: UMT5En
 
 
 def test_identity_covers_max_length_and_encoder_weights(
-    tokenizer: Any, encoder: UMT5EncoderModel, tiny_checkpoint: Path, tmp_path: Path
+    tokenizer: Any, encoder: UMT5EncoderModel, tiny_model: Path, tmp_path: Path
 ) -> None:
     base = TextCache(tmp_path, tokenizer, encoder)
     assert TextCache(tmp_path, tokenizer, encoder, max_length=256).identity != base.identity
-    changed = load_text_encoder(tiny_checkpoint)
+    changed = load_text_encoder(tiny_model)
     with torch.no_grad():
         changed.shared.weight[5] += 0.5
     assert TextCache(tmp_path, tokenizer, changed).identity != base.identity
-    in_bf16 = load_text_encoder(tiny_checkpoint)
+    in_bf16 = load_text_encoder(tiny_model)
     assert TextCache(tmp_path, tokenizer, in_bf16, dtype=torch.bfloat16).identity != base.identity
     assert next(in_bf16.parameters()).dtype == torch.bfloat16
-    assert TextCache(tmp_path, load_tokenizer(tiny_checkpoint), encoder).identity == base.identity
+    assert TextCache(tmp_path, load_tokenizer(tiny_model), encoder).identity == base.identity
 
 
 def test_long_prompts_are_truncated_to_max_length(tokenizer: Any, encoder: UMT5EncoderModel, tmp_path: Path) -> None:

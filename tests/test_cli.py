@@ -189,5 +189,5 @@ def test_the_demo_project_works_from_any_folder(tmp_path: Path, monkeypatch: pyt
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     loaded = load_config(tmp_path / config)
-    assert loaded.checkpoint_dir == tmp_path / "demo_run" / "model"
+    assert loaded.model_dir == tmp_path / "demo_run" / "model"
     assert json.loads((tmp_path / config).read_text())["pretrained_model_name_or_path"] == "model"

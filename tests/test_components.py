@@ -13,7 +13,7 @@ from transformers import UMT5EncoderModel
 
 from longcat_train.components import (
     CheckpointError,
-    CheckpointLayout,
+    ModelLayout,
     denormalize_latents,
     load_scheduler,
     load_text_encoder,
@@ -22,7 +22,7 @@ from longcat_train.components import (
     normalize_latents,
     vae_latent_stats,
 )
-from longcat_train.demo.tiny_checkpoint import TINY_DIT_CONFIG, write_tiny_checkpoint
+from longcat_train.demo.tiny_model import TINY_DIT_CONFIG, write_tiny_model
 from longcat_train.model import LongCatVideoTransformer3DModel
 
 RELEASE_LATENTS_MEAN = [
@@ -47,18 +47,18 @@ def _copy_layout(source: Path, target: Path) -> Path:
     return target
 
 
-def test_layout_validates_the_tiny_checkpoint(tiny_checkpoint: Path) -> None:
-    layout = CheckpointLayout(str(tiny_checkpoint))
+def test_layout_validates_the_tiny_checkpoint(tiny_model: Path) -> None:
+    layout = ModelLayout(str(tiny_model))
     assert layout.missing() == []
     layout.validate()
-    assert layout.vae == tiny_checkpoint / "vae"
+    assert layout.vae == tiny_model / "vae"
 
 
-def test_layout_names_every_missing_subfolder(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    root = _copy_layout(tiny_checkpoint, tmp_path / "ckpt")
+def test_layout_names_every_missing_subfolder(tiny_model: Path, tmp_path: Path) -> None:
+    root = _copy_layout(tiny_model, tmp_path / "ckpt")
     shutil.rmtree(root / "vae")
     (root / "scheduler" / "scheduler_config.json").unlink()
-    layout = CheckpointLayout(root)
+    layout = ModelLayout(root)
     assert layout.missing() == ["vae", "scheduler"]
     with pytest.raises(CheckpointError) as raised:
         layout.validate()
@@ -69,18 +69,18 @@ def test_layout_names_every_missing_subfolder(tiny_checkpoint: Path, tmp_path: P
         load_vae(root)
 
 
-def test_components_load_offline_from_tiny_layout(tiny_checkpoint: Path) -> None:
-    vae = load_vae(tiny_checkpoint, dtype=torch.float32, device="cpu")
+def test_components_load_offline_from_tiny_layout(tiny_model: Path) -> None:
+    vae = load_vae(tiny_model, dtype=torch.float32, device="cpu")
     assert isinstance(vae, AutoencoderKLWan)
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     assert vae.config.scale_factor_temporal == 4 and vae.config.scale_factor_spatial == 8
 
-    encoder = load_text_encoder(tiny_checkpoint, dtype=torch.bfloat16)
+    encoder = load_text_encoder(tiny_model, dtype=torch.bfloat16)
     assert isinstance(encoder, UMT5EncoderModel)
     assert next(encoder.parameters()).dtype == torch.bfloat16
     assert encoder.config.d_model == TINY_DIT_CONFIG["caption_channels"]
 
-    tokenizer = load_tokenizer(tiny_checkpoint)
+    tokenizer = load_tokenizer(tiny_model)
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     ids = tokenizer("a cat walks", padding="max_length", max_length=16, truncation=True)["input_ids"]
     assert len(ids) == 16 and 1 in ids and ids[-1] == 0
@@ -88,13 +88,13 @@ def test_components_load_offline_from_tiny_layout(tiny_checkpoint: Path) -> None
     # A trained vocabulary: common corpus words are not unknown tokens.
     assert tokenizer.unk_token_id not in tokenizer("the camera moves slowly")["input_ids"]
 
-    scheduler = load_scheduler(tiny_checkpoint)
+    scheduler = load_scheduler(tiny_model)
     assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
     assert scheduler.config.shift == 12.0 and scheduler.config.num_train_timesteps == 1000
 
 
-def test_dit_is_written_sharded_and_loads(tiny_checkpoint: Path) -> None:
-    dit_dir = tiny_checkpoint / "dit"
+def test_dit_is_written_sharded_and_loads(tiny_model: Path) -> None:
+    dit_dir = tiny_model / "dit"
     index = json.loads((dit_dir / "diffusion_pytorch_model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 2
@@ -107,23 +107,23 @@ def test_dit_is_written_sharded_and_loads(tiny_checkpoint: Path) -> None:
     assert set(index["weight_map"]) == set(dit.state_dict())
 
 
-def test_tiny_checkpoint_is_deterministic_per_seed(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    again = write_tiny_checkpoint(tmp_path / "again", seed=0)
-    other = write_tiny_checkpoint(tmp_path / "other", seed=1)
+def test_tiny_checkpoint_is_deterministic_per_seed(tiny_model: Path, tmp_path: Path) -> None:
+    again = write_tiny_model(tmp_path / "again", seed=0)
+    other = write_tiny_model(tmp_path / "other", seed=1)
     for relative in (
         "vae/diffusion_pytorch_model.safetensors",
         "text_encoder/model.safetensors",
         "tokenizer/tokenizer.json",
         "dit/diffusion_pytorch_model.safetensors.index.json",
     ):
-        assert (again / relative).read_bytes() == (tiny_checkpoint / relative).read_bytes(), relative
+        assert (again / relative).read_bytes() == (tiny_model / relative).read_bytes(), relative
     assert (other / "vae/diffusion_pytorch_model.safetensors").read_bytes() != (
-        tiny_checkpoint / "vae/diffusion_pytorch_model.safetensors"
+        tiny_model / "vae/diffusion_pytorch_model.safetensors"
     ).read_bytes()
 
 
-def test_text_encoder_check_rejects_qwen_like_config(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    root = _copy_layout(tiny_checkpoint, tmp_path / "ckpt")
+def test_text_encoder_check_rejects_qwen_like_config(tiny_model: Path, tmp_path: Path) -> None:
+    root = _copy_layout(tiny_model, tmp_path / "ckpt")
     config_path = root / "text_encoder" / "config.json"
     config = json.loads(config_path.read_text())
     config.update({"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
@@ -135,8 +135,8 @@ def test_text_encoder_check_rejects_qwen_like_config(tiny_checkpoint: Path, tmp_
     assert "Qwen2.5-VL" in message and str(config_path) in message
 
 
-def test_text_encoder_width_must_match_dit_caption_channels(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    root = _copy_layout(tiny_checkpoint, tmp_path / "ckpt")
+def test_text_encoder_width_must_match_dit_caption_channels(tiny_model: Path, tmp_path: Path) -> None:
+    root = _copy_layout(tiny_model, tmp_path / "ckpt")
     dit_config_path = root / "dit" / "config.json"
     dit_config = json.loads(dit_config_path.read_text())
     dit_config["caption_channels"] = 4096
@@ -145,8 +145,8 @@ def test_text_encoder_width_must_match_dit_caption_channels(tiny_checkpoint: Pat
         load_text_encoder(root)
 
 
-def test_latent_stats_come_from_the_vae_config(tiny_checkpoint: Path) -> None:
-    vae = load_vae(tiny_checkpoint)
+def test_latent_stats_come_from_the_vae_config(tiny_model: Path) -> None:
+    vae = load_vae(tiny_model)
     mean, std = vae_latent_stats(vae)
     assert mean.shape == std.shape == (16,)
     torch.testing.assert_close(mean, torch.tensor(RELEASE_LATENTS_MEAN))
@@ -174,13 +174,13 @@ def test_normalize_follows_spec_and_inverts() -> None:
     torch.testing.assert_close(unbatched.float(), normalized[0], atol=0.05, rtol=0.02)
 
 
-def test_dit_streamed_from_the_shards_equals_the_diffusers_load(tiny_checkpoint: Path) -> None:
+def test_dit_streamed_from_the_shards_equals_the_diffusers_load(tiny_model: Path) -> None:
     from longcat_train.model import LongCatVideoTransformer3DModel
     from longcat_train.model.loading import load_dit
 
-    reference = LongCatVideoTransformer3DModel.from_pretrained(tiny_checkpoint, subfolder="dit").state_dict()
-    as_stored = load_dit(tiny_checkpoint / "dit", None, "cpu")
-    in_bf16 = load_dit(tiny_checkpoint / "dit", torch.bfloat16, "cpu")
+    reference = LongCatVideoTransformer3DModel.from_pretrained(tiny_model, subfolder="dit").state_dict()
+    as_stored = load_dit(tiny_model / "dit", None, "cpu")
+    in_bf16 = load_dit(tiny_model / "dit", torch.bfloat16, "cpu")
     assert as_stored.state_dict().keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(as_stored.state_dict()[key], value), key

@@ -93,7 +93,7 @@ def test_paths_resolve_against_their_files(tmp_path: Path, monkeypatch: pytest.M
     assert loaded.backend_path == root / "multidatabackend.json"
     assert loaded.dataset("clips").instance_data_dir == root / "data" / "clips"
     assert loaded.dataset("clips").cache_dir_vae == root / "out" / "cache" / "vae" / "clips"
-    assert loaded.checkpoint_dir == root / "ckpt"  # a --set path starts at the current directory
+    assert loaded.model_dir == root / "ckpt"  # a --set path starts at the current directory
 
 
 def test_simpletuner_style_cwd_relative_backend(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_null_checkpoint_resolves_to_longcat_home(tmp_path: Path) -> None:
     training = base_training(tmp_path)
     training["pretrained_model_name_or_path"] = None
     loaded = load_config(write_pair(tmp_path, training, base_datasets()))
-    assert loaded.checkpoint_dir == tmp_path / "home" / "models" / "LongCat-Video"
+    assert loaded.model_dir == tmp_path / "home" / "models" / "LongCat-Video"
 
 
 def test_text_embeds_and_disabled_entries(tmp_path: Path) -> None:

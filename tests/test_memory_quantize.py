@@ -66,9 +66,9 @@ def test_quantized_output_stays_close_to_bf16(precision):
     assert 0 < error < 0.1  # quantized, and still the same model
 
 
-def test_streamed_loader_matches_quantizing_a_loaded_model(tiny_checkpoint):
-    dit = tiny_checkpoint / "dit"
-    loaded = LongCatVideoTransformer3DModel.from_pretrained(tiny_checkpoint, subfolder="dit",
+def test_streamed_loader_matches_quantizing_a_loaded_model(tiny_model):
+    dit = tiny_model / "dit"
+    loaded = LongCatVideoTransformer3DModel.from_pretrained(tiny_model, subfolder="dit",
                                                             torch_dtype=torch.bfloat16)
     expected = quantize_transformer(loaded, "int8-quanto").eval()
     streamed = load_quantized_transformer(dit, "int8-quanto", device="cpu").eval()

@@ -15,7 +15,7 @@ from longcat_train.cache.keys import module_identity, sample_indices
 from longcat_train.cli import app
 from longcat_train.components import load_tokenizer
 from longcat_train.demo.synthetic import demo_configs, write_dataset
-from longcat_train.demo.tiny_checkpoint import write_tiny_checkpoint
+from longcat_train.demo.tiny_model import write_tiny_model
 from longcat_train.release_facts import RELEASE_UMT5_CONFIG, RELEASE_VOCAB_SIZE
 
 # wide enough that the embedding passes 2^24 elements (float32's last exact integer)
@@ -44,7 +44,7 @@ def test_identity_of_an_embedding_above_2_24_elements() -> None:
 @pytest.fixture(scope="module")
 def release_vocab_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("release_vocab")
-    checkpoint = write_tiny_checkpoint(root / "model", dit_config={"caption_channels": CAPTION_WIDTH},
+    checkpoint = write_tiny_model(root / "model", dit_config={"caption_channels": CAPTION_WIDTH},
                                        vocab_size=RELEASE_VOCAB_SIZE)
     write_dataset(root / "data", count=2, val_count=1)
     return demo_configs(root, checkpoint, steps=2)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from longcat_train.demo.synthetic import demo_configs, write_dataset
-from longcat_train.demo.tiny_checkpoint import write_tiny_checkpoint
+from longcat_train.demo.tiny_model import write_tiny_model
 from longcat_train.run_lock import LOCK_FILE, DirectoryInUse, hold_directory
 
 STEPS = 6
@@ -24,7 +24,7 @@ STEPS = 6
 def _project(root: Path) -> Path:
     """A demo project under `root` (model, clips, configs): 6 steps, a checkpoint every 2, no
     validation renders."""
-    model = write_tiny_checkpoint(root / "model")
+    model = write_tiny_model(root / "model")
     write_dataset(root / "data", count=3, val_count=1)
     return demo_configs(root, model, steps=STEPS, overrides={"checkpoint_step_interval": 2,
                                                               "validation_steps": None, "checkpoints_total_limit": None})

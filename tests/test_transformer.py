@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longcat_train.release_facts import RELEASE_DIT_CONFIG
-from longcat_train.model import CheckpointKeyError, LongCatVideoTransformer3DModel
+from longcat_train.model import WeightKeyError, LongCatVideoTransformer3DModel
 from longcat_train.model.flops import transformer_flops
 
 from .reference import load_reference, reference_model, rel_l2
@@ -99,14 +99,14 @@ def test_wrong_or_missing_keys_name_themselves(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["depth"] = 3
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointKeyError) as err:
+    with pytest.raises(WeightKeyError) as err:
         LongCatVideoTransformer3DModel.from_pretrained(tmp_path / "ckpt", subfolder="dit")
     assert "blocks.2.attn.qkv.weight" in str(err.value) and "missing keys" in str(err.value)
     # a mis-shaped tensor names the key, both shapes and the shard file
     config["depth"] = 2
     config["caption_channels"] = 32
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointKeyError) as err:
+    with pytest.raises(WeightKeyError) as err:
         LongCatVideoTransformer3DModel.from_pretrained(tmp_path / "ckpt", subfolder="dit")
     assert "y_embedder.y_proj.0.weight" in str(err.value) and "shape mismatches" in str(err.value)
     assert index["weight_map"]["y_embedder.y_proj.0.weight"] in str(err.value)

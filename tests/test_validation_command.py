@@ -40,8 +40,8 @@ def _lora_file(path: Path, checkpoint: Path) -> Path:
     return write_lora(path, LoraWeights(modules), "comfyui")
 
 
-def test_image_to_video_mp4_reads_back_with_the_requested_frames_fps_and_size(tmp_path, tiny_checkpoint) -> None:
-    loaded = write_project(tmp_path, tiny_checkpoint)
+def test_image_to_video_mp4_reads_back_with_the_requested_frames_fps_and_size(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model)
     image = tmp_path / "start.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(image)
     options = {"image": image, "prompt": "a boat on a lake", "resolution": "64x96", "frames": 13, "steps": 1}
@@ -51,7 +51,7 @@ def test_image_to_video_mp4_reads_back_with_the_requested_frames_fps_and_size(tm
     assert frames.shape == (13, 64, 96, 3) and fps == 15
     assert video.suffix == ".mp4" and sheet.suffix == ".png" and Image.open(sheet).size == (4 * 96, 2 * 64)
 
-    lora = _lora_file(tmp_path / "style.safetensors", tiny_checkpoint)
+    lora = _lora_file(tmp_path / "style.safetensors", tiny_model)
     off = run_validate(loaded, [(lora, 0.0)], output=tmp_path / "off", **options)
     on = run_validate(loaded, [(lora, 1.0)], output=tmp_path / "on", **options)
     # compared through the lossless contact sheets: x264's threaded encoder may pick another
@@ -60,8 +60,8 @@ def test_image_to_video_mp4_reads_back_with_the_requested_frames_fps_and_size(tm
     assert not np.array_equal(sheet_pixels(on), sheet_pixels(paths))
 
 
-def test_without_image_or_prompt_it_renders_the_eval_split(tmp_path, tiny_checkpoint) -> None:
-    loaded = write_project(tmp_path, tiny_checkpoint, validation_using_datasets=True, eval_dataset_id="clips-val")
+def test_without_image_or_prompt_it_renders_the_eval_split(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model, validation_using_datasets=True, eval_dataset_id="clips-val")
     paths = run_validate(loaded, steps=1)
     assert [p.name for p in paths] == [
         "00_a-blue-square-turns-green-0.mp4", "00_a-blue-square-turns-green-0.png",
@@ -71,7 +71,7 @@ def test_without_image_or_prompt_it_renders_the_eval_split(tmp_path, tiny_checkp
     assert _read_video(paths[0])[0].shape == (9, 64, 64, 3)
 
 
-def test_an_image_without_any_prompt_is_refused_by_name(tmp_path, tiny_checkpoint) -> None:
-    loaded = write_project(tmp_path, tiny_checkpoint, validation_prompt=None)
+def test_an_image_without_any_prompt_is_refused_by_name(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model, validation_prompt=None)
     with pytest.raises(ValueError, match="start.png needs a prompt"):
         run_validate(loaded, image=tmp_path / "start.png")

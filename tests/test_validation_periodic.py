@@ -24,13 +24,13 @@ from .validation_project import write_project
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
+def project(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """The eval split with cached latents and every prompt's text features, built once."""
     root = tmp_path_factory.mktemp("validation_project")
-    loaded = write_project(root, tiny_checkpoint, validation_using_datasets=True, eval_dataset_id="clips-val",
+    loaded = write_project(root, tiny_model, validation_using_datasets=True, eval_dataset_id="clips-val",
                            validation_num_inference_steps=1)
     items = _eval_items(loaded)
-    latents = LatentCache(root / "vae_cache", load_vae(tiny_checkpoint))
+    latents = LatentCache(root / "vae_cache", load_vae(tiny_model))
     held_out = [
         HeldOutLatents(
             latents.get_or_encode(item.fingerprint(), lambda item=item: load_clip_pixels(item)),
@@ -39,22 +39,22 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
         )
         for item in items
     ]
-    text = TextCache(root / "text_cache", load_tokenizer(tiny_checkpoint), load_text_encoder(tiny_checkpoint))
+    text = TextCache(root / "text_cache", load_tokenizer(tiny_model), load_text_encoder(tiny_model))
     features = {prompt: text.get(prompt) for prompt in Validator.required_prompts(loaded, items)}
     return loaded, items, held_out, features
 
 
 @pytest.fixture()
-def transformer(tiny_checkpoint: Path) -> LongCatVideoTransformer3DModel:
-    return LongCatVideoTransformer3DModel.from_pretrained(tiny_checkpoint, subfolder="dit")
+def transformer(tiny_model: Path) -> LongCatVideoTransformer3DModel:
+    return LongCatVideoTransformer3DModel.from_pretrained(tiny_model, subfolder="dit")
 
 
 def test_run_writes_renders_logs_metrics_and_leaves_the_training_state_alone(
-    project, transformer, tiny_checkpoint, tmp_path
+    project, transformer, tiny_model, tmp_path
 ) -> None:
     loaded, items, held_out, features = project
     # two eval clips, one render: the limit keeps validations short on large eval splits
-    validator = Validator(loaded, features, lambda: load_vae(tiny_checkpoint), items, held_out, max_dataset_renders=1)
+    validator = Validator(loaded, features, lambda: load_vae(tiny_model), items, held_out, max_dataset_renders=1)
     transformer.train()
     transformer.blocks[0].eval()  # a mixed state must come back as it was, module by module
     modes = [m.training for m in transformer.modules()]
@@ -85,7 +85,7 @@ def test_run_writes_renders_logs_metrics_and_leaves_the_training_state_alone(
     assert "validation/00_a-blue-square-turns-green-0" in events.Tags()["images"]
 
 
-def test_heldout_loss_follows_the_model_without_rendering(project, transformer, tiny_checkpoint) -> None:
+def test_heldout_loss_follows_the_model_without_rendering(project, transformer, tiny_model) -> None:
     loaded, items, held_out, features = project
     no_renders = replace(loaded, training=loaded.training.model_copy(update={"validation_using_datasets": False,
                                                                              "validation_prompt": None}))
@@ -100,11 +100,11 @@ def test_heldout_loss_follows_the_model_without_rendering(project, transformer, 
     assert validator.run(transformer, step=2)["validation/heldout_loss"] != before
 
 
-def test_missing_text_features_are_named(project, tiny_checkpoint) -> None:
+def test_missing_text_features_are_named(project, tiny_model) -> None:
     loaded, items, _, _ = project
     empty = (torch.zeros(1, 32), torch.ones(1, dtype=torch.long))
     with pytest.raises(KeyError, match="a blue square turns green 0.*required_prompts"):
-        Validator(loaded, {"": empty}, lambda: load_vae(tiny_checkpoint), items)
+        Validator(loaded, {"": empty}, lambda: load_vae(tiny_model), items)
 
 
 def test_sigma_quantiles_are_the_training_distribution_quantiles() -> None:

@@ -23,10 +23,10 @@ SIZE = {"height": 64, "width": 64, "num_frames": 9, "steps": 2, "guidance": 4.0}
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_checkpoint: Path):
-    transformer = LongCatVideoTransformer3DModel.from_pretrained(tiny_checkpoint, subfolder="dit").eval()
-    vae = load_vae(tiny_checkpoint)
-    cache = TextCache(tiny_checkpoint, load_tokenizer(tiny_checkpoint), load_text_encoder(tiny_checkpoint))
+def parts(tiny_model: Path):
+    transformer = LongCatVideoTransformer3DModel.from_pretrained(tiny_model, subfolder="dit").eval()
+    vae = load_vae(tiny_model)
+    cache = TextCache(tiny_model, load_tokenizer(tiny_model), load_text_encoder(tiny_model))
     prompt, empty = cache.encode(["a cat walks across the kitchen", ""])
     ones = lambda e: torch.ones(e.shape[0], dtype=torch.long)  # noqa: E731
     text = (*collate_text([(prompt, ones(prompt))], max_len=512), *collate_text([(empty, ones(empty))], max_len=512))

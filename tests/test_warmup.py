@@ -4,7 +4,7 @@ sets before CUDA starts."""
 import torch
 
 from longcat_train.cli import ALLOCATOR_DEFAULTS, allocator_settings
-from longcat_train.demo.tiny_checkpoint import TINY_DIT_CONFIG
+from longcat_train.demo.tiny_model import TINY_DIT_CONFIG
 from longcat_train.training.warmup import MAX_WARM_BUCKETS, WarmupSpec, warm_up_kernels
 
 

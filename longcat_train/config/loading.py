@@ -61,7 +61,7 @@ class LoadedConfig:
         return None if eval_id is None else self.dataset(eval_id)
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def model_dir(self) -> Path:
         path = self.training.pretrained_model_name_or_path
         assert path is not None  # always resolved by load_config
         return path
@@ -125,13 +125,13 @@ def load_config(
     config_path: str | Path,
     overrides: tuple[str, ...] | list[str] = (),
     check_files: bool = True,
-    check_checkpoint: bool = True,
+    check_model: bool = True,
 ) -> LoadedConfig:
     """Load and check `config_path` and the `data_backend_config` it names.
 
     `overrides` are `key=value` strings (see `overrides.py`). With `check_files=False` the
     checkpoint, dataset directories and resume path are not looked at (the dataset list is
-    still read); `check_checkpoint=False` skips only the checkpoint (for work that needs no
+    still read); `check_model=False` skips only the checkpoint (for work that needs no
     model, such as `data check`). Raises `ConfigError` with every error found.
     """
     config_path = Path(os.path.abspath(Path(config_path).expanduser()))
@@ -185,7 +185,7 @@ def load_config(
     if backend_raw is not None and isinstance(backend_raw, list):
         check_datasets(entries, training, config_path, backend_path, cross)
     if check_files:
-        check_paths(training, from_default if check_checkpoint else None, entries, config_path, backend_path, cross)
+        check_paths(training, from_default if check_model else None, entries, config_path, backend_path, cross)
     # A key that already failed validation was replaced by its default for these checks; what
     # they say about it would be noise.
     already = training_problem_keys | dataset_problem_keys

@@ -17,7 +17,7 @@ HUB_REPOSITORY = "meituan-longcat/LongCat-Video"
 # Flavour -> folder name under $LONGCAT_HOME/models.
 FLAVOUR_DIRS: dict[str, str] = {"final": "LongCat-Video"}
 # Each subfolder of the release and the files of which one marks it as present.
-CHECKPOINT_MARKERS: dict[str, tuple[str, ...]] = {
+MODEL_MARKERS: dict[str, tuple[str, ...]] = {
     "dit": ("config.json",),
     "vae": ("config.json",),
     "text_encoder": ("config.json",),
@@ -68,10 +68,10 @@ def check_checkpoint_dir(root: Path, key: str, file: Path, from_default: bool, p
             problems.add(file, key, str(root), rule, download_hint(root))
         return
     missing = [
-        name for name, markers in CHECKPOINT_MARKERS.items() if not any((root / name / m).is_file() for m in markers)
+        name for name, markers in MODEL_MARKERS.items() if not any((root / name / m).is_file() for m in markers)
     ]
     if missing:
-        detail = ", ".join(f"{name}/ (needs {' or '.join(CHECKPOINT_MARKERS[name])})" for name in missing)
+        detail = ", ".join(f"{name}/ (needs {' or '.join(MODEL_MARKERS[name])})" for name in missing)
         problems.add(
             file,
             key,

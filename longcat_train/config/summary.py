@@ -22,7 +22,7 @@ def config_summary(loaded: LoadedConfig) -> Group:
     rows = [
         ("config", str(loaded.config_path)),
         ("datasets file", str(loaded.backend_path)),
-        ("checkpoint", str(loaded.checkpoint_dir)),
+        ("checkpoint", str(loaded.model_dir)),
         ("output", str(training.output_dir)),
         ("model", f"{training.model_family} / {training.model_flavour}, base weights {training.base_model_precision}"),
         ("LoRA", f"rank {training.lora_rank}, alpha {training.effective_lora_alpha:g}, "

@@ -1,5 +1,5 @@
 """The tiny random LongCat-Video and synthetic data behind `longcat demo` and the tests."""
 
-from longcat_train.demo.tiny_checkpoint import TINY_DIT_CONFIG, write_tiny_checkpoint
+from longcat_train.demo.tiny_model import TINY_DIT_CONFIG, write_tiny_model
 
-__all__ = ["TINY_DIT_CONFIG", "write_tiny_checkpoint"]
+__all__ = ["TINY_DIT_CONFIG", "write_tiny_model"]

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..video_io import write_video
-from .tiny_checkpoint import write_tiny_checkpoint
+from .tiny_model import write_tiny_model
 
 COLOURS = [(230, 60, 50), (40, 160, 90), (50, 90, 220), (240, 200, 40), (180, 70, 200), (30, 190, 200)]
 SHAPES = {"square": (64, 64), "wide": (64, 96)}  # (height, width) of the source clips
@@ -54,7 +54,7 @@ def write_dataset(root: Path, count: int = 6, val_count: int = 1, shapes: dict[s
             Image.fromarray(video[0]).save(starts / f"{name}.png")
 
 
-def demo_configs(root: Path, checkpoint: Path, steps: int = 300, resolution: int = 64, num_frames: int = 17,
+def demo_configs(root: Path, model: Path, steps: int = 300, resolution: int = 64, num_frames: int = 17,
                  overrides: dict | None = None) -> Path:
     """config.json + multidatabackend.json under `root` for the clips of `write_dataset`, bucketed
     at `resolution` (the shorter edge, pixels) and `num_frames`; `overrides` replace config keys."""
@@ -75,7 +75,7 @@ def demo_configs(root: Path, checkpoint: Path, steps: int = 300, resolution: int
     config = {
         "model_family": "longcat_video", "model_flavour": "final", "model_type": "lora",
         # relative to the config's folder, as relative paths are read: the project works from any shell folder
-        "pretrained_model_name_or_path": os.path.relpath(Path(checkpoint).resolve(), Path(root).resolve()),
+        "pretrained_model_name_or_path": os.path.relpath(Path(model).resolve(), Path(root).resolve()),
         "base_model_precision": "no_change",
         "mixed_precision": "no", "output_dir": "output", "data_backend_config": "multidatabackend.json",
         "train_batch_size": 1, "gradient_checkpointing": False, "lora_rank": 16, "learning_rate": 2e-3,
@@ -96,6 +96,6 @@ def demo_configs(root: Path, checkpoint: Path, steps: int = 300, resolution: int
 def write_demo(root: Path, steps: int = 300) -> Path:
     """Everything `longcat demo` trains on, under `root`; returns the config path."""
     root = Path(root)
-    checkpoint = write_tiny_checkpoint(root / "model")
+    model = write_tiny_model(root / "model")
     write_dataset(root / "data")
-    return demo_configs(root, checkpoint, steps)
+    return demo_configs(root, model, steps)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint_keys import checkpoint_shapes, verify_checkpoint_keys
+from .weight_keys import weight_shapes, verify_weight_keys
 from .transformer import LongCatVideoTransformer3DModel
 
 BLOCK_PREFIX = "blocks."
@@ -51,8 +51,8 @@ def load_dit(
     config = json.loads((folder / "config.json").read_text())
     with torch.device("meta"):
         model = LongCatVideoTransformer3DModel.from_config(config)
-    verify_checkpoint_keys(folder, model.state_dict())
-    files = {key: file for key, (_shape, file) in checkpoint_shapes(folder).items()}
+    verify_weight_keys(folder, model.state_dict())
+    files = {key: file for key, (_shape, file) in weight_shapes(folder).items()}
     device = torch.device(device)
     work_device = torch.device(block_device) if block_device is not None else device
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .activation_offload import begin_block, host_offload
 from .attention import AttentionDispatcher, is_attention_op, qualified_op_name
 from .bsa_settings import BsaSettings
-from .checkpoint_keys import verify_checkpoint_keys
+from .weight_keys import verify_weight_keys
 from ..release_facts import PROJECTION_MODULES
 from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, swiglu
 
@@ -365,7 +365,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             config = json.loads((folder / "config.json").read_text())
             with torch.device("meta"):
                 skeleton = cls.from_config(config)
-            verify_checkpoint_keys(folder, skeleton.state_dict())
+            verify_weight_keys(folder, skeleton.state_dict())
             del skeleton
         kwargs.setdefault("local_files_only", True)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

@@ -392,7 +392,7 @@ class TrainingRun:
         self.model.train()
         self.text_len = TEXT_TOKENS if self.model.config.text_tokens_zero_pad else None
         # σ shift: the config's, else the checkpoint scheduler's (as validation renders with)
-        self.shift = cfg.flow_schedule_shift or float(load_scheduler(loaded.checkpoint_dir).config.shift)
+        self.shift = cfg.flow_schedule_shift or float(load_scheduler(loaded.model_dir).config.shift)
         self.validator = build_validator(self.loaded, data, accelerator.device) if accelerator.is_main_process else None
         self.writer = None
         if accelerator.is_main_process:

@@ -126,7 +126,7 @@ def run_validate(
     console = console or Console()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
-    root = loaded.checkpoint_dir
+    root = loaded.model_dir
     training = _render_training(loaded.training, prompt, resolution, frames, steps, guidance, seed, distilled)
     cases = _cases(loaded, training, image, prompt)
     settings = replace(

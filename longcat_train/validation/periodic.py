@@ -132,7 +132,7 @@ class Validator:
             raise ValueError(f"eval_latents has {len(eval_latents)} entries for {len(eval_items)} eval_items")
         self.output_root = Path(training.output_dir) / "validation"
         self.vae_loader = vae_loader
-        scheduler_shift = float(load_scheduler(loaded.checkpoint_dir).config.shift)
+        scheduler_shift = float(load_scheduler(loaded.model_dir).config.shift)
         self.settings = RenderSettings.from_training(training, shift=scheduler_shift)
         self.cases = validation_cases(training, eval_items, max_dataset_renders)
         self.heldout_items = list(eval_items) if eval_latents is not None else []

@@ -12,11 +12,11 @@ from pathlib import Path
 from safetensors import safe_open
 
 
-class CheckpointKeyError(ValueError):
+class WeightKeyError(ValueError):
     pass
 
 
-def checkpoint_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def weight_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """key → (shape, file name) for every tensor in the folder's safetensors files (index-aware)."""
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
@@ -25,20 +25,20 @@ def checkpoint_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
-        raise CheckpointKeyError(f"{folder}: no *.safetensors weights found (expected the release's dit/ folder)")
+        raise WeightKeyError(f"{folder}: no *.safetensors weights found (expected the release's dit/ folder)")
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for name in files:
         path = folder / name
         if not path.is_file():
-            raise CheckpointKeyError(f"{path}: listed in the index but missing; re-download this shard")
+            raise WeightKeyError(f"{path}: listed in the index but missing; re-download this shard")
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 shapes[key] = (tuple(f.get_slice(key).get_shape()), name)
     return shapes
 
 
-def verify_checkpoint_keys(folder: Path, expected_state_dict) -> None:
-    found = checkpoint_shapes(folder)
+def verify_weight_keys(folder: Path, expected_state_dict) -> None:
+    found = weight_shapes(folder)
     expected = {k: tuple(v.shape) for k, v in expected_state_dict.items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -56,4 +56,4 @@ def verify_checkpoint_keys(folder: Path, expected_state_dict) -> None:
             lines.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
     lines.append("Fix: point pretrained_model_name_or_path at an unmodified LongCat-Video release (its dit/ folder "
                  "and its config.json belong together).")
-    raise CheckpointKeyError("\n".join(lines))
+    raise WeightKeyError("\n".join(lines))

@@ -18,7 +18,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from ..model.release import random_transformer
 from ..release_facts import RELEASE_DIT_CONFIG, RELEASE_UMT5_CONFIG
-from .tiny_checkpoint import write_scheduler, write_umt5_tokenizer, write_vae
+from .tiny_model import write_scheduler, write_umt5_tokenizer, write_vae
 
 COMPLETE_MARKER = ".complete"
 DIT_SHARD_SIZE = "10GB"  # six shards at the release's size, as released
@@ -69,7 +69,7 @@ def storage_dtypes(root: Path, dit_config: Mapping[str, Any],
     return torch.bfloat16, torch.bfloat16
 
 
-def write_release_checkpoint(
+def write_release_model(
     root: str | Path,
     device: str = "cuda",
     seed: int = 0,

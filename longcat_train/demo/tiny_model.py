@@ -173,7 +173,7 @@ def tiny_umt5_config(vocab_size: int, width: int) -> UMT5Config:
     return config
 
 
-def write_tiny_checkpoint(root: str | Path, seed: int = 0, dit_config: Mapping[str, Any] | None = None,
+def write_tiny_model(root: str | Path, seed: int = 0, dit_config: Mapping[str, Any] | None = None,
                           vocab_size: int | None = None) -> Path:
     """Write `dit/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` under `root`; returns `root`.
 
