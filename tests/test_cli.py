@@ -191,3 +191,15 @@ def test_the_demo_project_works_from_any_folder(tmp_path: Path, monkeypatch: pyt
     loaded = load_config(tmp_path / config)
     assert loaded.model_dir == tmp_path / "demo_run" / "model"
     assert json.loads((tmp_path / config).read_text())["pretrained_model_name_or_path"] == "model"
+
+
+def test_buckets_read_the_same_in_data_check_and_plan(tmp_path: Path) -> None:
+    from longcat_train.demo.synthetic import write_demo
+
+    config = write_demo(tmp_path, steps=4)
+    checked = RUNNER.invoke(app, ["data", "check", "--config", str(config)], env=WIDE)
+    planned = RUNNER.invoke(app, ["plan", "--config", str(config), "--gpu-memory", "80", "--host-memory", "64"], env=WIDE)
+    for result in (checked, planned):
+        assert result.exit_code == 0, result.output
+        assert "64x96x17" in result.output and "HxWxF" in result.output  # height x width x frames, named
+        assert "@17" not in result.output and "96x64" not in result.output

@@ -94,7 +94,7 @@ def test_json_documents(project: Path) -> None:
     assert clips["captions_missing"] == 1
     assert clips["caption_warnings"] == [{"path": str(_clips(project) / "clip_001.mp4"),
                                           "reason": "caption file missing: clip_001.txt"}]
-    assert clips["buckets"] == {"64x64@17": 3, "96x64@17": 3} and clips["skipped"] == []
+    assert clips["buckets"] == {"64x64x17": 3, "64x96x17": 3} and clips["skipped"] == []
 
     good = _invoke("config", "check", "--config", str(project), "--json")
     assert good.exit_code == 0 and json.loads(good.stdout)["ok"] is True

@@ -90,7 +90,7 @@ def test_image_datasets_are_single_frames() -> None:
 
 
 def test_bucket_label() -> None:
-    assert Bucket(480, 832, 93).label == "832x480@93"
+    assert Bucket(480, 832, 93).label == "480x832x93"
 
 
 def test_spec_validation_names_the_problem() -> None:

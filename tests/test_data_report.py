@@ -37,7 +37,7 @@ def test_report_summarises_each_dataset(tmp_path: Path) -> None:
     assert clips_report.files_found == 4 and clips_report.usable_files == 3
     assert clips_report.items == 6  # repeats count
     assert [(s.path.name, "empty file" in s.reason) for s in clips_report.skipped] == [("zero.mp4", True)]
-    assert dict(clips_report.buckets) == {"48x32@9": 6}
+    assert dict(clips_report.buckets) == {"32x48x9": 6}
     assert sorted(clips_report.source_frames) == [20, 30, 40]
     assert clips_report.variable_frame_rate == 1
     assert clips_report.paired == 1 and clips_report.fallbacks == 2
@@ -50,5 +50,23 @@ def test_report_summarises_each_dataset(tmp_path: Path) -> None:
     out = io.StringIO()
     report.render(Console(file=out, width=200))
     text = out.getvalue()
-    for expected in ("clips", "zero.mp4", "empty file", "48x32@9", "1 paired, 2 own first frame", "bf16", "not a directory"):
+    for expected in ("clips", "zero.mp4", "empty file", "32x48x9", "1 paired, 2 own first frame", "bf16", "not a directory"):
         assert expected in text
+
+
+def test_a_start_frame_of_another_aspect_is_warned_about(tmp_path: Path) -> None:
+    clips, starts = tmp_path / "clips", tmp_path / "starts"
+    write_clip(clips / "wide.mp4", count=30, fps=30)  # 48x64
+    write_clip(clips / "same.mp4", count=30, fps=30)
+    write_image(starts / "wide.png", height=64, width=64)  # square: its sides get cropped
+    write_image(starts / "same.png", height=96, width=128)  # same aspect, other size: fine
+    common = dict(resolution=32, alignment=16, num_frames=9, caption_strategy=None)
+    report = data_check_report([
+        DataSpec(id="clips", instance_data_dir=clips, is_i2v=True, conditioning_data=("starts",), **common),
+        DataSpec(id="starts", instance_data_dir=starts, dataset_type="conditioning", **common),
+    ])
+    warnings = report.datasets[0].aspect_warnings
+    assert [(w.path.name, "64x64 start frame for a 48x64 clip" in w.reason) for w in warnings] == [("wide.png", True)]
+    out = io.StringIO()
+    report.render(Console(file=out, width=250))
+    assert "start frames of another aspect" in out.getvalue() and "wide.png" in out.getvalue()

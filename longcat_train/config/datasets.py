@@ -38,7 +38,7 @@ class VideoOptions(BaseModel):
     bucket_strategy: BucketStrategy = Field(
         "aspect_ratio",
         description="`aspect_ratio`: buckets by aspect, every clip `num_frames` long. "
-        "`resolution_frames`: buckets `HxW@F` for mixed lengths, F rounded to `frame_interval`.",
+        "`resolution_frames`: buckets `HxWxF` for mixed lengths, F rounded to `frame_interval`.",
     )
     frame_interval: FrameInterval = Field(
         4, description="Frame-count rounding of `resolution_frames` buckets; a multiple of 4."

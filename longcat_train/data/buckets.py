@@ -23,8 +23,9 @@ class Bucket:
 
     @property
     def label(self) -> str:
-        """`WxH@F`, the notation of the `resolution_frames` strategy."""
-        return f"{self.width}x{self.height}@{self.num_frames}"
+        """`HxWxF` (height x width x frames): the one notation of buckets everywhere the CLI prints
+        them, in the order of `--resolution HxW` and `validation_resolution`."""
+        return f"{self.height}x{self.width}x{self.num_frames}"
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def frames_for(available: int, spec: DataSpec) -> int | None:
     Clips with fewer than `spec.effective_min_frames` or more than `max_frames` are skipped.
     `aspect_ratio`: always `num_frames`. `resolution_frames`: the longest count
     1 + k·frame_interval (valid, since the interval is a multiple of 4) that fits in both the
-    clip and `num_frames`, so mixed lengths share a few `WxH@F` buckets.
+    clip and `num_frames`, so mixed lengths share a few `HxWxF` buckets.
     Image datasets are single frames.
     """
     if not spec.is_video:

@@ -9,6 +9,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
+from PIL import Image
 from rich.console import Console
 from rich.table import Column
 from rich.text import Text
@@ -45,6 +46,8 @@ class DatasetReport:
     items: int = 0  # including repeats and multiple windows
     skipped: list[SkippedFile] = field(default_factory=list)
     caption_warnings: list[SkippedFile] = field(default_factory=list)
+    # start frames whose aspect differs from their clip's: cropped to the clip's framing, as told
+    aspect_warnings: list[SkippedFile] = field(default_factory=list)
     buckets: Counter[str] = field(default_factory=Counter)
     source_frames: list[int] = field(default_factory=list)
     source_fps: Counter[str] = field(default_factory=Counter)
@@ -70,6 +73,7 @@ class DatasetReport:
             "items": self.items, "captions_missing": len(self.caption_warnings),
             "skipped": [_file_json(f) for f in self.skipped],
             "caption_warnings": [_file_json(f) for f in self.caption_warnings],
+            "start_frame_aspect_warnings": [_file_json(f) for f in self.aspect_warnings],
             "buckets": dict(sorted(self.buckets.items())),
             "source_frames": {"min": min(self.source_frames), "median": statistics.median(self.source_frames),
                               "max": max(self.source_frames)} if self.source_frames else None,
@@ -133,7 +137,7 @@ class DataCheckReport:
             if d.error:
                 console.print(Text(f"{d.dataset_id}: {d.error}", style="red"))
             if d.buckets:
-                table = ValueTable("bucket", Column("items", justify="right"),
+                table = ValueTable("bucket (HxWxF)", Column("items", justify="right"),
                                    title=f"{d.dataset_id}: buckets (WxH@frames)")
                 for label, count in sorted(d.buckets.items()):
                     table.add_row(label, str(count))
@@ -145,7 +149,8 @@ class DataCheckReport:
                     + ", ".join(f"{fps} x{n}" for fps, n in d.source_fps.most_common())
                     + (f"; {d.variable_frame_rate} variable frame rate" if d.variable_frame_rate else "")
                 ))
-            for title, rows, style in (("skipped", d.skipped, "red"), ("caption warnings", d.caption_warnings, "yellow")):
+            for title, rows, style in (("skipped", d.skipped, "red"), ("caption warnings", d.caption_warnings, "yellow"),
+                                       ("start frames of another aspect", d.aspect_warnings, "yellow")):
                 if rows:
                     table = ValueTable("file", "reason", title=f"{d.dataset_id}: {title}", title_style=style)
                     for row in rows:
@@ -167,6 +172,23 @@ def _human_bytes(count: int) -> str:
     return f"{value:.1f} TiB"
 
 
+ASPECT_TOLERANCE = 0.02  # relative: rounding of sizes, not a different framing
+
+
+def _start_frame_aspect_warnings(items) -> list[SkippedFile]:
+    """Paired start frames whose height/width ratio differs from their clip's source: they are
+    resized and cropped like the clip's first frame, so part of the picture is cut away."""
+    warnings = []
+    for start in {item.start_frame: item for item in items if item.start_frame is not None}.values():
+        with Image.open(start.start_frame) as image:
+            width, height = image.size  # read from the header
+        clip_height, clip_width = start.source_size
+        if abs((height / width) / (clip_height / clip_width) - 1) > ASPECT_TOLERANCE:
+            warnings.append(SkippedFile(start.start_frame, f"{height}x{width} start frame for a {clip_height}x"
+                                        f"{clip_width} clip ({start.path.name}): cropped to the clip's framing"))
+    return warnings
+
+
 def _fill_from_scan(report: DatasetReport, scan: DatasetScan, dtype: Literal["bf16", "fp32"]) -> None:
     report.files_found = scan.files_found
     report.skipped = scan.skipped
@@ -178,6 +200,7 @@ def _fill_from_scan(report: DatasetReport, scan: DatasetScan, dtype: Literal["bf
     paths = {item.path for item in unique.values()}
     report.usable_files = len(paths)
     report.buckets = Counter(item.bucket.label for item in scan.items)
+    report.aspect_warnings = _start_frame_aspect_warnings(unique.values())
     for path in sorted(paths):
         info = probe_clip(path)  # cached by the scan, so free
         report.source_frames.append(info.frame_count)

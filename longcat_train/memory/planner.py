@@ -361,7 +361,7 @@ class MemoryPlan:
 
         host = "" if self.host_memory_gib is None else f", {self.host_memory_gib:.0f} GiB host RAM"
         table = ValueTable(
-            *(Column(name, justify="right") for name in ("bucket", "tokens", "weights", "LoRA+Adam", "activations",
+            *(Column(name, justify="right") for name in ("bucket (HxWxF)", "tokens", "weights", "LoRA+Adam", "activations",
                                                            "peak VRAM", "host RAM", "fits")),
             title=f"memory plan: {self.settings.describe()} on {self.gpu_memory_gib:.0f} GiB{host}",
         )

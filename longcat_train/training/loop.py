@@ -226,7 +226,7 @@ def run_description(cfg, model, params, alpha, data: PreparedData, step: int, to
         "datasets": ", ".join(f"{i}: {len(s.items)} items, {len(s.skipped)} skipped"
                               + (f", {len(s.caption_warnings)} without caption" if s.caption_warnings else "")
                               for i, s in data.scans.items()),
-        "buckets": ", ".join(sorted({i.bucket.label for i in data.items})),
+        "buckets (HxWxF)": ", ".join(sorted({i.bucket.label for i in data.items})),
         "steps": f"{step} → {total_steps} (batch {cfg.train_batch_size} × accumulation "
                  f"{cfg.gradient_accumulation_steps} × {processes} processes)",
         "memory": f"checkpointing {checkpointing}{', activation offload' if model.offload_block_inputs else ''}"
