@@ -28,7 +28,7 @@ FrameInterval = Annotated[int, AfterValidator(check_frame_interval)]
 class VideoOptions(BaseModel):
     """The `video` section of a dataset entry."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     num_frames: Frames = Field(93, description="Frames per training clip; (frames - 1) % 4 == 0.")
     min_frames: Frames | None = Field(
@@ -49,7 +49,7 @@ class VideoOptions(BaseModel):
 class DatasetConfig(BaseModel):
     """One `video`, `image` or `conditioning` (start-frame) dataset of `multidatabackend.json`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: str = Field(min_length=1, description="Unique name, referenced by `conditioning_data` and `eval_dataset_id`.")
     type: Literal["local"] = Field("local", description="Storage backend; local directories only.")
@@ -100,7 +100,7 @@ class DatasetConfig(BaseModel):
         "branch to push against; small enough not to weaken prompt following.",
     )
     resolution: int | float = Field(
-        480, gt=0, description="Target size; its unit follows `resolution_type`."
+        480, gt=0, le=16384, description="Target size; its unit follows `resolution_type`."
     )
     resolution_type: ResolutionType = Field(
         "pixel",
@@ -127,8 +127,8 @@ class DatasetConfig(BaseModel):
     cache_dir_vae: Path | None = Field(
         None, description="Latent cache directory; null: `<output_dir>/cache/vae/<id>`. One per dataset."
     )
-    repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch.")
-    probability: float = Field(1.0, ge=0.0, description="Relative chance of drawing a batch from this dataset.")
+    repeats: int = Field(0, ge=0, le=10_000, description="Extra passes over this dataset per epoch.")
+    probability: float = Field(1.0, ge=0.0, le=1e6, description="Relative chance of drawing a batch from this dataset.")
 
     @field_validator("conditioning_data", mode="before")
     @classmethod

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictInt
 
 from longcat_train.release_facts import PROJECTION_MODULES
 from longcat_train.config.rules import check_alignment, check_frames, check_resolution_text, parse_resolution
@@ -75,7 +75,7 @@ Alignment = Annotated[int, AfterValidator(check_alignment)]
 class TrainingConfig(BaseModel):
     """Settings of one training run (`config.json`)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
 
     # --- model -------------------------------------------------------------------------------
     model_family: Literal["longcat_video"] = Field(
@@ -127,7 +127,7 @@ class TrainingConfig(BaseModel):
     )
 
     # --- LoRA ----------------------------------------------------------------------------------
-    lora_rank: int = Field(8, gt=0, description="LoRA rank.")
+    lora_rank: StrictInt = Field(8, gt=0, le=4096, description="LoRA rank (a whole number; `true` is not one).")
     lora_alpha: float | None = Field(None, description="LoRA alpha; null means equal to `lora_rank` (scale 1).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     lora_init: Literal["default", "gaussian"] = Field(
@@ -145,8 +145,8 @@ class TrainingConfig(BaseModel):
     )
 
     # --- optimisation -------------------------------------------------------------------------
-    train_batch_size: int = Field(1, ge=1, description="Clips per step per GPU (one bucket per batch).")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    train_batch_size: int = Field(1, ge=1, le=4096, description="Clips per step per GPU (one bucket per batch).")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward.")
     gradient_checkpointing_mode: Literal["full", "selective"] = Field(
         "selective",
@@ -170,11 +170,11 @@ class TrainingConfig(BaseModel):
         "memory, fetched back asynchronously a block ahead of backward (26 GiB less GPU memory at "
         "480x832x93 with `selective`, as much host RAM more; no measurable time).",
     )
-    learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate.")
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
         "constant", description="Learning-rate schedule after warmup."
     )
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    lr_warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear warmup steps.")
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (AdamW, fused where available).")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1.")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW β2.")
@@ -182,10 +182,10 @@ class TrainingConfig(BaseModel):
     adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW ε.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
     max_train_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps to train; when set it wins over `num_train_epochs`."
+        None, ge=1, le=10**9, description="Optimizer steps to train; when set it wins over `num_train_epochs`."
     )
-    num_train_epochs: int | None = Field(1, ge=1, description="Epochs to train when `max_train_steps` is null.")
-    seed: int = Field(42, description="Seed for every random choice (data order, noise, σ, dropout).")
+    num_train_epochs: int | None = Field(1, ge=1, le=10**6, description="Epochs to train when `max_train_steps` is null.")
+    seed: int = Field(42, ge=0, lt=2**63, description="Seed for every random choice (data order, noise, σ, dropout).")
 
     # --- validation ---------------------------------------------------------------------------
     validation_prompt: str | None = Field(None, description="Prompt rendered at each validation.")
@@ -196,7 +196,7 @@ class TrainingConfig(BaseModel):
         "480x832", description='Render size as "HEIGHTxWIDTH" (the guides\' "480x832" is 480 high, 832 wide).'
     )
     validation_num_video_frames: Frames = Field(93, description="Frames per render; (frames - 1) % 4 == 0.")
-    validation_num_inference_steps: int = Field(40, ge=1, description="Denoising steps per render.")
+    validation_num_inference_steps: int = Field(40, ge=1, le=1000, description="Denoising steps per render.")
     validation_guidance: float = Field(4.0, ge=1.0, description="CFG scale; 1.0 turns CFG off.")
     validation_seed: int | None = Field(None, description="Seed of validation noise; null uses `seed`.")
     validation_using_datasets: bool = Field(

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ..cache import CachedLatent, LatentCache, LatentJob, TextCache, clean_prompt
 from ..components import free_device_memory, load_text_encoder, load_tokenizer, load_vae
@@ -172,7 +173,7 @@ def prepare_data(
     scans = scan_datasets(loaded)
     for scan in scans.values():
         for skipped in scan.skipped:
-            console.print(f"[yellow]skipped[/] {skipped.path}: {skipped.reason}")
+            console.print(f"[yellow]skipped[/] {escape(f'{skipped.path}: {skipped.reason}')}", soft_wrap=True)
     failed: list[tuple[str, str]] = []
     caches = _cache_latents(loaded, scans, root, device, console, failed, shard)
     captions = [item.caption for scan in scans.values() for item in scan.items]

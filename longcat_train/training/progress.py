@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 
 def startup_table(rows: dict[str, object]) -> Table:
@@ -19,7 +20,7 @@ def startup_table(rows: dict[str, object]) -> Table:
     table.add_column("setting", style="bold")
     table.add_column("value")
     for key, value in rows.items():
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))  # user values (dataset ids like `[clips]`) are not markup
     return table
 
 
