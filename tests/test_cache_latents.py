@@ -160,6 +160,24 @@ def test_flipped_bytes_are_detected_on_read_and_rebuilt(
     torch.testing.assert_close(again.mean, original.mean, rtol=0, atol=0)
 
 
+def test_the_caching_pass_repairs_a_flipped_byte_instead_of_reusing_it(vae: AutoencoderKLWan, tmp_path: Path) -> None:
+    # `longcat cache` and train's start-up pass run encode_many: damage must be repaired there,
+    # not found when training first draws the clip (possibly hours in).
+    jobs, _ = jobs_for(2)
+    LatentCache(tmp_path, vae).encode_many(jobs, progress=False)
+    path = LatentCache(tmp_path, vae).path_for(fingerprint(1))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    jobs, sources = jobs_for(2)
+    summary = LatentCache(tmp_path, vae).encode_many(jobs, progress=False)
+    assert (summary.encoded, summary.reused) == (0, 1)
+    assert [issue.label for issue in summary.rebuilt] == ["clip1.mp4"] and "checksum" in summary.rebuilt[0].reason
+    assert [source.calls for source in sources] == [0, 1]
+    jobs, sources = jobs_for(2)
+    assert LatentCache(tmp_path, vae).encode_many(jobs, progress=False).reused == 2
+
+
 def test_entry_with_other_fingerprint_metadata_is_not_trusted(vae: AutoencoderKLWan, tmp_path: Path) -> None:
     cache = LatentCache(tmp_path, vae)
     cache.get_or_encode(fingerprint(0), lambda: make_pixels(0))

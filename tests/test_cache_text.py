@@ -116,6 +116,21 @@ def test_truncated_text_cache_file_is_rebuilt(tokenizer: Any, encoder: UMT5Encod
     torch.testing.assert_close(rebuilt, original, rtol=0, atol=0)
 
 
+def test_the_caching_pass_rebuilds_a_flipped_byte_and_says_so(tokenizer: Any, encoder: UMT5EncoderModel, tmp_path: Path) -> None:
+    cache = TextCache(tmp_path, tokenizer, encoder)
+    cache.encode_many(PROMPTS, progress=False)
+    original, _ = cache.get(PROMPTS[0])
+    path = cache.path_for(PROMPTS[0])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    summary = TextCache(tmp_path, tokenizer, encoder).encode_many(PROMPTS, progress=False)
+    assert (summary.encoded, summary.reused) == (0, 2)
+    assert len(summary.rebuilt) == 1 and "checksum" in summary.rebuilt[0].reason
+    rebuilt, _ = TextCache(tmp_path, tokenizer, None, identity=cache.identity).get(PROMPTS[0])
+    torch.testing.assert_close(rebuilt, original, rtol=0, atol=0)
+
+
 def test_read_only_cache_reports_a_missing_prompt(tokenizer: Any, encoder: UMT5EncoderModel, tmp_path: Path) -> None:
     identity = TextCache(tmp_path, tokenizer, encoder).identity
     with pytest.raises(TextCacheMiss, match="longcat cache"):

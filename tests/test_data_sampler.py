@@ -20,7 +20,7 @@ def _items(count: int = 60, dataset: str = "d") -> list[ClipItem]:
         bucket = _BUCKETS[n % 3 if n < 45 else 0]  # uneven bucket sizes
         items.append(
             ClipItem(
-                dataset_id=dataset, source=FileStamp(Path(f"/data/{dataset}{n}.mp4"), 1, 1), caption="",
+                dataset_id=dataset, source=FileStamp(Path(f"/data/{dataset}{n}.mp4"), 1, 1, ""), caption="",
                 bucket=bucket, frame_indices=tuple(range(bucket.num_frames)), fps=15.0, window_index=0,
                 source_size=(bucket.height, bucket.width),
                 placement=Placement((bucket.height, bucket.width), (0, 0, bucket.height, bucket.width)),

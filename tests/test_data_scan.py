@@ -19,6 +19,7 @@ from longcat_train.data import (
 )
 from longcat_train.config.datasets import DatasetConfig
 from longcat_train.data.buckets import Bucket
+from longcat_train.data.items import FileStamp
 
 from .media_factory import (
     encode,
@@ -134,6 +135,22 @@ def test_keys_and_fingerprints(messy_dataset: Path) -> None:
     assert len(changed) == 1 and "a.mp4" in changed[0]
     longer = {i.key: i.fingerprint() for i in scan_dataset(_spec(messy_dataset, num_frames=5)).items}
     assert all(longer[k] != first[k] for k in first)
+
+
+@pytest.mark.parametrize("size", [200_000, 9 << 20])  # hashed whole / sampled
+def test_a_file_replaced_with_its_size_and_mtime_kept_gets_another_stamp(tmp_path: Path, size: int) -> None:
+    # what `cp -p` or `rsync -a` of an edited clip looks like to size + mtime alone
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(np.random.default_rng(0).bytes(size))
+    before = FileStamp.of(path)
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01  # inside the head, which every sample covers
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = FileStamp.of(path)
+    assert (after.size, after.mtime_ns) == (before.size, before.mtime_ns)
+    assert after.as_dict() != before.as_dict()
 
 
 def test_repeats_and_uniform_windows(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from longcat_train.cache.keys import (
     CacheEntryCorrupt,
     canonical_json,
     module_identity,
-    probe_safetensors,
     read_safetensors_verified,
     stable_hash,
     write_safetensors_atomic,
@@ -166,18 +165,22 @@ class LatentCache:
         std = posterior.std[0].float() / scale
         return mean.cpu(), std.cpu()
 
+    def get_or_encode(
+        self, fingerprint: Mapping[str, Any], pixels_fn: Callable[[], torch.Tensor], kind: LatentKind = "clip"
+    ) -> CachedLatent:
+        """The entry for `fingerprint`, read and fully verified if present, else (re)encoded from
+        `pixels_fn()` and written. A corrupt entry is rebuilt and logged as a warning."""
+        return self._get_or_encode(fingerprint, pixels_fn, kind)[0]
+
     def _get_or_encode(
-        self, fingerprint: Mapping[str, Any], pixels_fn: Callable[[], torch.Tensor], kind: LatentKind, full_check: bool
-    ) -> tuple[CachedLatent | None, Outcome, str]:
+        self, fingerprint: Mapping[str, Any], pixels_fn: Callable[[], torch.Tensor], kind: LatentKind
+    ) -> tuple[CachedLatent, Outcome, str]:
         path = self.path_for(fingerprint, kind)
         expected = self._expected_metadata(fingerprint, kind)
         outcome, reason = Outcome.ENCODED, ""
         if path.exists():
             try:
-                if full_check:
-                    return self._read(path, expected), Outcome.REUSED, ""
-                probe_safetensors(path, expected)
-                return None, Outcome.REUSED, ""
+                return self._read(path, expected), Outcome.REUSED, ""
             except CacheEntryCorrupt as corrupt:
                 outcome, reason = Outcome.REBUILT, corrupt.reason
                 logger.warning("latent cache entry %s is corrupt (%s); encoding it again", path, reason)
@@ -191,19 +194,11 @@ class LatentCache:
         write_safetensors_atomic(path, {"mean": mean, "std": std}, metadata)
         return CachedLatent(mean=mean, std=std, meta=metadata), outcome, reason
 
-    def get_or_encode(
-        self, fingerprint: Mapping[str, Any], pixels_fn: Callable[[], torch.Tensor], kind: LatentKind = "clip"
-    ) -> CachedLatent:
-        """The entry for `fingerprint`, read and fully verified if present, else (re)encoded from
-        `pixels_fn()` and written. A corrupt entry is rebuilt and logged as a warning."""
-        latent, _, _ = self._get_or_encode(fingerprint, pixels_fn, kind, full_check=True)
-        assert latent is not None  # full_check always returns the entry
-        return latent
-
     def encode_many(self, jobs: Iterable[LatentJob], progress: bool = True) -> CacheSummary:
         """Make sure every job has a valid entry; a job that fails (bad clip, VAE error) is recorded
-        with its reason and the rest proceed. Existing entries are checked cheaply (header,
-        metadata, file length catch truncation); reading them in training verifies the bytes."""
+        with its reason and the rest proceed. Existing entries are read and verified in full
+        (checksum of the bytes, finite values), so a damaged entry is rebuilt here, not found
+        when training first draws it."""
         job_list = list(jobs)
         summary = CacheSummary(name="latent")
         with cache_progress(progress) as bar:
@@ -211,7 +206,7 @@ class LatentCache:
             for job in job_list:
                 label = job.label or canonical_json(job.fingerprint)
                 try:
-                    _, outcome, reason = self._get_or_encode(job.fingerprint, job.pixels_fn, job.kind, full_check=False)
+                    _, outcome, reason = self._get_or_encode(job.fingerprint, job.pixels_fn, job.kind)
                     summary.record(outcome, label, reason)
                 except Exception as error:  # one bad item never stops the pass; it is reported
                     summary.record_failure(label, error)

@@ -19,7 +19,6 @@ import torch
 from longcat_train.cache.keys import (
     CacheEntryCorrupt,
     module_identity,
-    probe_safetensors,
     read_safetensors_verified,
     stable_hash,
     tokenizer_identity,
@@ -160,8 +159,9 @@ class TextCache:
 
     def encode_many(self, prompts: Iterable[str], batch_size: int = 8, progress: bool = True) -> CacheSummary:
         """Make sure every prompt (and always the empty prompt) has a valid entry. Existing entries
-        are checked cheaply (header, metadata, file length); a failing batch is recorded per
-        prompt with its reason and the rest proceed."""
+        are read and verified in full (checksum of the bytes, finite values), so damage is repaired
+        here rather than found hours into training; a failing batch is recorded per prompt with
+        its reason and the rest proceed."""
         unique = list(dict.fromkeys([EMPTY_PROMPT, *(clean_prompt(p) for p in prompts)]))
         summary = CacheSummary(name="text")
         pending: list[tuple[str, Outcome, str]] = []
@@ -171,7 +171,7 @@ class TextCache:
                 pending.append((cleaned, Outcome.ENCODED, ""))
                 continue
             try:
-                probe_safetensors(path, self._expected_metadata(cleaned))
+                self._read(path, self._expected_metadata(cleaned))
                 summary.record(Outcome.REUSED, _label(cleaned))
             except CacheEntryCorrupt as corrupt:
                 logger.warning("text cache entry %s is corrupt (%s); encoding it again", path, corrupt.reason)
