@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from longcat_train.config.rules import check_frame_interval, check_frames
+from longcat_train.config.rules import check_frame_interval, check_frames, check_name, check_nonempty_path
 
 DEFAULT_FPS = 15.0  # LongCat-Video is trained and sampled at 15 fps (not 30, as one guide says).
 DEFAULT_CAPTION_DROPOUT = 0.05
@@ -51,7 +51,9 @@ class DatasetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    id: str = Field(min_length=1, description="Unique name, referenced by `conditioning_data` and `eval_dataset_id`.")
+    id: Annotated[str, AfterValidator(check_name)] = Field(
+        min_length=1, description="Unique name, referenced by `conditioning_data` and `eval_dataset_id`; a "
+        "plain name (it names the dataset's cache folder), not a path.")
     type: Literal["local"] = Field("local", description="Storage backend; local directories only.")
     dataset_type: DatasetType = Field(
         "video",
@@ -59,7 +61,7 @@ class DatasetConfig(BaseModel):
         "for an `is_i2v` dataset, matched to its clips by file stem.",
     )
     disabled: bool = Field(False, description="Ignore this entry.")
-    instance_data_dir: Path = Field(
+    instance_data_dir: Annotated[Path, BeforeValidator(check_nonempty_path)] = Field(
         description="Directory of the media (relative paths: relative to multidatabackend.json)."
     )
     is_i2v: bool | None = Field(
@@ -86,6 +88,12 @@ class DatasetConfig(BaseModel):
         "(`instance_prompt` for all), null (no captions: conditioning data).",
     )
     instance_prompt: str | None = Field(None, description="The caption of every item with `instanceprompt`.")
+    allow_links_outside: bool = Field(
+        False,
+        description="Use files, caption files and folders that are symbolic links to places outside "
+        "`instance_data_dir`; when false they are skipped and listed with the reason (a link can pull any "
+        "file on the machine into training and into the caches).",
+    )
     allow_missing_captions: bool = Field(
         False,
         description="Train a dataset in which no usable clip has a caption (every one missing or empty), "
@@ -124,7 +132,7 @@ class DatasetConfig(BaseModel):
         "(seeded) start, or evenly spaced windows.",
     )
     video: VideoOptions = Field(VideoOptions(), description="Frame settings (see the table below).")
-    cache_dir_vae: Path | None = Field(
+    cache_dir_vae: Annotated[Path | None, BeforeValidator(check_nonempty_path)] = Field(
         None, description="Latent cache directory; null: `<output_dir>/cache/vae/<id>`. One per dataset."
     )
     repeats: int = Field(0, ge=0, le=10_000, description="Extra passes over this dataset per epoch.")
@@ -165,9 +173,9 @@ class TextEmbedsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1, description="Name of the text-embedding cache.")
+    id: Annotated[str, AfterValidator(check_name)] = Field(min_length=1, description="Name of the text-embedding cache.")
     type: Literal["local"] = Field("local", description="Storage backend; local directories only.")
     dataset_type: Literal["text_embeds"] = Field(description="Marks this entry as the text-embedding cache.")
     default: bool = Field(False, description="Use this cache for every dataset (only one may be default).")
-    cache_dir: Path = Field(description="Directory of the cached umT5 embeddings.")
+    cache_dir: Annotated[Path, BeforeValidator(check_nonempty_path)] = Field(description="Directory of the cached umT5 embeddings.")
     disabled: bool = Field(False, description="Ignore this entry.")

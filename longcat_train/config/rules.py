@@ -83,3 +83,22 @@ def check_frame_interval(interval: int) -> int:
             {"fix": "use 4, 8, 12, ..."},
         )
     return interval
+
+
+def check_name(name: str) -> str:
+    """A dataset or cache id becomes a folder name (`<output_dir>/cache/vae/<id>`): one plain path
+    component, so no id can place a cache outside `output_dir`."""
+    if name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 for c in name):
+        raise PydanticCustomError(
+            "name_rule",
+            "an id is a name, not a path: no '/', '\\', control characters, '.' or '..'",
+            {"fix": "use letters, digits, '-', '_' or '.' (e.g. \"my-clips\")"},
+        )
+    return name
+
+
+def check_nonempty_path(value: object) -> object:
+    """An empty path would silently mean the config's own folder."""
+    if isinstance(value, str) and not value.strip():
+        raise PydanticCustomError("empty_path", "the path is empty", {"fix": 'name a folder, e.g. "output"'})
+    return value

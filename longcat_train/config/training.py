@@ -6,10 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from longcat_train.release_facts import PROJECTION_MODULES
-from longcat_train.config.rules import check_alignment, check_frames, check_resolution_text, parse_resolution
+from longcat_train.config.rules import (
+    check_alignment,
+    check_frames,
+    check_nonempty_path,
+    check_resolution_text,
+    parse_resolution,
+)
 
 ModelFlavour = Literal["final"]
 BasePrecision = Literal["bf16", "no_change", "int8-quanto", "int4-quanto", "fp8-torchao"]
@@ -115,7 +121,7 @@ class TrainingConfig(BaseModel):
     )
 
     # --- paths -------------------------------------------------------------------------------
-    output_dir: Path = Field(
+    output_dir: Annotated[Path, BeforeValidator(check_nonempty_path)] = Field(
         Path("output"),
         description="Where checkpoints, LoRA files, logs and validation renders go. Relative paths "
         "are relative to the config file.",

@@ -23,7 +23,11 @@ def caption_path(media: Path) -> Path:
     return media.with_suffix(".txt")
 
 
-def read_caption(media: Path, strategy: CaptionStrategy | None, instance_prompt: str | None = None) -> Caption:
+def read_caption(
+    media: Path, strategy: CaptionStrategy | None, instance_prompt: str | None = None, within: Path | None = None
+) -> Caption:
+    """The caption of `media`; with `within`, a caption file that is a link to a place outside that
+    folder is unusable (a link to any file on the machine would otherwise be trained on)."""
     if strategy is None:
         return Caption("")
     if strategy == "instanceprompt":
@@ -35,6 +39,9 @@ def read_caption(media: Path, strategy: CaptionStrategy | None, instance_prompt:
         sidecar = caption_path(media)
         if not sidecar.is_file():
             return Caption("", problem=f"caption file missing: {sidecar.name}")
+        if within is not None and not sidecar.resolve().is_relative_to(within.resolve()):
+            return Caption("", problem=f"caption {sidecar.name} is a link to {sidecar.resolve()}, outside the "
+                           "dataset folder; set allow_links_outside: true to use it", unusable=True)
         try:
             text = sidecar.read_bytes().decode("utf-8-sig").strip()
         except UnicodeDecodeError as err:

@@ -59,7 +59,8 @@ def _frame_count_reason(info: ClipInfo, available: int, spec: DataSpec) -> str:
 def _items_for_file(
     path: Path, spec: DataSpec, seed: int, start_frames: Mapping[str, FileStamp], scan: DatasetScan
 ) -> list[ClipItem]:
-    caption = read_caption(path, spec.caption_strategy, spec.instance_prompt)
+    caption = read_caption(path, spec.caption_strategy, spec.instance_prompt,
+                           None if spec.allow_links_outside else spec.instance_data_dir)
     if caption.unusable:
         raise _Skip(caption.problem or "caption unusable")
     try:
@@ -141,8 +142,9 @@ def scan_dataset(
     start_frames: dict[str, FileStamp] = {}
     if spec.is_i2v and spec.is_video:
         start_frames, _ = index_conditioning(conditioning_specs_for(spec, conditioning_specs or {}))
-    files = list_media(spec.instance_data_dir, VIDEO_EXTENSIONS | IMAGE_EXTENSIONS)
-    scan.files_found = len(files)
+    files, scan.skipped = list_media(spec.instance_data_dir, VIDEO_EXTENSIONS | IMAGE_EXTENSIONS,
+                                     spec.allow_links_outside)
+    scan.files_found = len(files) + len(scan.skipped)
     for path in files:
         try:
             items = _items_for_file(path, spec, seed, start_frames, scan)

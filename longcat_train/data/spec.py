@@ -57,6 +57,7 @@ class DataSpec:
     caption_strategy: CaptionStrategy | None = _default("caption_strategy")
     instance_prompt: str | None = None
     allow_missing_captions: bool = _default("allow_missing_captions")
+    allow_links_outside: bool = _default("allow_links_outside")
     resolution: float = _default("resolution")
     resolution_type: ResolutionType = _default("resolution_type")
     alignment: int = TrainingConfig.model_fields["aspect_bucket_alignment"].default
