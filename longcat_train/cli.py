@@ -16,7 +16,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic_core import PydanticCustomError
@@ -170,6 +170,18 @@ def _strength(text: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _read_lora(option: str, path: Path) -> tuple[Any, list[ConfigProblem]]:
+    """The LoRA file at `path`, or the problem that it cannot be read (not safetensors, not a LoRA),
+    found before any model is loaded."""
+    from longcat_train.lora import read_lora
+
+    try:
+        return read_lora(path), []
+    except Exception as error:  # unreadable or foreign file: say which and why, no traceback
+        return None, [_argument_problem(option, str(path), f"not a readable LoRA file ({error})",
+                                        f"give a .safetensors LoRA in {_listed(_FORMAT_TITLES, 'or')} format")]
+
+
 def _lora_specs(values: list[str]) -> tuple[list[tuple[Path, float]], list[ConfigProblem]]:
     """`PATH[:STRENGTH]` -> (path, strength); strength defaults to 1.0."""
     specs: list[tuple[Path, float]] = []
@@ -190,6 +202,8 @@ def _lora_specs(values: list[str]) -> tuple[list[tuple[Path, float]], list[Confi
             problems.append(_argument_problem(
                 "--lora", value, "LoRA file does not exist", "give an existing .safetensors file, optionally PATH:STRENGTH"
             ))
+        else:
+            problems.extend(_read_lora("--lora", path)[1])
         specs.append((path, strength))
     return specs, problems
 
@@ -333,13 +347,11 @@ def export_lora(
     if format_ not in LORA_FORMAT_CHOICES:
         _fail(ConfigError([_argument_problem("--format", format_, "unknown LoRA format",
                                              f"use {_listed(_FORMAT_NAMES, 'or')}")]))
-    from longcat_train.lora import read_lora, write_lora
+    from longcat_train.lora import write_lora
 
-    try:
-        lora = read_lora(source)
-    except Exception as error:  # unreadable or foreign file: say which and why, no traceback
-        _fail(ConfigError([_argument_problem("SOURCE", str(source), f"not a readable LoRA file ({error})",
-                                             f"give a .safetensors LoRA in {_listed(_FORMAT_TITLES, 'or')} format")]))
+    lora, problems = _read_lora("SOURCE", source)
+    if problems:
+        _fail(ConfigError(problems))
     write_lora(target, lora.weights, format_, lora.metadata)
     _out().print(f"wrote {escape(str(target))} ({format_}, {len(lora.weights.modules)} modules, read as {lora.format})")
 

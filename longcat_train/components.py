@@ -104,7 +104,7 @@ def load_vae(
     """The Wan 2.1 VAE from `vae/`, frozen and in eval mode."""
     layout = ModelLayout(root)
     layout.validate(("vae",))
-    vae = AutoencoderKLWan.from_pretrained(layout.vae, torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKLWan.from_pretrained(layout.vae, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -135,7 +135,8 @@ def load_text_encoder(
                 f"{config_path} has d_model {config.get('d_model')} but {dit_config_path} expects "
                 f"caption_channels {caption_channels}. Fix: use the text_encoder/ that ships with this dit/."
             )
-    encoder = UMT5EncoderModel.from_pretrained(layout.text_encoder, dtype=dtype, local_files_only=True)
+    encoder = UMT5EncoderModel.from_pretrained(layout.text_encoder, dtype=dtype, local_files_only=True,
+                                               use_safetensors=True)
     return encoder.to(device).eval().requires_grad_(False)
 
 

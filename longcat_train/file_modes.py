@@ -1,8 +1,11 @@
-"""File permissions of what the trainer writes, as the user's umask asks."""
+"""Files the trainer writes: the permissions the user's umask asks, and written aside then renamed,
+so a reader (or a run resumed after a kill) sees the old file or the whole new one, never a part."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,3 +18,20 @@ def give_umask_mode(path: Path) -> None:
     umask = os.umask(0o077)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def write_aside(path: Path, write: Callable[[Path], object], durable: bool = False) -> Path:
+    """Call `write(temporary)` for a temporary name beside `path`, give it the umask's mode, flush it to
+    disk when `durable`, and rename it over `path`; a failed write leaves no temporary behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(temporary)
+        give_umask_mode(temporary)
+        if durable:
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

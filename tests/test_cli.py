@@ -123,6 +123,30 @@ def test_validate_options_go_through_config_rules(tmp_path: Path) -> None:
     assert "--lora" in result.output and "does not exist" in result.output
 
 
+def test_validate_refuses_a_lora_that_is_not_safetensors_before_loading_the_model(tmp_path: Path) -> None:
+    from longcat_train.demo.synthetic import write_demo
+
+    config = write_demo(tmp_path, steps=4)
+    pickled = tmp_path / "lora.pt"
+    pickled.write_bytes(b"\x80\x04\x95 a pickle, not safetensors")
+    result = RUNNER.invoke(app, ["validate", "--config", str(config), "--lora", f"{pickled}:0.8"], env=WIDE)
+    assert result.exit_code == EXIT_CONFIG_ERROR, result.output
+    assert "--lora" in result.output and "not a readable LoRA file" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "output" / "validation").exists()
+
+
+def test_a_model_folder_with_only_pickled_weights_is_refused_by_name(tmp_path: Path) -> None:
+    from longcat_train.demo.synthetic import write_demo
+
+    config = write_demo(tmp_path, steps=4)
+    vae = next(tmp_path.rglob("vae/config.json")).parent
+    for weights in vae.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    result = RUNNER.invoke(app, ["config", "check", "--config", str(config)], env=WIDE)
+    assert result.exit_code == EXIT_CONFIG_ERROR, result.output
+    assert "vae/ holds weights only as pickle files" in result.output and ".bin" in result.output
+
+
 def test_commands_without_config(tmp_path: Path) -> None:
     import torch
 

@@ -23,6 +23,7 @@ CASES = [
     ("datasets[clips].fps=Infinity", "fps"),
     ("datasets[clips].resolution=Infinity", "resolution"),
     ("datasets[clips].probability=Infinity", "probability"),
+    ("datasets[clips].probability=0", "probability"),  # the only training dataset: no batch can be drawn
 ]
 
 

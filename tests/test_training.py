@@ -174,12 +174,12 @@ def test_validation_during_training_leaves_the_loss_trajectory_identical(demo_ro
     config = demo_root / "config.json"
     common = ("max_train_steps=12", "checkpoint_step_interval=12")
     plain = run_training(load_config(config, (*common, "validation_steps=null", f"output_dir={tmp_path / 'a'}")))
-    validated = run_training(load_config(config, (*common, "validation_steps=4", "validation_on_startup=true",
+    validated = run_training(load_config(config, (*common, "validation_steps=5", "validation_on_startup=true",
                                                   f"output_dir={tmp_path / 'b'}")))
     assert [v for _, v in plain.losses] == [v for _, v in validated.losses]
     renders = sorted(p.name for p in (tmp_path / "b" / "validation").iterdir())
-    assert renders == ["step_0", "step_12", "step_4", "step_8"]
-    assert list((tmp_path / "b" / "validation" / "step_4").glob("*.mp4"))
+    assert renders == ["step_0", "step_10", "step_12", "step_5"]  # every 5 steps, and after the last one
+    assert list((tmp_path / "b" / "validation" / "step_5").glob("*.mp4"))
 
 
 def test_two_processes_train_together_and_checkpoint_both_random_streams(demo_root, tmp_path):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
-from longcat_train.file_modes import give_umask_mode
+from longcat_train.file_modes import write_aside
 
 # Elements read from each weight tensor for a module's identity: enough that any real change of
 # the weights (fine-tuning, another release, another dtype) changes the hash, while hashing a
@@ -125,18 +123,9 @@ def payload_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
 def write_safetensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write `tensors` to `path` so that readers see the old file or the whole new one, never a
     part: a temporary file in the same directory, flushed to disk, then renamed over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     full_metadata = {**metadata, _CHECKSUM_KEY: payload_checksum(contiguous)}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(contiguous, str(temporary), metadata=full_metadata)
-        give_umask_mode(temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_aside(path, lambda temporary: save_file(contiguous, str(temporary), metadata=full_metadata), durable=True)
 
 
 def _check_metadata(path: Path, found: Mapping[str, str] | None, expected: Mapping[str, str]) -> dict[str, str]:

@@ -133,6 +133,14 @@ def check_datasets(
             "no enabled video or image dataset is left to train on (conditioning data and the eval split are not trained on)",
             'add an entry with "dataset_type": "video"',
         )
+    elif all(e.dataset is not None and e.dataset.probability == 0 for e in trainable):
+        problems.add(
+            backend_file,
+            f"{trainable[0].key}.probability",
+            0,
+            f"every training dataset ({', '.join(str(e.raw_id) for e in trainable)}) has probability 0: no batch can be drawn",
+            "give at least one of them a positive probability (1 is the default)",
+        )
 
 
 def _check_conditioning_refs(

@@ -25,6 +25,10 @@ MODEL_MARKERS: dict[str, tuple[str, ...]] = {
     "scheduler": ("scheduler_config.json",),
 }
 
+WEIGHT_FOLDERS = ("dit", "vae", "text_encoder")
+# Weight files that are pickles: loading one can execute code, so only safetensors are read.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+
 
 def longcat_home() -> Path:
     return Path(os.environ.get(LONGCAT_HOME_ENV) or "~/.cache/longcat").expanduser()
@@ -79,6 +83,15 @@ def check_checkpoint_dir(root: Path, key: str, file: Path, from_default: bool, p
             f"checkpoint is missing {detail}",
             "point it at a complete download of LongCat-Video: dit/, vae/, text_encoder/, tokenizer/, scheduler/",
         )
+    for name in WEIGHT_FOLDERS:
+        pickled = sorted(p.name for p in (root / name).glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickled and not any((root / name).glob("*.safetensors")):
+            problems.add(
+                file, key, str(root / name),
+                f"{name}/ holds weights only as pickle files ({', '.join(pickled)}), which are never loaded: "
+                "unpickling can run any code",
+                "download the release's .safetensors files, or convert these to .safetensors (safetensors.torch.save_file) on a machine you trust",
+            )
     encoder_config = root / "text_encoder" / "config.json"
     if encoder_config.is_file():
         _check_text_encoder(encoder_config, key, file, problems)

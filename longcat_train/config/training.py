@@ -219,7 +219,8 @@ class TrainingConfig(BaseModel):
         100,
         ge=1,
         validation_alias=AliasChoices("validation_step_interval", "validation_steps"),
-        description="Validate every N steps (also read from `validation_steps`); null: only at the end.",
+        description="Validate every N steps and after the last step (also read from `validation_steps`); "
+        "null: never during training (render afterwards with `longcat validate`).",
     )
     validation_on_startup: bool = Field(
         False, description="Render once before the first step, as a base-model reference."

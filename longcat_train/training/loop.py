@@ -54,6 +54,7 @@ from ..model import LongCatVideoTransformer3DModel
 from ..model.activation_offload import HOST_ARENA
 from ..model.flops import dense_bf16_peak_flops, transformer_flops
 from ..release_facts import TEXT_TOKENS
+from ..file_modes import write_aside
 from ..run_lock import DirectoryInUse, hold_directory
 from ..validation.periodic import HeldOutLatents, Validator
 from .checkpoint import (
@@ -538,7 +539,7 @@ class TrainingRun:
         if not final.is_dir():  # e.g. resumed from a checkpoint in another directory at the last step
             self.checkpoint()  # every rank: it holds a barrier
         if self.accelerator.is_main_process:
-            shutil.copyfile(final / "lora.safetensors", lora_path)
+            write_aside(lora_path, lambda temporary: shutil.copyfile(final / "lora.safetensors", temporary))
             self.log.event("done", step=self.state.step, lora=str(lora_path))
             ema = "none" if self.log.ema is None else f"{self.log.ema:.4f}"
             self.console.print(f"done: {self.state.step} steps, final loss EMA {ema}, "
@@ -579,7 +580,8 @@ def run_training(loaded: LoadedConfig, console: Console | None = None) -> TrainR
                     run.checkpoint()
                 if run.stop_agreed(stop):
                     run.stop(stop, saved)
-                if cfg.validation_step_interval and state.step % cfg.validation_step_interval == 0:
+                if cfg.validation_step_interval and (state.step % cfg.validation_step_interval == 0
+                                                     or state.step == run.total_steps):
                     run.validate()
                 run.log.restart_clock()
         return run.finish()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from ..file_modes import write_aside
 
 HELDOUT_KEY = "validation/heldout_loss"  # the key `Validator.run` gives the mean held-out loss
 MARKERS_UP_TO = 60  # points per series drawn with markers; beyond this they would blur into the line
@@ -104,10 +105,7 @@ def write_loss_curve(events_path: Path, png_path: Path, warn: Callable[[str], No
                            frameon=False)
             last = f"step {steps[-1]}" if steps else "no steps yet"
             ax.set_title(f"{Path(events_path).parent.name}: {last}")
-            # written aside and renamed: a reader never opens half a PNG
-            tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp-{os.getpid()}")
-            fig.savefig(tmp, format="png")
-            tmp.replace(png_path)
+            write_aside(Path(png_path), lambda temporary: fig.savefig(temporary, format="png"))
         finally:
             plt.close(fig)
     except Exception as error:  # noqa: BLE001 - the plot is a convenience; the checkpoint is already saved
