@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from longcat_train.config.rules import check_frame_interval, check_frames, check_name, check_nonempty_path
+from longcat_train.config.rules import check_frame_interval, check_frames, check_name, check_path_text
 
 DEFAULT_FPS = 15.0  # LongCat-Video is trained and sampled at 15 fps (not 30, as one guide says).
 DEFAULT_CAPTION_DROPOUT = 0.05
@@ -61,7 +61,7 @@ class DatasetConfig(BaseModel):
         "for an `is_i2v` dataset, matched to its clips by file stem.",
     )
     disabled: bool = Field(False, description="Ignore this entry.")
-    instance_data_dir: Annotated[Path, BeforeValidator(check_nonempty_path)] = Field(
+    instance_data_dir: Annotated[Path, BeforeValidator(check_path_text)] = Field(
         description="Directory of the media (relative paths: relative to multidatabackend.json)."
     )
     is_i2v: bool | None = Field(
@@ -132,7 +132,7 @@ class DatasetConfig(BaseModel):
         "(seeded) start, or evenly spaced windows.",
     )
     video: VideoOptions = Field(VideoOptions(), description="Frame settings (see the table below).")
-    cache_dir_vae: Annotated[Path | None, BeforeValidator(check_nonempty_path)] = Field(
+    cache_dir_vae: Annotated[Path | None, BeforeValidator(check_path_text)] = Field(
         None, description="Latent cache directory; null: `<output_dir>/cache/vae/<id>`. One per dataset."
     )
     repeats: int = Field(0, ge=0, le=10_000, description="Extra passes over this dataset per epoch.")
@@ -177,5 +177,5 @@ class TextEmbedsConfig(BaseModel):
     type: Literal["local"] = Field("local", description="Storage backend; local directories only.")
     dataset_type: Literal["text_embeds"] = Field(description="Marks this entry as the text-embedding cache.")
     default: bool = Field(False, description="Use this cache for every dataset (only one may be default).")
-    cache_dir: Annotated[Path, BeforeValidator(check_nonempty_path)] = Field(description="Directory of the cached umT5 embeddings.")
+    cache_dir: Annotated[Path, BeforeValidator(check_path_text)] = Field(description="Directory of the cached umT5 embeddings.")
     disabled: bool = Field(False, description="Ignore this entry.")

@@ -71,3 +71,5 @@ def loads_jsonc(text: str) -> Any:
         return json.loads(strip_comments(text))
     except json.JSONDecodeError as error:
         raise JsoncSyntaxError(error.msg, error.lineno, error.colno) from error
+    except RecursionError as error:  # the parser recurses per level: 100k nested arrays exhaust the stack
+        raise JsoncSyntaxError("arrays or objects nested too deeply", 1, 1) from error

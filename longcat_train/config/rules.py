@@ -97,8 +97,19 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_nonempty_path(value: object) -> object:
-    """An empty path would silently mean the config's own folder."""
-    if isinstance(value, str) and not value.strip():
+def check_path_text(value: object) -> object:
+    """A path the filesystem can take: not empty (that would silently mean the config's own folder),
+    no NUL byte, no name over 255 bytes and at most 4095 bytes in all (Linux's limits; beyond them
+    every file operation fails)."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
         raise PydanticCustomError("empty_path", "the path is empty", {"fix": 'name a folder, e.g. "output"'})
+    if "\x00" in value:
+        raise PydanticCustomError("path_nul", "the path holds a NUL character", {"fix": "remove it"})
+    if len(value.encode()) > 4095 or any(len(part.encode()) > 255 for part in value.split("/")):
+        raise PydanticCustomError(
+            "path_length", "the path is too long (a name over 255 bytes, or over 4095 bytes in all)",
+            {"fix": "use a shorter path"},
+        )
     return value

@@ -12,7 +12,7 @@ from longcat_train.release_facts import PROJECTION_MODULES
 from longcat_train.config.rules import (
     check_alignment,
     check_frames,
-    check_nonempty_path,
+    check_path_text,
     check_resolution_text,
     parse_resolution,
 )
@@ -93,7 +93,7 @@ class TrainingConfig(BaseModel):
         "Selects the default checkpoint path when `pretrained_model_name_or_path` is null.",
     )
     model_type: Literal["lora"] = Field("lora", description="What is trained: a LoRA on the frozen DiT.")
-    pretrained_model_name_or_path: Path | None = Field(
+    pretrained_model_name_or_path: Annotated[Path | None, BeforeValidator(check_path_text)] = Field(
         None,
         description="Local checkpoint directory in the official layout (dit/, vae/, text_encoder/, "
         "tokenizer/, scheduler/). null: `$LONGCAT_HOME/models/LongCat-Video` "
@@ -121,12 +121,12 @@ class TrainingConfig(BaseModel):
     )
 
     # --- paths -------------------------------------------------------------------------------
-    output_dir: Annotated[Path, BeforeValidator(check_nonempty_path)] = Field(
+    output_dir: Annotated[Path, BeforeValidator(check_path_text)] = Field(
         Path("output"),
         description="Where checkpoints, LoRA files, logs and validation renders go. Relative paths "
         "are relative to the config file.",
     )
-    data_backend_config: Path = Field(
+    data_backend_config: Annotated[Path, BeforeValidator(check_path_text)] = Field(
         Path("multidatabackend.json"),
         description="The dataset list (`multidatabackend.json`); relative to the config file "
         "(the current directory is tried when nothing is there).",
