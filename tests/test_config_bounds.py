@@ -23,7 +23,10 @@ CASES = [
     ("datasets[clips].fps=Infinity", "fps"),
     ("datasets[clips].resolution=Infinity", "resolution"),
     ("datasets[clips].probability=Infinity", "probability"),
-    ("datasets[clips].probability=0", "probability"),  # the only training dataset: no batch can be drawn
+    ("datasets[clips].probability=0", "probability"),
+    ("gradient_checkpointing=yes", "gradient_checkpointing"),  # booleans are strict: true or false
+    ("datasets[clips].crop=1", "crop"),
+    ("musubi_block_swap_device=cuda:9", "musubi_block_swap_device"),  # the only training dataset: no batch can be drawn
 ]
 
 

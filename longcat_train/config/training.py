@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
 from longcat_train.release_facts import PROJECTION_MODULES
 from longcat_train.config.rules import (
@@ -153,7 +153,7 @@ class TrainingConfig(BaseModel):
     # --- optimisation -------------------------------------------------------------------------
     train_batch_size: int = Field(1, ge=1, le=4096, description="Clips per step per GPU (one bucket per batch).")
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward.")
+    gradient_checkpointing: StrictBool = Field(True, description="Recompute block activations in backward.")
     gradient_checkpointing_mode: Literal["full", "selective"] = Field(
         "selective",
         description="`selective` keeps each block's self-attention output instead of recomputing it "
@@ -170,7 +170,7 @@ class TrainingConfig(BaseModel):
         "0.29, `ffn_w1`, `ffn_w3` 0.77; in host memory with `activation_offload`). Acts on bf16 weights "
         "whose linear carries a LoRA; `longcat plan` recommends a set that fits.",
     )
-    activation_offload: bool = Field(
+    activation_offload: StrictBool = Field(
         True,
         description="On CUDA, keep checkpointed block inputs and kept attention outputs in pinned host "
         "memory, fetched back asynchronously a block ahead of backward (26 GiB less GPU memory at "
@@ -205,7 +205,7 @@ class TrainingConfig(BaseModel):
     validation_num_inference_steps: int = Field(40, ge=1, le=1000, description="Denoising steps per render.")
     validation_guidance: float = Field(4.0, ge=1.0, description="CFG scale; 1.0 turns CFG off.")
     validation_seed: int | None = Field(None, description="Seed of validation noise; null uses `seed`.")
-    validation_using_datasets: bool = Field(
+    validation_using_datasets: StrictBool = Field(
         False,
         description="Validate on the start frames and captions of `eval_dataset_id` instead of "
         "`validation_prompt` alone.",
@@ -222,7 +222,7 @@ class TrainingConfig(BaseModel):
         description="Validate every N steps and after the last step (also read from `validation_steps`); "
         "null: never during training (render afterwards with `longcat validate`).",
     )
-    validation_on_startup: bool = Field(
+    validation_on_startup: StrictBool = Field(
         False, description="Render once before the first step, as a base-model reference."
     )
 
@@ -247,20 +247,22 @@ class TrainingConfig(BaseModel):
         description="Bucket edges are multiples of this (16, 32 or 64). 480x832 needs 32 or 16: "
         "480 is not a multiple of 64.",
     )
-    vae_enable_tiling: bool = Field(False, description="Encode/decode with the VAE in tiles (less memory).")
-    vae_enable_slicing: bool = Field(False, description="Encode/decode one sample of a batch at a time.")
+    vae_enable_tiling: StrictBool = Field(False, description="Encode/decode with the VAE in tiles (less memory).")
+    vae_enable_slicing: StrictBool = Field(False, description="Encode/decode one sample of a batch at a time.")
 
     # --- memory -------------------------------------------------------------------------------
     musubi_blocks_to_swap: int = Field(
         0, ge=0, le=NUM_BLOCKS - 1, description="Frozen weights of this many of the 48 blocks live in host memory and stream in."
     )
-    musubi_block_swap_device: str = Field("cpu", description="Where swapped block weights are kept.")
-    enable_group_offload: bool = Field(False, description="Offload groups of modules (diffusers hooks).")
+    musubi_block_swap_device: Literal["cpu"] = Field(
+        "cpu", description="Where swapped blocks wait between uses: host RAM, the only place that frees GPU memory."
+    )
+    enable_group_offload: StrictBool = Field(False, description="Offload groups of modules (diffusers hooks).")
     group_offload_type: Literal["block_level", "leaf_level"] = Field(
         "block_level", description="Granularity of group offload."
     )
     group_offload_blocks_per_group: int = Field(1, ge=1, description="Blocks per offload group (block_level).")
-    group_offload_use_stream: bool = Field(False, description="Overlap offload transfers on a CUDA stream.")
+    group_offload_use_stream: StrictBool = Field(False, description="Overlap offload transfers on a CUDA stream.")
 
     # --- logging ------------------------------------------------------------------------------
     report_to: Literal["tensorboard", "wandb", "all", "none"] = Field(
