@@ -100,8 +100,9 @@ def test_fused_kernels_match_eager_ops():
 
 def test_offloading_block_inputs_changes_no_gradient():
     """Training step (selective checkpointing) with and without host offload of block inputs and
-    kept attention outputs: the same gradients, lower peak memory."""
-    model = random_transformer("cuda", torch.bfloat16, depth=2, seed=2)
+    kept attention outputs: the same gradients, lower peak memory. Six blocks: with two, the block
+    inputs offload saves are about the size of its fetch buffers (H200: 9.81 GiB with, 9.62 without)."""
+    model = random_transformer("cuda", torch.bfloat16, depth=6, seed=2)
     model.requires_grad_(False)
     trainable = [b.attn.qkv.weight for b in model.blocks]
     for p in trainable:

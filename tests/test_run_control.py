@@ -57,13 +57,22 @@ def test_a_log_file_gets_progress_lines(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
-def test_a_second_run_into_a_held_output_dir_is_refused_naming_the_holder(tmp_path: Path) -> None:
+def test_a_second_train_into_a_running_trains_output_dir_is_refused_naming_the_first(tmp_path: Path) -> None:
     config = _project(tmp_path)
-    with hold_directory(tmp_path / "output", "a training run"):
-        run = _train(config)
-        _, stderr = run.communicate(timeout=300)
-    assert run.returncode == 1
-    assert f"PID {os.getpid()}" in stderr and "output_dir" in stderr
+    first = _train(config, "--set", "max_train_steps=100000", log=tmp_path / "first.log")
+    lock = tmp_path / "output" / LOCK_FILE
+    try:
+        deadline = time.monotonic() + 300
+        while not (lock.is_file() and f'"pid": {first.pid}' in lock.read_text()):  # the first holds it
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+            time.sleep(0.2)
+        second = _train(config)
+        _, stderr = second.communicate(timeout=300)
+    finally:
+        first.kill()
+        first.communicate()
+    assert second.returncode == 1
+    assert f"PID {first.pid}" in stderr and "output_dir" in stderr and "Traceback" not in stderr
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
