@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
 from longcat_train.release_facts import PROJECTION_MODULES
 from longcat_train.config.rules import check_alignment, check_frames, check_resolution_text, parse_resolution
@@ -103,9 +103,8 @@ class TrainingConfig(BaseModel):
     )
     attention_implementation: AttentionImplementation = Field(
         "auto",
-        validation_alias=AliasChoices("attention_implementation", "attention_mechanism"),
         description=f"Self-attention kernel: {described_choices(ATTENTION_CHOICES)}. "
-        "Also read from `attention_mechanism`, SimpleTuner's name.",
+        "SimpleTuner's `attention_mechanism` is read as this key (see the SimpleTuner table).",
     )
     flow_schedule_shift: float | None = Field(
         None, gt=0, description="Flow-matching σ shift; null uses the checkpoint scheduler's (12.0)."
@@ -171,9 +170,13 @@ class TrainingConfig(BaseModel):
         "480x832x93 with `selective`, as much host RAM more; no measurable time).",
     )
     learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
-        "constant", description="Learning-rate schedule after warmup."
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"] = Field(
+        "constant",
+        description="Learning-rate schedule after warmup (diffusers' `get_scheduler`; `constant` holds the peak "
+        "from step 0, `constant_with_warmup` after the warmup).",
     )
+    lr_num_cycles: int = Field(1, ge=1, le=10_000, description="Hard restarts of `cosine_with_restarts`.")
+    lr_power: float = Field(1.0, gt=0.0, le=100.0, description="Power of the `polynomial` decay (1: linear).")
     lr_warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear warmup steps.")
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (AdamW, fused where available).")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1.")
@@ -189,6 +192,13 @@ class TrainingConfig(BaseModel):
 
     # --- validation ---------------------------------------------------------------------------
     validation_prompt: str | None = Field(None, description="Prompt rendered at each validation.")
+    validation_prompt_file: Path | None = Field(
+        None,
+        description="Prompts rendered at each validation and by `longcat validate`, after `validation_prompt`: "
+        "a text file with one prompt per line (`# ` starts a comment line; ` --i PATH` at the end of a line "
+        "gives that prompt a start image, rendered image-to-video), or a `.json` prompt library as "
+        "SimpleTuner's `user_prompt_library` writes it (`{\"name\": \"prompt\"}`). Relative to the config file.",
+    )
     validation_negative_prompt: str | None = Field(
         None, description="Negative prompt for CFG; null uses the empty prompt, as the official sampler."
     )
@@ -212,8 +222,8 @@ class TrainingConfig(BaseModel):
     validation_step_interval: int | None = Field(
         100,
         ge=1,
-        validation_alias=AliasChoices("validation_step_interval", "validation_steps"),
-        description="Validate every N steps (also read from `validation_steps`); null: only at the end.",
+        description="Validate every N steps (SimpleTuner's `validation_steps` is read as this key); "
+        "null: only at the end.",
     )
     validation_on_startup: bool = Field(
         False, description="Render once before the first step, as a base-model reference."
@@ -223,9 +233,8 @@ class TrainingConfig(BaseModel):
     checkpoint_step_interval: int = Field(
         500,
         ge=1,
-        validation_alias=AliasChoices("checkpoint_step_interval", "checkpointing_steps"),
         description="Save a resumable checkpoint every N steps (and at the end). "
-        "Also read from `checkpointing_steps`.",
+        "SimpleTuner's `checkpointing_steps` is read as this key.",
     )
     checkpoints_total_limit: int | None = Field(
         3, ge=1, description="Keep at most this many checkpoints (oldest pruned); null keeps all."

@@ -361,7 +361,8 @@ class TrainingRun:
                 + " items. Lower train_batch_size, or add clips to one bucket")
         self.total_steps = max_steps(cfg, batches)
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                     num_training_steps=self.total_steps)
+                                     num_training_steps=self.total_steps, num_cycles=cfg.lr_num_cycles,
+                                     power=cfg.lr_power)
         self.state = TrainState()
         try:
             resume = resolve_resume(self.output_dir, cfg.resume_from_checkpoint,
