@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
 from longcat_train.release_facts import PROJECTION_MODULES
+from longcat_train.config.dependencies import Requirement
 from longcat_train.config.rules import check_alignment, check_frames, check_resolution_text, parse_resolution
 
 ModelFlavour = Literal["final"]
@@ -21,6 +22,7 @@ class Choice:
 
     note: str = ""  # said after the name in the key's description: "`official` (LongCat's own format)"
     title: str = ""  # the name in a sentence ("official LongCat"); LoRA formats need one (CLI, errors)
+    requires: Requirement | None = None  # an optional package it needs (checked when the config loads)
 
 
 # The extension tables: the names the config accepts, `config.md` and the CLI list, without torch
@@ -36,9 +38,10 @@ LORA_FORMAT_CHOICES: dict[str, Choice] = {
 ATTENTION_CHOICES: dict[str, Choice] = {
     "auto": Choice("fastest available per shape; block-sparse where the released model uses it"),
     "sdpa": Choice(),
-    "flash": Choice(),
-    "xformers": Choice(),
-    "bsa": Choice(),
+    "flash": Choice(requires=Requirement(("flash_attn", "flash_attn_interface"),
+                                         "pip install flash-attn --no-build-isolation")),
+    "xformers": Choice(requires=Requirement(("xformers",), "pip install xformers")),
+    "bsa": Choice(requires=Requirement(("triton",), "pip install triton (Linux)")),
 }
 
 
