@@ -177,7 +177,6 @@ def load_config(
         elsewhere={"in a dataset entry of multidatabackend.json": _DATASET_KEYS,
                     "under a dataset's \"video\" section in multidatabackend.json": _VIDEO_KEYS},
     )
-    translated.name_as_written(problems, validated_from)
     if training is None:  # only when a bad key has no default; keep checking the datasets
         training = TrainingConfig()
     training_problem_keys = problems.keys()
@@ -212,6 +211,7 @@ def load_config(
     # they say about it would be noise.
     already = training_problem_keys | dataset_problem_keys
     problems.extend([p for p in cross.problems if p.key not in already])
+    translated.name_as_written(problems, validated_from)
 
     prompt_file = training.validation_prompt_file
     prompt_entries = [] if prompt_file is None else read_prompt_file(prompt_file, config_path, problems)
