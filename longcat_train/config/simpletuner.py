@@ -310,3 +310,10 @@ def translate(
             if entry.target:
                 result.written_as[entry.target] = key
     return result
+
+
+def defaults_left_unset(datasets: list[Any]) -> dict[str, list[str]]:
+    """Per key of `SIMPLETUNER_DATASET_DEFAULTS`, the ids of the datasets (DatasetConfig) that
+    leave it unset, so they get our default where SimpleTuner's differs."""
+    unset = {key: [d.id for d in datasets if key not in d.model_fields_set] for key in SIMPLETUNER_DATASET_DEFAULTS}
+    return {key: ids for key, ids in unset.items() if ids}
