@@ -200,6 +200,9 @@ def validate(
     lora: Annotated[list[str] | None, typer.Option(metavar="PATH[:STRENGTH]", help="LoRA to apply (repeatable).")] = None,
     image: Annotated[Path | None, typer.Option(help="Start image: renders image-to-video.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt (default: validation_prompt).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(
+        help="Render each prompt of this file instead (one per line, ` --i PATH` after a prompt for its start "
+             "image; or a SimpleTuner prompt library .json).")] = None,
     resolution: Annotated[str | None, typer.Option(metavar="HxW", help="Render size, e.g. 480x832.")] = None,
     frames: Annotated[int | None, typer.Option(help="Frames; (frames - 1) % 4 == 0.")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
@@ -219,8 +222,13 @@ def validate(
         "validation_guidance": ("--guidance", guidance),
         "validation_seed": ("--seed", seed),
     }
+    if prompt_file is not None:  # its prompts only: no dataset renders, no validation_prompt
+        options["validation_prompt_file"] = ("--prompt-file", str(prompt_file.resolve()))
+        options["validation_using_datasets"] = ("--prompt-file", False)
     given = {key: (option, value) for key, (option, value) in options.items() if value is not None}
     overrides = [*(set_ or []), *(f"{key}={json.dumps(value)}" for key, (_, value) in given.items())]
+    if prompt_file is not None and prompt is None:
+        overrides.append("validation_prompt=null")
     loras, problems = _lora_specs(lora or [])
     if image is not None and not image.is_file():
         problems.append(_argument_problem("--image", str(image), "image file does not exist", "give an existing PNG/JPEG"))

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from longcat_train.config import ConfigError, TrainingConfig, load_config
 from longcat_train.config import dependencies
@@ -174,3 +175,29 @@ def test_missing_package_is_refused_naming_key_and_install(
         load_config(write_pair(tmp_path, training, base_datasets()), check_files=False)
     [problem] = caught.value.errors
     assert problem.key == key and install in problem.fix and "not installed" in problem.rule
+
+
+# --- learning-rate schedules -----------------------------------------------------------------------
+
+def _learning_rates(scheduler_settings: dict, steps: int = 10) -> list[float]:
+    from longcat_train.training.loop import make_lr_scheduler
+
+    config = TrainingConfig(learning_rate=1.0, **scheduler_settings)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    scheduler = make_lr_scheduler(config, optimizer, steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_polynomial_and_cosine_with_restarts_schedules_are_used() -> None:
+    squared = _learning_rates({"lr_scheduler": "polynomial", "lr_power": 2.0})
+    assert squared[5] == pytest.approx(0.5**2, abs=1e-6)  # (1 - 5/10)^2 of the peak
+    linear = _learning_rates({"lr_scheduler": "polynomial"})
+    assert linear[5] == pytest.approx(0.5, abs=1e-6)
+    restarts = _learning_rates({"lr_scheduler": "cosine_with_restarts", "lr_num_cycles": 2})
+    assert restarts[0] == restarts[5] == pytest.approx(1.0)  # back at the peak half way
+    assert restarts[4] < 0.2

@@ -23,7 +23,7 @@ from longcat_train.data.report import DatasetReport
 from longcat_train.training.loop import run_description
 from longcat_train.training.prepare import validation_prompts
 from longcat_train.validation.periodic import validation_cases
-from tests.config_factory import base_datasets, base_training, write_pair
+from tests.config_factory import base_datasets, base_training, write_checkpoint, write_pair
 
 GUIDES = Path(__file__).resolve().parent / "data" / "guide_examples"
 LIBRARY = Path(__file__).resolve().parent / "data" / "simpletuner" / "user_prompt_library.json.example"
@@ -148,3 +148,11 @@ def test_config_check_lists_simpletuner_defaults_left_unset() -> None:
     plain = CliRunner().invoke(app, ["config", "check", "--config", str(GUIDES / "longcat_video_config.json"),
                                      "--no-paths"])
     assert "defaults that differ from SimpleTuner" in plain.stdout and "pixel_area" in plain.stdout
+
+
+def test_validate_names_a_missing_prompt_file_by_its_option(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "ckpt")
+    config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
+    result = CliRunner().invoke(app, ["validate", "--config", str(config), "--prompt-file", "nope.txt"])
+    assert result.exit_code == 2
+    assert "--prompt-file" in result.output and "nope.txt" in result.output

@@ -243,6 +243,12 @@ def run_description(cfg, model, params, alpha, data: PreparedData, step: int, to
     return rows
 
 
+def make_lr_scheduler(cfg: TrainingConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The `lr_scheduler` schedule over `total_steps` optimizer steps (diffusers' `get_scheduler`)."""
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=total_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+
+
 def validation_orientation_warning(loaded: LoadedConfig, data: PreparedData):
     """The warning when `validation_resolution` lies the other way from the held-out clips (or,
     without any, the training buckets), or None."""
@@ -373,9 +379,7 @@ class TrainingRun:
                 + ", ".join(f"{label}: {count}" for label, count in sorted(sizes.items()))
                 + " items. Lower train_batch_size, or add clips to one bucket")
         self.total_steps = max_steps(cfg, batches)
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                     num_training_steps=self.total_steps, num_cycles=cfg.lr_num_cycles,
-                                     power=cfg.lr_power)
+        lr_scheduler = make_lr_scheduler(cfg, optimizer, self.total_steps)
         self.state = TrainState()
         try:
             resume = resolve_resume(self.output_dir, cfg.resume_from_checkpoint,
