@@ -109,6 +109,13 @@ def test_values_that_cannot_be_honoured_name_the_alternative(tmp_path: Path) -> 
     assert "validation_prompt_file" in fixes["validation_prompt_library"]
 
 
+def test_zero_length_as_text_lets_the_other_length_key_decide(tmp_path: Path) -> None:
+    training = {**base_training(tmp_path), "--num_train_epochs": "0", "--max_train_steps": "30"}
+    del training["max_train_steps"]
+    loaded = load_config(write_pair(tmp_path, training, base_datasets()), check_files=False)
+    assert (loaded.training.num_train_epochs, loaded.training.max_train_steps) == (None, 30)
+
+
 def test_a_renamed_key_given_under_both_names_is_refused(tmp_path: Path) -> None:
     training = {**base_training(tmp_path), "validation_steps": 10, "validation_step_interval": 20}
     with pytest.raises(ConfigError) as caught:

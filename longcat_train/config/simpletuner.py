@@ -41,14 +41,15 @@ class SimpleTunerKey:
     """What a SimpleTuner key does here (`note` is the docs' and the warning's words).
 
     `target`: our key for `renamed`, the dataset key for `dataset default`. `values`: SimpleTuner
-    values with a reading of ours. `refuse(value)` returns the fix when the value cannot be honoured.
+    values (as text: the configurator writes `"0"` as often as `0`) with a reading of ours.
+    `refuse(value)` returns the fix when the value cannot be honoured.
     `silent`: a `no effect` key whose accepted values say what this trainer does anyway (no warning).
     """
 
     treatment: Treatment
     note: str = ""
     target: str = ""
-    values: Mapping[Any, ValueReading] = field(default_factory=dict)
+    values: Mapping[str, ValueReading] = field(default_factory=dict)
     refuse: Callable[[Any], str | None] | None = None
     silent: bool = False
 
@@ -104,9 +105,9 @@ SIMPLETUNER_TRAINING_KEYS: dict[str, SimpleTunerKey] = {
     ),
     "lr_scheduler": SimpleTunerKey("same", "diffusers' schedules; SimpleTuner's own `sine` is refused"),
     "num_train_epochs": SimpleTunerKey("same", "`0` (SimpleTuner: max_train_steps decides) read as null",
-                                       values={0: _UNTIL_THE_OTHER}),
+                                       values={"0": _UNTIL_THE_OTHER}),
     "max_train_steps": SimpleTunerKey("same", "`0` (SimpleTuner: num_train_epochs decides) read as null",
-                                      values={0: _UNTIL_THE_OTHER}),
+                                      values={"0": _UNTIL_THE_OTHER}),
     "validation_steps": SimpleTunerKey("renamed", "SimpleTuner's older name", target="validation_step_interval"),
     "checkpointing_steps": SimpleTunerKey("renamed", "SimpleTuner's older name", target="checkpoint_step_interval"),
     "lora_init_type": SimpleTunerKey("renamed", "`default` and `gaussian`; PEFT's other inits refused", target="lora_init"),
@@ -294,7 +295,7 @@ def translate(
                 problems.add(file, where, value, f"SimpleTuner setting with no effect here: {entry.note}",
                              "nothing to do; remove the key to silence this line", severity="warning")
             continue
-        reading = entry.values.get(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+        reading = entry.values.get(str(value)) if isinstance(value, str | int) and not isinstance(value, bool) else None
         if reading is not None:
             if reading.note:
                 problems.add(file, where, value, f"read as {reading.ours!r}: {reading.note}",
