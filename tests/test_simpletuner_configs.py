@@ -208,3 +208,14 @@ def test_polynomial_and_cosine_with_restarts_schedules_are_used() -> None:
     restarts = _learning_rates({"lr_scheduler": "cosine_with_restarts", "lr_num_cycles": 2})
     assert restarts[0] == restarts[5] == pytest.approx(1.0)  # back at the peak half way
     assert restarts[4] < 0.2
+
+
+def test_reference_lists_every_simpletuner_key_and_differing_default() -> None:
+    from longcat_train.config.reference_doc import render_reference
+    from longcat_train.config.simpletuner import SIMPLETUNER_DATASET_DEFAULTS
+
+    text = render_reference()
+    for key in [*SIMPLETUNER_TRAINING_KEYS, *SIMPLETUNER_DATASET_KEYS]:
+        assert f"| `{key}` | " in text, key
+    for key in SIMPLETUNER_DATASET_DEFAULTS:
+        assert f"| `{key}` | `" in text.split("Defaults that differ from SimpleTuner's")[1], key
