@@ -50,7 +50,7 @@ os.environ["PYTORCH_CUDA_ALLOC_CONF"] = allocator_settings(os.environ.get("PYTOR
 from longcat_train.config.examples import ExistingFilesError, write_example_configs
 from longcat_train.config.problems import problems_document, warnings_table
 from longcat_train.config.rules import check_frames, parse_resolution
-from longcat_train.config.summary import config_summary
+from longcat_train.config.summary import config_summary, differing_defaults
 from longcat_train.config.training import LORA_FORMAT_CHOICES
 
 EXIT_CONFIG_ERROR = 2
@@ -214,6 +214,9 @@ def validate(
     lora: Annotated[list[str] | None, typer.Option(metavar="PATH[:STRENGTH]", help="LoRA to apply (repeatable).")] = None,
     image: Annotated[Path | None, typer.Option(help="Start image: renders image-to-video.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt (default: validation_prompt).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(
+        help="Render each prompt of this file instead (one per line, ` --i PATH` after a prompt for its start "
+             "image; or a SimpleTuner prompt library .json).")] = None,
     resolution: Annotated[str | None, typer.Option(metavar="HxW", help="Render size, e.g. 480x832.")] = None,
     frames: Annotated[int | None, typer.Option(help="Frames; (frames - 1) % 4 == 0.")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
@@ -233,8 +236,13 @@ def validate(
         "validation_guidance": ("--guidance", guidance),
         "validation_seed": ("--seed", seed),
     }
+    if prompt_file is not None:  # its prompts only: no dataset renders, no validation_prompt
+        options["validation_prompt_file"] = ("--prompt-file", str(prompt_file.resolve()))
+        options["validation_using_datasets"] = ("--prompt-file", False)
     given = {key: (option, value) for key, (option, value) in options.items() if value is not None}
     overrides = [*(set_ or []), *(f"{key}={json.dumps(value)}" for key, (_, value) in given.items())]
+    if prompt_file is not None and prompt is None:
+        overrides.append("validation_prompt=null")
     loras, problems = _lora_specs(lora or [])
     if image is not None and not image.is_file():
         problems.append(_argument_problem("--image", str(image), "image file does not exist", "give an existing PNG/JPEG"))
@@ -284,7 +292,8 @@ def config_check(
     loaded = _load(config, set_, as_json, check_files=paths)
     if as_json:
         _print_json({**problems_document(loaded.warnings), "config": str(loaded.config_path),
-                     "datasets_file": str(loaded.backend_path), "paths_checked": paths})
+                     "datasets_file": str(loaded.backend_path), "paths_checked": paths,
+                     "defaults_differing_from_simpletuner": differing_defaults(loaded)})
         return
     _out().print(config_summary(loaded))
     _out().print("[bold green]config OK[/]" + ("" if paths else " (files and directories not checked)"))
@@ -320,12 +329,30 @@ def data_check(config: ConfigOption, set_: SetOption = None, as_json: JsonOption
 
     report = data_check_report(list(data_specs(loaded).values()), seed=loaded.training.seed,
                                trained={d.id for d in loaded.training_datasets})
+    orientation = _orientation_warnings(loaded, report)
     if as_json:
-        _print_json({**problems_document(loaded.warnings), **report.as_json()})
+        _print_json({**problems_document([*loaded.warnings, *orientation]), **report.as_json()})
     else:
         report.render(_out())
+        if orientation:
+            _err().print(warnings_table(orientation))
     if report.empty_training_datasets:
         raise typer.Exit(EXIT_STOPPED)
+
+
+def _orientation_warnings(loaded: LoadedConfig, report) -> list[ConfigProblem]:
+    """`validation_resolution` against the held-out clips' buckets (else the training buckets')."""
+    from longcat_train.config.orientation import orientation_warning
+
+    eval_id = loaded.training.eval_dataset_id
+    held_out = [d for d in report.datasets if d.dataset_id == eval_id and d.buckets]
+    reference, what = (held_out, "the held-out clips") if held_out else (
+        [d for d in report.datasets if d.trained], "the training buckets")
+    sizes = [size for d in reference for size in d.bucket_sizes()]
+    training = loaded.training
+    warning = orientation_warning(training.validation_resolution, training.validation_size, sizes, what,
+                                  loaded.config_path)
+    return [] if warning is None else [warning]
 
 
 def _listed(words: list[str], last: str) -> str:

@@ -82,7 +82,7 @@ def test_piped_tables_keep_paths_ids_and_commands_whole(project: Path) -> None:
 def test_bracketed_dataset_ids_survive_in_data_check(project: Path) -> None:
     result = _invoke("data", "check", "--config", str(project), "--set", "datasets[0].id=clips[hd]")
     assert result.exit_code == 0, result.output
-    assert "clips[hd]: buckets (WxH@frames)" in result.output
+    assert "clips[hd]: buckets" in result.output  # the title once said WxH over HxWxF labels
 
 
 def test_json_documents(project: Path) -> None:

@@ -61,13 +61,13 @@ def test_bad_override_is_a_problem(tmp_path: Path) -> None:
     assert {"learning_rate", "datasets[nope].repeats", "validation_num_video_frames"} <= keys
 
 
-def test_simpletuner_aliases() -> None:
-    config = TrainingConfig.model_validate(
-        {"validation_steps": 50, "checkpointing_steps": 20, "attention_mechanism": "sdpa"}
-    )
-    assert config.validation_step_interval == 50
-    assert config.checkpoint_step_interval == 20
-    assert config.attention_implementation == "sdpa"
+def test_simpletuner_aliases(tmp_path: Path) -> None:
+    training = {**base_training(tmp_path), "validation_steps": 50, "checkpointing_steps": 20,
+                "attention_mechanism": "diffusers"}
+    loaded = load_config(write_pair(tmp_path, training, base_datasets()))
+    assert loaded.training.validation_step_interval == 50
+    assert loaded.training.checkpoint_step_interval == 20
+    assert loaded.training.attention_implementation == "sdpa"  # SimpleTuner's "diffusers" is PyTorch SDPA
 
 
 def test_is_i2v_under_video_and_i2v_probability_default(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ CASES: list[tuple[str, Mutation, str, str, str]] = [
     ("model flavour", _set("model_flavour", "turbo"), "model_flavour", "'final'", "one of"),
     ("base precision", _set("base_model_precision", "fp16"), "base_model_precision", "'int8-quanto'", "one of"),
     ("attention", _set("attention_implementation", "sage"), "attention_implementation", "'sdpa'", "one of"),
-    ("attention (SimpleTuner name)", _set("attention_mechanism", "diffusers"), "attention_mechanism", "'flash'", "one of"),
+    ("attention (SimpleTuner name)", _set("attention_mechanism", "sageattention"), "attention_mechanism", "'flash'", "one of"),
     ("instanceprompt without prompt", _set_dataset(0, "caption_strategy", "instanceprompt"), "datasets[0].instance_prompt", "instance_prompt", "needs instance_prompt"),
     ("lora rank", _set("lora_rank", 0), "lora_rank", "greater than 0", "greater than 0"),
     ("learning rate", _set("learning_rate", -1.0), "learning_rate", "greater than 0", "greater than 0"),

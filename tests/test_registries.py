@@ -30,7 +30,6 @@ from longcat_train.model.attention import (
     KEPT_ATTENTION_OPS,
     AttentionBackendUnavailable,
     AttentionDispatcher,
-    _has_module,
     check_backend_available,
 )
 from tests.config_factory import base_datasets, base_training, write_pair
@@ -83,9 +82,13 @@ def test_every_registered_name_loads_in_the_config(tmp_path):
     training = {**base_training(tmp_path), "lora_export_formats": list(LORA_FORMAT_CHOICES)}
     config = write_pair(tmp_path, training, base_datasets())
     assert load_config(config).training.lora_export_formats == list(LORA_FORMAT_CHOICES)
-    for backend in ATTENTION_CHOICES:
-        loaded = load_config(config, (f"attention_implementation={backend}",))
-        assert loaded.training.attention_implementation == backend
+    for backend, choice in ATTENTION_CHOICES.items():
+        override = (f"attention_implementation={backend}",)
+        if choice.requires is not None and not choice.requires.available():
+            with pytest.raises(ConfigError, match=choice.requires.install.split(" (")[0]):
+                load_config(config, override)
+            continue
+        assert load_config(config, override).training.attention_implementation == backend
 
 
 def test_the_config_and_the_cli_help_load_without_torch():
@@ -172,8 +175,9 @@ def test_every_kept_op_is_a_real_op():
 def test_every_backend_is_available_or_says_what_to_install(name):
     backend = ATTENTION_BACKENDS[name]
     assert callable(backend.dense)
-    if backend.needs_modules and not any(_has_module(m) for m in backend.needs_modules):
-        assert backend.install_hint
+    requirement = ATTENTION_CHOICES[name].requires
+    if requirement is not None and not requirement.available():
+        assert requirement.install.startswith("pip install")
         with pytest.raises(AttentionBackendUnavailable, match=f"attention_implementation='{name}'"):
             check_backend_available(name)
         return

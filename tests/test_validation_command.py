@@ -75,3 +75,14 @@ def test_an_image_without_any_prompt_is_refused_by_name(tmp_path, tiny_model) ->
     loaded = write_project(tmp_path, tiny_model, validation_prompt=None)
     with pytest.raises(ValueError, match="start.png needs a prompt"):
         run_validate(loaded, image=tmp_path / "start.png")
+
+
+def test_prompt_file_renders_each_prompt_with_its_start_image(tmp_path, tiny_model) -> None:
+    Image.fromarray(np.full((40, 60, 3), 220, dtype=np.uint8)).save(tmp_path / "start.png")
+    (tmp_path / "prompts.txt").write_text("a red ball --i start.png\na green field\n", encoding="utf-8")
+    loaded = write_project(tmp_path, tiny_model, validation_prompt=None,
+                           validation_prompt_file=str(tmp_path / "prompts.txt"))
+    paths = run_validate(loaded, resolution="32x48", frames=5, steps=1, output=tmp_path / "renders")
+    assert [p.name for p in paths] == ["00_a-red-ball.mp4", "00_a-red-ball.png",
+                                       "01_a-green-field.mp4", "01_a-green-field.png"]
+    assert _read_video(paths[0])[0].shape == (5, 32, 48, 3)

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from longcat_train.config.datasets import DatasetConfig, TextEmbedsConfig
+from longcat_train.config.dependencies import PRECISION_REQUIREMENTS, REPORT_TO_REQUIREMENTS, missing_requirement
 from longcat_train.config.model_paths import check_checkpoint_dir
 from longcat_train.config.problems import ProblemList
 from longcat_train.config.rules import PIXEL_MULTIPLE
-from longcat_train.config.training import TrainingConfig
+from longcat_train.config.training import ATTENTION_CHOICES, TrainingConfig
 from longcat_train.release_facts import PROJECTION_MODULES
 
 
@@ -59,6 +60,7 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
             "set max_train_steps (e.g. 2000) or num_train_epochs (e.g. 10)",
         )
     _check_kept_projections(training, file, problems)
+    _check_dependencies(training, file, problems)
     if training.validation_using_datasets and training.eval_dataset_id is None:
         problems.add(
             file,
@@ -67,6 +69,19 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
             "validation_using_datasets is true but no eval_dataset_id names the validation split",
             "set eval_dataset_id to the id of a held-out dataset in multidatabackend.json",
         )
+
+
+def _check_dependencies(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
+    """Each value backed by an optional package, checked now rather than after caching."""
+    for key, value, requirement in (
+        ("attention_implementation", training.attention_implementation,
+         ATTENTION_CHOICES[training.attention_implementation].requires),
+        ("report_to", training.report_to, REPORT_TO_REQUIREMENTS.get(training.report_to)),
+        ("base_model_precision", training.base_model_precision, PRECISION_REQUIREMENTS.get(training.base_model_precision)),
+    ):
+        missing = missing_requirement(key, value, requirement, file)
+        if missing is not None:
+            problems.add(*missing)
 
 
 def _check_kept_projections(training: TrainingConfig, file: Path, problems: ProblemList) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from longcat_train.config.rules import check_frame_interval, check_frames, check_name, check_path_text
+from longcat_train.config.rules import Flag, check_frame_interval, check_frames, check_name, check_path_text
 
 DEFAULT_FPS = 15.0  # LongCat-Video is trained and sampled at 15 fps (not 30, as one guide says).
 DEFAULT_CAPTION_DROPOUT = 0.05
@@ -43,7 +43,7 @@ class VideoOptions(BaseModel):
     frame_interval: FrameInterval = Field(
         4, description="Frame-count rounding of `resolution_frames` buckets; a multiple of 4."
     )
-    is_i2v: StrictBool | None = Field(None, description="Same as the entry's top-level `is_i2v` (either place works).")
+    is_i2v: Flag | None = Field(None, description="Same as the entry's top-level `is_i2v` (either place works).")
 
 
 class DatasetConfig(BaseModel):
@@ -60,11 +60,11 @@ class DatasetConfig(BaseModel):
         description="`video` clips, `image` stills (one-frame clips), or `conditioning`: start frames "
         "for an `is_i2v` dataset, matched to its clips by file stem.",
     )
-    disabled: StrictBool = Field(False, description="Ignore this entry.")
+    disabled: Flag = Field(False, description="Ignore this entry.")
     instance_data_dir: Annotated[Path, BeforeValidator(check_path_text)] = Field(
         description="Directory of the media (relative paths: relative to multidatabackend.json)."
     )
-    is_i2v: StrictBool | None = Field(
+    is_i2v: Flag | None = Field(
         None, description="Image-to-video: train with the clip's start frame as a clean first latent."
     )
     i2v_probability: float | None = Field(
@@ -77,7 +77,7 @@ class DatasetConfig(BaseModel):
     conditioning_data: list[str] = Field(
         [], description="Id(s) of the `conditioning` dataset(s) holding this dataset's start frames."
     )
-    strict_pairing: StrictBool = Field(
+    strict_pairing: Flag = Field(
         False,
         description="Every clip must have a start frame in `conditioning_data`; when false a clip "
         "without one uses its own first frame (reported).",
@@ -88,13 +88,13 @@ class DatasetConfig(BaseModel):
         "(`instance_prompt` for all), null (no captions: conditioning data).",
     )
     instance_prompt: str | None = Field(None, description="The caption of every item with `instanceprompt`.")
-    allow_links_outside: StrictBool = Field(
+    allow_links_outside: Flag = Field(
         False,
         description="Use files, caption files and folders that are symbolic links to places outside "
         "`instance_data_dir`; when false they are skipped and listed with the reason (a link can pull any "
         "file on the machine into training and into the caches).",
     )
-    allow_missing_captions: StrictBool = Field(
+    allow_missing_captions: Flag = Field(
         False,
         description="Train a dataset in which no usable clip has a caption (every one missing or empty), "
         "all of them as unconditional samples; when false such a dataset is refused (its clips skipped, "
@@ -115,7 +115,7 @@ class DatasetConfig(BaseModel):
         description="`pixel`: shorter edge in pixels; `area`: megapixels; `pixel_area`: the area of a "
         "`resolution`x`resolution` square, any aspect.",
     )
-    crop: StrictBool = Field(True, description="Crop to the bucket's aspect after resizing (otherwise squash).")
+    crop: Flag = Field(True, description="Crop to the bucket's aspect after resizing (otherwise squash).")
     crop_style: CropStyle = Field("center", description="Where the crop is taken.")
     crop_aspect: CropAspect = Field(
         "preserve", description="`preserve`: aspect buckets; `square`: everything square."
@@ -176,6 +176,6 @@ class TextEmbedsConfig(BaseModel):
     id: Annotated[str, AfterValidator(check_name)] = Field(min_length=1, description="Name of the text-embedding cache.")
     type: Literal["local"] = Field("local", description="Storage backend; local directories only.")
     dataset_type: Literal["text_embeds"] = Field(description="Marks this entry as the text-embedding cache.")
-    default: StrictBool = Field(False, description="Use this cache for every dataset (only one may be default).")
+    default: Flag = Field(False, description="Use this cache for every dataset (only one may be default).")
     cache_dir: Annotated[Path, BeforeValidator(check_path_text)] = Field(description="Directory of the cached umT5 embeddings.")
-    disabled: StrictBool = Field(False, description="Ignore this entry.")
+    disabled: Flag = Field(False, description="Ignore this entry.")

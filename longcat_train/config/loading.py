@@ -13,11 +13,19 @@ from typing import Any
 
 from longcat_train.config.checks import BackendEntry, check_datasets, check_paths, check_training
 from longcat_train.config.datasets import DatasetConfig, TextEmbedsConfig, VideoOptions
-from longcat_train.config.jsonc import JsoncSyntaxError, loads_jsonc
+from longcat_train.config.jsonc import DuplicateKeyError, JsoncSyntaxError, loads_jsonc
 from longcat_train.config.model_paths import default_checkpoint_dir
 from longcat_train.config.model_problems import accepted_keys, validate_table
 from longcat_train.config.overrides import OVERRIDE_SOURCE, Override, apply_override, parse_overrides
 from longcat_train.config.problems import ConfigError, ConfigProblem, ProblemList
+from longcat_train.config.prompt_file import PromptEntry, read_prompt_file
+from longcat_train.config.simpletuner import (
+    SIMPLETUNER_DATASET_KEYS,
+    SIMPLETUNER_TRAINING_KEYS,
+    fill_placeholders,
+    strip_cli_prefixes,
+    translate,
+)
 from longcat_train.config.training import TrainingConfig
 
 FILE_KEY = "(file)"
@@ -29,7 +37,7 @@ class LoadedConfig:
 
     `datasets` holds the enabled video/image/conditioning entries in file order; disabled ones
     are in `disabled_datasets`; the `text_embeds` entry (if any) is separate. `warnings` are
-    problems that do not stop a run.
+    problems that do not stop a run. `prompt_entries` are the prompts of `validation_prompt_file`.
     """
 
     training: TrainingConfig
@@ -39,6 +47,7 @@ class LoadedConfig:
     text_embeds: TextEmbedsConfig | None = None
     disabled_datasets: list[DatasetConfig] = field(default_factory=list)
     warnings: list[ConfigProblem] = field(default_factory=list)
+    prompt_entries: list[PromptEntry] = field(default_factory=list)
 
     def dataset(self, dataset_id: str) -> DatasetConfig:
         for dataset in self.datasets:
@@ -93,6 +102,11 @@ def _read_json_file(path: Path, key: str, referenced_from: Path | str | None, pr
         return None
     try:
         return loads_jsonc(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as error:
+        problems.add(
+            path, f"{FILE_KEY} line {error.line}", error.key, f"duplicate key: {error.message}",
+            f"keep one of lines {error.first_line} and {error.line} (JSON would silently keep only the last)",
+        )
     except JsoncSyntaxError as error:
         problems.add(
             path,
@@ -145,6 +159,7 @@ def load_config(
                          'write {"model_family": "longcat_video", ...}')
         raise ConfigError(problems.problems)
 
+    raw_training = strip_cli_prefixes(raw_training, config_path, problems)
     overridden: set[str] = set()
     dataset_overrides: list[Override] = []
     for override in parsed_overrides:
@@ -153,9 +168,12 @@ def load_config(
             overridden.add(override.path[0])
         else:
             dataset_overrides.append(override)
+    placeholders = dict(raw_training)  # SimpleTuner's `{model_family}` & co. in either file
+    translated = translate(fill_placeholders(raw_training, placeholders), SIMPLETUNER_TRAINING_KEYS, config_path, "", problems)
 
+    validated_from = len(problems.problems)
     training = validate_table(
-        TrainingConfig, raw_training, config_path, "", problems,
+        TrainingConfig, translated.table, config_path, "", problems,
         elsewhere={"in a dataset entry of multidatabackend.json": _DATASET_KEYS,
                     "under a dataset's \"video\" section in multidatabackend.json": _VIDEO_KEYS},
     )
@@ -177,7 +195,10 @@ def load_config(
         problems.add(backend_path, FILE_KEY, type(backend_raw).__name__,
                      "multidatabackend.json must hold a JSON list of dataset entries", "wrap the entries in [ ... ]")
     elif backend_raw is not None:
-        entries = _validate_entries(backend_raw, dataset_overrides, backend_path, training, problems)
+        raw_entries = [fill_placeholders(entry, placeholders) for entry in backend_raw]
+        entries = _validate_entries(
+            raw_entries, dataset_overrides, translated.dataset_defaults, backend_path, training, problems
+        )
     dataset_problem_keys = problems.keys() - training_problem_keys
 
     cross = ProblemList()
@@ -190,6 +211,10 @@ def load_config(
     # they say about it would be noise.
     already = training_problem_keys | dataset_problem_keys
     problems.extend([p for p in cross.problems if p.key not in already])
+    translated.name_as_written(problems, validated_from)
+
+    prompt_file = training.validation_prompt_file
+    prompt_entries = [] if prompt_file is None else read_prompt_file(prompt_file, config_path, problems)
 
     if problems.errors:
         raise ConfigError(problems.problems)
@@ -203,6 +228,7 @@ def load_config(
         text_embeds=next((t for t in text_embeds if t.default), text_embeds[0] if text_embeds else None),
         disabled_datasets=[d for d in datasets if d.disabled],
         warnings=problems.warnings,
+        prompt_entries=prompt_entries,
     )
 
 
@@ -217,6 +243,8 @@ def _resolve_training_paths(training: TrainingConfig, base_for: Any) -> tuple[Tr
         if checkpoint is None
         else resolve_path(checkpoint, base_for("pretrained_model_name_or_path")),
     }
+    if training.validation_prompt_file is not None:
+        update["validation_prompt_file"] = resolve_path(training.validation_prompt_file, base_for("validation_prompt_file"))
     resume = training.resume_from_checkpoint
     if resume is not None and resume != "latest":
         update["resume_from_checkpoint"] = str(resolve_path(Path(resume), base_for("resume_from_checkpoint")))
@@ -226,6 +254,7 @@ def _resolve_training_paths(training: TrainingConfig, base_for: Any) -> tuple[Tr
 def _validate_entries(
     raw_entries: list[Any],
     overrides: list[Override],
+    dataset_defaults: dict[str, Any],
     backend_path: Path,
     training: TrainingConfig,
     problems: ProblemList,
@@ -251,6 +280,12 @@ def _validate_entries(
                          'write {"id": "...", "dataset_type": "video", "instance_data_dir": "..."}')
             entries.append(BackendEntry(index, raw, None))
             continue
+        translated = translate(raw, SIMPLETUNER_DATASET_KEYS, backend_path, key, problems)
+        refused = problems.keys(backend_path)
+        raw = translated.table
+        if raw.get("dataset_type") != "text_embeds":
+            raw = {**dataset_defaults, **raw}
+        validated_from = len(problems.problems)
         model: DatasetConfig | TextEmbedsConfig | None
         if raw.get("dataset_type") == "text_embeds":
             model = validate_table(TextEmbedsConfig, raw, backend_path, key, problems)
@@ -259,6 +294,10 @@ def _validate_entries(
                 DatasetConfig, raw, backend_path, key, problems,
                 elsewhere={"in config.json": _TRAINING_KEYS, "under this entry's \"video\" section": _VIDEO_KEYS},
             )
+        translated.name_as_written(problems, validated_from, key)
+        if f"{key}.type" in refused:
+            # a remote dataset has no instance_data_dir; the refusal's fix says to add one
+            problems.problems = [p for p in problems.problems if p.key != f"{key}.instance_data_dir"]
         entries.append(BackendEntry(index, raw, _resolve_entry_paths(model, index, overridden, backend_dir, training)))
     return entries
 

@@ -95,8 +95,14 @@ def _example(info: FieldInfo | None) -> str:
         return ""
 
 
+# Similarity (difflib's ratio) above which an unknown key is taken for a typo of a known one: one or
+# two letters off (`lora_rnak`, `seeed`: 0.89). Below it a suggestion misleads: `vae_batch_size` is
+# 0.80 from `train_batch_size`, `lora_type` 0.67 from `lora_init`.
+TYPO_SIMILARITY = 0.85
+
+
 def _unknown_key_fix(key: str, owner: type[BaseModel], elsewhere: dict[str, list[str]]) -> str:
-    close = difflib.get_close_matches(key, accepted_keys(owner), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, accepted_keys(owner), n=1, cutoff=TYPO_SIMILARITY)
     if close:
         return f'did you mean "{close[0]}"? (rename it)'
     for place, keys in elsewhere.items():

@@ -16,6 +16,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from longcat_train.config.datasets import DatasetConfig, TextEmbedsConfig, VideoOptions
+from longcat_train.config.simpletuner import (
+    SIMPLETUNER_DATASET_DEFAULTS,
+    SIMPLETUNER_DATASET_KEYS,
+    SIMPLETUNER_TRAINING_KEYS,
+    SimpleTunerKey,
+)
 from longcat_train.config.training import TrainingConfig
 
 _INTRO = """\
@@ -47,7 +53,10 @@ Where this trainer differs from what the SimpleTuner guides say:
 - `aspect_bucket_alignment` is not fixed at 64: 480 is not a multiple of 64, so the guides'
   480x832 needs 32 (or 16). A `pixel` resolution that is not a multiple of the alignment is
   reported as a warning (its short edge is rounded); one that is not a multiple of 16 is an error.
-- `validation_resolution` is HEIGHTxWIDTH: `"480x832"` is 480 high and 832 wide.
+- `validation_resolution` is HEIGHTxWIDTH: `"480x832"` is 480 high and 832 wide (SimpleTuner
+  reads WIDTHxHEIGHT). Dataset-driven renders follow each held-out clip's orientation; when the
+  written orientation contradicts the held-out clips (or the training buckets) `train` and
+  `data check` warn, naming both readings. The startup table says "832 wide × 480 high".
 - `pretrained_model_name_or_path: null` selects `$LONGCAT_HOME/models/LongCat-Video`
   (`LONGCAT_HOME` defaults to `~/.cache/longcat`); nothing is downloaded at run time.
 
@@ -117,6 +126,54 @@ def model_table(model: type[BaseModel]) -> str:
     return "\n".join(lines)
 
 
+_SIMPLETUNER_INTRO = """\
+## SimpleTuner configs
+
+SimpleTuner's files load as they are: its LongCat-Video example and datasets file, the guides'
+snippets, and what its configurator writes with `"--key"` names (`{"--learning_rate": "1e-4"}`;
+a key given both as `--key` and `key` is an error). A key written twice in one JSON object is an
+error naming both lines; a UTF-8 byte-order mark is fine. `{model_family}`, another key's name
+in braces, and `{env:NAME}` in a value are filled in as SimpleTuner fills them.
+
+Every SimpleTuner key this trainer knows, and what it does with it. A key with no effect here
+is accepted with one warning line; a value that cannot be honoured is an error whose fix names
+the alternative. Keys of neither table are unknown (an error; "did you mean" only for typos).
+"""
+
+
+def _simpletuner_words(entry: SimpleTunerKey) -> str:
+    note = f": {entry.note}" if entry.note else ""
+    if entry.treatment == "renamed":
+        return f"read as `{entry.target}`{note}"
+    if entry.treatment == "dataset default":
+        return f"copied into each dataset entry that leaves `{entry.target}` unset"
+    if entry.treatment == "no effect":
+        return f"accepted{note}" if entry.silent else f"no effect here, one warning{note}"
+    return f"same key, same meaning{note}"
+
+
+def simpletuner_tables() -> str:
+    """The SimpleTuner keys table and the table of its defaults that differ from ours."""
+    lines = ["| SimpleTuner key | in | what this trainer does |", "| --- | --- | --- |"]
+    for place, table in (("config.json", SIMPLETUNER_TRAINING_KEYS), ("dataset entry", SIMPLETUNER_DATASET_KEYS)):
+        for key, entry in sorted(table.items()):
+            words = _simpletuner_words(entry).replace("|", "\\|")
+            lines.append(f"| `{key}` | {place} | {words} |")
+    lines += [
+        "",
+        "### Defaults that differ from SimpleTuner's",
+        "",
+        "`config check` lists those a config leaves unset. Set them to keep SimpleTuner's behaviour.",
+        "",
+        "| dataset key | here | SimpleTuner | what it changes |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, (theirs, meaning) in SIMPLETUNER_DATASET_DEFAULTS.items():
+        ours = DatasetConfig.model_fields[key].default
+        lines.append(f"| `{key}` | `{json.dumps(ours)}` | `{json.dumps(theirs)}` | {meaning} |")
+    return "\n".join(lines)
+
+
 def render_reference() -> str:
     sections = [
         _INTRO,
@@ -127,6 +184,7 @@ def render_reference() -> str:
         "### Text-embedding cache entry (`\"dataset_type\": \"text_embeds\"`)\n\n"
         "Accepted as SimpleTuner writes it; sets where caption embeddings are cached.\n\n"
         + model_table(TextEmbedsConfig),
+        _SIMPLETUNER_INTRO + "\n" + simpletuner_tables(),
     ]
     return "\n\n".join(section.rstrip("\n") for section in sections) + "\n"
 

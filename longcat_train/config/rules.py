@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 
+from typing import Annotated
+
+from pydantic import BeforeValidator, StrictBool
 from pydantic_core import PydanticCustomError
 
 from ..release_facts import (
@@ -113,3 +116,15 @@ def check_path_text(value: object) -> object:
             {"fix": "use a shorter path"},
         )
     return value
+
+
+def read_true_false(value: object) -> object:
+    """The text "true" / "false" as the boolean (SimpleTuner's configurator writes booleans as text);
+    every other non-boolean ("yes", 1) is left for the strict boolean check to refuse."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
+# A boolean key: true / false (or that text); anything else is refused by name.
+Flag = Annotated[StrictBool, BeforeValidator(read_true_false)]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from rich.console import Group
 from rich.table import Column
 
 from longcat_train.config.loading import LoadedConfig
 from longcat_train.config.problems import ValueTable
+from longcat_train.config.simpletuner import SIMPLETUNER_DATASET_DEFAULTS, defaults_left_unset
 
 
 def _length(loaded: LoadedConfig) -> str:
@@ -54,4 +58,24 @@ def config_summary(loaded: LoadedConfig) -> Group:
             dataset.id, dataset.dataset_type, role, frames,
             f"{dataset.resolution:g} {dataset.resolution_type}", str(dataset.instance_data_dir),
         )
-    return Group(settings, datasets)
+    parts = [settings, datasets]
+    unset = differing_defaults(loaded)
+    if unset:
+        defaults = ValueTable("key", "here", "SimpleTuner", "datasets", "what it changes",
+                              title="defaults that differ from SimpleTuner's, left unset (set them to keep SimpleTuner's)",
+                              title_justify="left")
+        for row in unset:
+            defaults.add_row(row["key"], json.dumps(row["here"]), json.dumps(row["simpletuner"]),
+                             ", ".join(row["datasets"]), row["meaning"])
+        parts.append(defaults)
+    return Group(*parts)
+
+
+def differing_defaults(loaded: LoadedConfig) -> list[dict[str, Any]]:
+    """The dataset keys whose default differs from SimpleTuner's and that some dataset leaves unset."""
+    rows = []
+    for key, ids in defaults_left_unset(loaded.datasets).items():
+        theirs, meaning = SIMPLETUNER_DATASET_DEFAULTS[key]
+        here = type(loaded.datasets[0]).model_fields[key].default
+        rows.append({"key": key, "here": here, "simpletuner": theirs, "datasets": ids, "meaning": meaning})
+    return rows

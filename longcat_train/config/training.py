@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from longcat_train.release_facts import PROJECTION_MODULES
+from longcat_train.config.dependencies import Requirement
 from longcat_train.config.rules import (
+    Flag,
     check_alignment,
     check_frames,
     check_path_text,
@@ -27,6 +29,7 @@ class Choice:
 
     note: str = ""  # said after the name in the key's description: "`official` (LongCat's own format)"
     title: str = ""  # the name in a sentence ("official LongCat"); LoRA formats need one (CLI, errors)
+    requires: Requirement | None = None  # an optional package it needs (checked when the config loads)
 
 
 # The extension tables: the names the config accepts, `config.md` and the CLI list, without torch
@@ -42,9 +45,10 @@ LORA_FORMAT_CHOICES: dict[str, Choice] = {
 ATTENTION_CHOICES: dict[str, Choice] = {
     "auto": Choice("fastest available per shape; block-sparse where the released model uses it"),
     "sdpa": Choice(),
-    "flash": Choice(),
-    "xformers": Choice(),
-    "bsa": Choice(),
+    "flash": Choice(requires=Requirement(("flash_attn", "flash_attn_interface"),
+                                         "pip install flash-attn --no-build-isolation")),
+    "xformers": Choice(requires=Requirement(("xformers",), "pip install xformers")),
+    "bsa": Choice(requires=Requirement(("triton",), "pip install triton (Linux)")),
 }
 
 
@@ -109,9 +113,8 @@ class TrainingConfig(BaseModel):
     )
     attention_implementation: AttentionImplementation = Field(
         "auto",
-        validation_alias=AliasChoices("attention_implementation", "attention_mechanism"),
         description=f"Self-attention kernel: {described_choices(ATTENTION_CHOICES)}. "
-        "Also read from `attention_mechanism`, SimpleTuner's name.",
+        "SimpleTuner's `attention_mechanism` is read as this key (see the SimpleTuner table).",
     )
     flow_schedule_shift: float | None = Field(
         None, gt=0, description="Flow-matching σ shift; null uses the checkpoint scheduler's (12.0)."
@@ -153,7 +156,7 @@ class TrainingConfig(BaseModel):
     # --- optimisation -------------------------------------------------------------------------
     train_batch_size: int = Field(1, ge=1, le=4096, description="Clips per step per GPU (one bucket per batch).")
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: StrictBool = Field(True, description="Recompute block activations in backward.")
+    gradient_checkpointing: Flag = Field(True, description="Recompute block activations in backward.")
     gradient_checkpointing_mode: Literal["full", "selective"] = Field(
         "selective",
         description="`selective` keeps each block's self-attention output instead of recomputing it "
@@ -170,16 +173,20 @@ class TrainingConfig(BaseModel):
         "0.29, `ffn_w1`, `ffn_w3` 0.77; in host memory with `activation_offload`). Acts on bf16 weights "
         "whose linear carries a LoRA; `longcat plan` recommends a set that fits.",
     )
-    activation_offload: StrictBool = Field(
+    activation_offload: Flag = Field(
         True,
         description="On CUDA, keep checkpointed block inputs and kept attention outputs in pinned host "
         "memory, fetched back asynchronously a block ahead of backward (26 GiB less GPU memory at "
         "480x832x93 with `selective`, as much host RAM more; no measurable time).",
     )
     learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
-        "constant", description="Learning-rate schedule after warmup."
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"] = Field(
+        "constant",
+        description="Learning-rate schedule after warmup (diffusers' `get_scheduler`; `constant` holds the peak "
+        "from step 0, `constant_with_warmup` after the warmup).",
     )
+    lr_num_cycles: int = Field(1, ge=1, le=10_000, description="Hard restarts of `cosine_with_restarts`.")
+    lr_power: float = Field(1.0, gt=0.0, le=100.0, description="Power of the `polynomial` decay (1: linear).")
     lr_warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear warmup steps.")
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (AdamW, fused where available).")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1.")
@@ -195,6 +202,13 @@ class TrainingConfig(BaseModel):
 
     # --- validation ---------------------------------------------------------------------------
     validation_prompt: str | None = Field(None, description="Prompt rendered at each validation.")
+    validation_prompt_file: Path | None = Field(
+        None,
+        description="Prompts rendered at each validation and by `longcat validate`, after `validation_prompt`: "
+        "a text file with one prompt per line (`# ` starts a comment line; ` --i PATH` at the end of a line "
+        "gives that prompt a start image, rendered image-to-video), or a `.json` prompt library as "
+        "SimpleTuner's `user_prompt_library` writes it (`{\"name\": \"prompt\"}`). Relative to the config file.",
+    )
     validation_negative_prompt: str | None = Field(
         None, description="Negative prompt for CFG; null uses the empty prompt, as the official sampler."
     )
@@ -205,7 +219,7 @@ class TrainingConfig(BaseModel):
     validation_num_inference_steps: int = Field(40, ge=1, le=1000, description="Denoising steps per render.")
     validation_guidance: float = Field(4.0, ge=1.0, description="CFG scale; 1.0 turns CFG off.")
     validation_seed: int | None = Field(None, description="Seed of validation noise; null uses `seed`.")
-    validation_using_datasets: StrictBool = Field(
+    validation_using_datasets: Flag = Field(
         False,
         description="Validate on the start frames and captions of `eval_dataset_id` instead of "
         "`validation_prompt` alone.",
@@ -218,11 +232,10 @@ class TrainingConfig(BaseModel):
     validation_step_interval: int | None = Field(
         100,
         ge=1,
-        validation_alias=AliasChoices("validation_step_interval", "validation_steps"),
-        description="Validate every N steps and after the last step (also read from `validation_steps`); "
-        "null: never during training (render afterwards with `longcat validate`).",
+        description="Validate every N steps and after the last step (SimpleTuner's `validation_steps` is "
+        "read as this key); null: never during training (render afterwards with `longcat validate`).",
     )
-    validation_on_startup: StrictBool = Field(
+    validation_on_startup: Flag = Field(
         False, description="Render once before the first step, as a base-model reference."
     )
 
@@ -230,9 +243,8 @@ class TrainingConfig(BaseModel):
     checkpoint_step_interval: int = Field(
         500,
         ge=1,
-        validation_alias=AliasChoices("checkpoint_step_interval", "checkpointing_steps"),
         description="Save a resumable checkpoint every N steps (and at the end). "
-        "Also read from `checkpointing_steps`.",
+        "SimpleTuner's `checkpointing_steps` is read as this key.",
     )
     checkpoints_total_limit: int | None = Field(
         3, ge=1, description="Keep at most this many checkpoints (oldest pruned); null keeps all."
@@ -247,8 +259,8 @@ class TrainingConfig(BaseModel):
         description="Bucket edges are multiples of this (16, 32 or 64). 480x832 needs 32 or 16: "
         "480 is not a multiple of 64.",
     )
-    vae_enable_tiling: StrictBool = Field(False, description="Encode/decode with the VAE in tiles (less memory).")
-    vae_enable_slicing: StrictBool = Field(False, description="Encode/decode one sample of a batch at a time.")
+    vae_enable_tiling: Flag = Field(False, description="Encode/decode with the VAE in tiles (less memory).")
+    vae_enable_slicing: Flag = Field(False, description="Encode/decode one sample of a batch at a time.")
 
     # --- memory -------------------------------------------------------------------------------
     musubi_blocks_to_swap: int = Field(
@@ -257,12 +269,12 @@ class TrainingConfig(BaseModel):
     musubi_block_swap_device: Literal["cpu"] = Field(
         "cpu", description="Where swapped blocks wait between uses: host RAM, the only place that frees GPU memory."
     )
-    enable_group_offload: StrictBool = Field(False, description="Offload groups of modules (diffusers hooks).")
+    enable_group_offload: Flag = Field(False, description="Offload groups of modules (diffusers hooks).")
     group_offload_type: Literal["block_level", "leaf_level"] = Field(
         "block_level", description="Granularity of group offload."
     )
     group_offload_blocks_per_group: int = Field(1, ge=1, description="Blocks per offload group (block_level).")
-    group_offload_use_stream: StrictBool = Field(False, description="Overlap offload transfers on a CUDA stream.")
+    group_offload_use_stream: Flag = Field(False, description="Overlap offload transfers on a CUDA stream.")
 
     # --- logging ------------------------------------------------------------------------------
     report_to: Literal["tensorboard", "wandb", "all", "none"] = Field(

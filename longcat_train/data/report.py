@@ -58,6 +58,14 @@ class DatasetReport:
     strict_pairing: bool = False
     cache_bytes: int = 0
 
+    def bucket_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each item's bucket (one entry per item, so the common size weighs most)."""
+        sizes = []
+        for label, count in self.buckets.items():
+            height, width, _frames = (int(part) for part in label.split("x"))
+            sizes += [(height, width)] * count
+        return sizes
+
     @property
     def pairing(self) -> str:
         if not self.is_i2v:
@@ -138,7 +146,7 @@ class DataCheckReport:
                 console.print(Text(f"{d.dataset_id}: {d.error}", style="red"))
             if d.buckets:
                 table = ValueTable("bucket (HxWxF)", Column("items", justify="right"),
-                                   title=f"{d.dataset_id}: buckets (WxH@frames)")
+                                   title=f"{d.dataset_id}: buckets")
                 for label, count in sorted(d.buckets.items()):
                     table.add_row(label, str(count))
                 console.print(table)

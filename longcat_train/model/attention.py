@@ -8,7 +8,6 @@ installed, the ops selective checkpointing keeps) and its name in the config's `
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,10 +55,6 @@ class AttentionBackendUnavailable(RuntimeError):
     pass
 
 
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
 def _sdpa(q, k, v, attn_mask=None):
     if q.is_cuda:
         with sdpa_kernel(_CUDA_SDPA_PRIORITY, set_priority=True):
@@ -94,12 +89,11 @@ def _xformers(q, k, v, attn_mask=None):
 @dataclass(frozen=True)
 class AttentionBackend:
     """One `attention_implementation`: its dense attention function, the ops whose outputs selective
-    checkpointing keeps (a kernel missing here is silently recomputed), and what it needs installed."""
+    checkpointing keeps (a kernel missing here is silently recomputed). What it needs installed is
+    the config's (`ATTENTION_CHOICES[name].requires`), so `config check` can say so without torch."""
 
     dense: Callable  # (q, k, v, attn_mask=None) -> out: cross-attention, and self-attention when not block-sparse
     kept_ops: frozenset[str]  # its attention ops ("namespace::name") whose outputs checkpointing keeps
-    needs_modules: tuple[str, ...] = ()  # available when any one of them is importable
-    install_hint: str = ""  # the error's words after the backend's name when none is
 
 
 # Every backend, in the order of the config's `ATTENTION_CHOICES` (the names
@@ -110,16 +104,9 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": AttentionBackend(_sdpa, _SDPA_OPS),
     # flash and xformers fall back to SDPA with a mask; their own kernels are not listed, so
     # selective checkpointing recomputes them (as it always has)
-    "flash": AttentionBackend(
-        _flash, _SDPA_OPS, ("flash_attn", "flash_attn_interface"),
-        "needs the flash-attn package (pip install flash-attn); use 'sdpa' or 'auto' instead",
-    ),
-    "xformers": AttentionBackend(
-        _xformers, _SDPA_OPS, ("xformers",), "needs the xformers package; use 'sdpa' or 'auto' instead",
-    ),
-    "bsa": AttentionBackend(
-        _sdpa, _SDPA_OPS | _BSA_OPS, ("triton",), "needs Triton (Linux, pip install triton); use 'sdpa' or 'auto'",
-    ),
+    "flash": AttentionBackend(_flash, _SDPA_OPS),
+    "xformers": AttentionBackend(_xformers, _SDPA_OPS),
+    "bsa": AttentionBackend(_sdpa, _SDPA_OPS | _BSA_OPS),
 }
 if list(ATTENTION_BACKENDS) != list(ATTENTION_CHOICES):  # a name the config accepts needs code, and back
     raise RuntimeError(f"ATTENTION_BACKENDS {list(ATTENTION_BACKENDS)} and the config's ATTENTION_CHOICES "
@@ -137,9 +124,12 @@ def check_backend_available(name: str) -> None:
         raise AttentionBackendUnavailable(
             f"attention_implementation={name!r} is unknown; choose one of {', '.join(BACKENDS)}"
         )
-    backend = ATTENTION_BACKENDS[name]
-    if backend.needs_modules and not any(_has_module(module) for module in backend.needs_modules):
-        raise AttentionBackendUnavailable(f"attention_implementation={name!r} {backend.install_hint}")
+    requirement = ATTENTION_CHOICES[name].requires
+    if requirement is not None and not requirement.available():
+        raise AttentionBackendUnavailable(
+            f"attention_implementation={name!r} needs {requirement.modules[0]} ({requirement.install}); "
+            "use 'sdpa' or 'auto' instead"
+        )
 
 
 # The official model turns block-sparse attention on for its 720p stage: 704x1280 and up, i.e.

@@ -34,6 +34,8 @@ from rich.markup import escape
 from ..cache import collate_text
 from ..components import load_dit_config, load_scheduler, load_vae
 from ..config import LoadedConfig, TrainingConfig
+from ..config.orientation import describe_size, orientation_warning
+from ..config.problems import warnings_table
 from ..data import BucketBatchSampler, ClipItem
 from ..lora.adapters import add_lora, compute_lora_in_autocast_dtype, load_lora_into_adapter, lora_state
 from ..memory import (
@@ -230,6 +232,8 @@ def run_description(cfg, model, params, alpha, data: PreparedData, step: int, to
         "buckets (HxWxF)": ", ".join(sorted({i.bucket.label for i in data.items})),
         "steps": f"{step} → {total_steps} (batch {cfg.train_batch_size} × accumulation "
                  f"{cfg.gradient_accumulation_steps} × {processes} processes)",
+        "validation": f"{describe_size(*cfg.validation_size)} × {cfg.validation_num_video_frames} frames"
+                      + (", held-out clips in their own orientation" if cfg.validation_using_datasets else ""),
         "memory": f"checkpointing {checkpointing}{', activation offload' if model.offload_block_inputs else ''}"
                   f"{', keeps ' + '+'.join(cfg.keep_projections) if cfg.keep_projections else ''}, "
                   f"swap {cfg.musubi_blocks_to_swap} blocks, attention {cfg.attention_implementation}",
@@ -240,11 +244,26 @@ def run_description(cfg, model, params, alpha, data: PreparedData, step: int, to
     return rows
 
 
+def make_lr_scheduler(cfg: TrainingConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The `lr_scheduler` schedule over `total_steps` optimizer steps (diffusers' `get_scheduler`)."""
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=total_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+
+
+def validation_orientation_warning(loaded: LoadedConfig, data: PreparedData):
+    """The warning when `validation_resolution` lies the other way from the held-out clips (or,
+    without any, the training buckets), or None."""
+    cfg = loaded.training
+    reference, what = (data.eval_items, "the held-out clips") if data.eval_items else (data.items, "the training buckets")
+    sizes = [(item.bucket.height, item.bucket.width) for item in reference]
+    return orientation_warning(cfg.validation_resolution, cfg.validation_size, sizes, what, loaded.config_path)
+
+
 def build_validator(loaded: LoadedConfig, data: PreparedData, device: torch.device):
     """The periodic validator, or None when nothing is to be validated. Only the main process
     renders; the others wait at the barrier after `run`."""
     cfg = loaded.training
-    if not cfg.validation_step_interval or not (cfg.validation_prompt or data.eval_items):
+    if not cfg.validation_step_interval or not (cfg.validation_prompt or data.eval_items or loaded.prompt_entries):
         return None
     root = Path(cfg.pretrained_model_name_or_path)
     vae_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -361,8 +380,7 @@ class TrainingRun:
                 + ", ".join(f"{label}: {count}" for label, count in sorted(sizes.items()))
                 + " items. Lower train_batch_size, or add clips to one bucket")
         self.total_steps = max_steps(cfg, batches)
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                     num_training_steps=self.total_steps)
+        lr_scheduler = make_lr_scheduler(cfg, optimizer, self.total_steps)
         self.state = TrainState()
         try:
             resume = resolve_resume(self.output_dir, cfg.resume_from_checkpoint,
@@ -406,6 +424,9 @@ class TrainingRun:
                        weights_at=model.weights_at, loaded_at=model.loaded_at, ready_at=time.time(),
                        **model.warmup.as_event(), memory={key: getattr(cfg, key) for key in PLANNED_KEYS},
                        picked=list(model.picked))
+        orientation = validation_orientation_warning(loaded, data)
+        if orientation is not None:
+            self.console.print(warnings_table([orientation]))
         self.console.print(startup_table(run_description(cfg, self.model, self.params, self.alpha, data,
                                                          self.state.step, self.total_steps,
                                                          accelerator.num_processes, model.picked)))

@@ -74,7 +74,8 @@ def text_cache_dir(loaded: LoadedConfig) -> Path:
 
 def validation_prompts(loaded: LoadedConfig) -> list[str]:
     cfg = loaded.training
-    return [p for p in (cfg.validation_prompt, cfg.validation_negative_prompt) if p]
+    prompts = (cfg.validation_prompt, cfg.validation_negative_prompt, *(e.prompt for e in loaded.prompt_entries))
+    return [p for p in prompts if p]
 
 
 @dataclass(frozen=True)

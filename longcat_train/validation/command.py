@@ -64,19 +64,20 @@ def _eval_items(loaded: LoadedConfig) -> list[ClipItem]:
 
 
 def _cases(loaded: LoadedConfig, training: TrainingConfig, image: Path | None, prompt: str | None) -> list[ValidationCase]:
-    height, width = training.validation_size
+    size = training.validation_size
     if image is not None:
         text = prompt if prompt is not None else training.validation_prompt
         if text is None:
             raise ValueError(f"--image {image} needs a prompt: pass --prompt TEXT or set validation_prompt")
-        return [ValidationCase(render_stem(0, text), text, load_start_image(image, height, width))]
+        return [ValidationCase(render_stem(0, text), text, load_start_image(image, *size), size)]
     if prompt is not None:
-        return [ValidationCase(render_stem(0, prompt), prompt, None)]
-    cases = validation_cases(training, _eval_items(loaded))
+        return [ValidationCase(render_stem(0, prompt), prompt, None, size)]
+    cases = validation_cases(training, _eval_items(loaded), loaded.prompt_entries)
     if not cases:
         raise ValueError(
             f"nothing to render from {loaded.config_path}: pass --prompt (and --image for image-to-video), "
-            "set validation_prompt, or set validation_using_datasets with an eval_dataset_id that has clips"
+            "set validation_prompt or validation_prompt_file, or set validation_using_datasets with an "
+            "eval_dataset_id that has clips"
         )
     return cases
 
@@ -154,7 +155,7 @@ def run_validate(
                 transformer, vae, *text[case.prompt], *text[negative_prompt],
                 start_pixels=case.start_pixels,
                 on_step=lambda done, _total, task=task: progress.update(task, completed=done),
-                **settings.as_kwargs(),
+                **settings.sized(*case.size).as_kwargs(),
             )
             files = write_render(directory, case.stem, result.frames)
             written.extend(files.paths())

@@ -30,6 +30,8 @@ from diffusers import AutoencoderKLWan
 from longcat_train.cache import CachedLatent, clean_prompt, collate_text
 from longcat_train.components import free_device_memory, load_scheduler
 from longcat_train.config import LoadedConfig, TrainingConfig
+from longcat_train.config.orientation import follow_orientation
+from longcat_train.config.prompt_file import PromptEntry
 from longcat_train.data import ClipItem, load_start_frame_pixels
 from longcat_train.objective.flow import shift_sigmas
 from longcat_train.objective.loss import flow_matching_loss
@@ -37,7 +39,7 @@ from longcat_train.objective.strategy import STRATEGIES
 from longcat_train.release_facts import TEXT_TOKENS
 
 from .outputs import contact_sheet, render_stem, write_render
-from .render import RenderSettings, fit_pixels, render_video
+from .render import RenderSettings, fit_pixels, load_start_image, render_video
 
 # The padded text length of the release (`text_tokens_zero_pad`: padding is attended as zeros).
 HELDOUT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -57,11 +59,13 @@ class ScalarImageWriter(Protocol):
 
 @dataclass(frozen=True)
 class ValidationCase:
-    """One render: its file stem, prompt and start frame (`[3, 1, H, W]`, None for text-to-video)."""
+    """One render: its file stem, prompt, start frame (`[3, 1, H, W]`, None for text-to-video) and
+    size (height, width)."""
 
     stem: str
     prompt: str
     start_pixels: torch.Tensor | None
+    size: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -73,32 +77,44 @@ class HeldOutLatents:
 
 
 def validation_cases(
-    training: TrainingConfig, eval_items: Sequence[ClipItem], max_dataset_renders: int = MAX_DATASET_RENDERS
+    training: TrainingConfig, eval_items: Sequence[ClipItem], prompt_entries: Sequence[PromptEntry] = (),
+    max_dataset_renders: int = MAX_DATASET_RENDERS,
 ) -> list[ValidationCase]:
-    """With `validation_using_datasets`, the start frames and captions of the first eval clips
-    (one window per file), resized to the render size; else `validation_prompt` as text-to-video;
-    else nothing. A start frame that cannot be read is skipped and logged."""
-    height, width = training.validation_size
-    if not training.validation_using_datasets:
-        prompt = training.validation_prompt
-        return [] if prompt is None else [ValidationCase(render_stem(0, prompt), prompt, None)]
+    """With `validation_using_datasets`, the start frames and captions of the first eval clips (one
+    window per file), each rendered at `validation_resolution` turned to its clip's orientation;
+    else `validation_prompt` as text-to-video; then each prompt of `validation_prompt_file` (with
+    its start image: image-to-video). A start image that cannot be read is skipped and logged."""
+    size = training.validation_size
     cases: list[ValidationCase] = []
-    seen: set[Path] = set()
-    for item in eval_items:
-        if len(cases) >= max_dataset_renders:
-            break
-        if item.path in seen:
-            continue
-        seen.add(item.path)
-        start = None
-        if item.is_i2v:
-            try:
-                start = fit_pixels(load_start_frame_pixels(item), height, width)
-            except Exception as error:  # noqa: BLE001 - one bad clip is skipped and reported, never a crash
-                logger.warning("validation skips %s: cannot read its start frame (%s)", item.path, error)
+    if training.validation_using_datasets:
+        seen: set[Path] = set()
+        for item in eval_items:
+            if len(cases) >= max_dataset_renders:
+                break
+            if item.path in seen:
                 continue
-        cases.append(ValidationCase(render_stem(len(cases), item.caption), item.caption, start))
+            seen.add(item.path)
+            item_size = follow_orientation(size, (item.bucket.height, item.bucket.width))
+            start = _start_pixels(lambda: fit_pixels(load_start_frame_pixels(item), *item_size), item.path) if item.is_i2v else None
+            if item.is_i2v and start is None:
+                continue
+            cases.append(ValidationCase(render_stem(len(cases), item.caption), item.caption, start, item_size))
+    elif training.validation_prompt is not None:
+        cases.append(ValidationCase(render_stem(0, training.validation_prompt), training.validation_prompt, None, size))
+    for entry in prompt_entries:
+        image = entry.image
+        start = None if image is None else _start_pixels(lambda image=image: load_start_image(image, *size), image)
+        if image is None or start is not None:
+            cases.append(ValidationCase(render_stem(len(cases), entry.prompt), entry.prompt, start, size))
     return cases
+
+
+def _start_pixels(load: Callable[[], torch.Tensor], source: Path) -> torch.Tensor | None:
+    try:
+        return load()
+    except Exception as error:  # noqa: BLE001 - one bad start image is skipped and reported, never a crash
+        logger.warning("validation skips %s: cannot read its start frame (%s)", source, error)
+        return None
 
 
 def sigma_quantiles(scheme: str, shift: float, quantiles: Sequence[float] = HELDOUT_QUANTILES) -> torch.Tensor:
@@ -134,7 +150,7 @@ class Validator:
         self.vae_loader = vae_loader
         scheduler_shift = float(load_scheduler(loaded.model_dir).config.shift)
         self.settings = RenderSettings.from_training(training, shift=scheduler_shift)
-        self.cases = validation_cases(training, eval_items, max_dataset_renders)
+        self.cases = validation_cases(training, eval_items, loaded.prompt_entries, max_dataset_renders)
         self.heldout_items = list(eval_items) if eval_latents is not None else []
         self.heldout_latents = list(eval_latents or [])
         self.heldout_sigmas = sigma_quantiles(
@@ -160,7 +176,8 @@ class Validator:
     def required_prompts(loaded: LoadedConfig, eval_items: Sequence[ClipItem] = ()) -> list[str]:
         """Every prompt whose text features the validator needs (empty/negative prompt included)."""
         training = loaded.training
-        prompts = [training.validation_negative_prompt or "", training.validation_prompt or ""]
+        prompts = [training.validation_negative_prompt or "", training.validation_prompt or "",
+                   *(entry.prompt for entry in loaded.prompt_entries)]
         return list(dict.fromkeys([*prompts, *(item.caption for item in eval_items)]))
 
     def run(self, transformer: torch.nn.Module, step: int, writer: ScalarImageWriter | None = None) -> dict[str, float]:
@@ -193,7 +210,7 @@ class Validator:
                 embeds, mask = self._text[case.prompt]
                 result = render_video(
                     transformer, vae, embeds, mask, *self.negative,
-                    start_pixels=case.start_pixels, **self.settings.as_kwargs(),
+                    start_pixels=case.start_pixels, **self.settings.sized(*case.size).as_kwargs(),
                 )
                 write_render(directory, case.stem, result.frames)
                 if result.first_frame_psnr is not None:

@@ -7,7 +7,7 @@ generator, so a seed gives the same render on any device.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -48,6 +48,10 @@ class RenderSettings:
         seed = training.seed if training.validation_seed is None else training.validation_seed
         return cls(height, width, training.validation_num_video_frames, training.validation_num_inference_steps,
                    training.validation_guidance, seed, shift=shift, tiling=training.vae_enable_tiling)
+
+    def sized(self, height: int, width: int) -> RenderSettings:
+        """These settings at another size (a render that follows its clip's orientation)."""
+        return replace(self, height=height, width=width)
 
     def as_kwargs(self) -> dict[str, object]:
         return asdict(self)
