@@ -116,7 +116,7 @@ CASES: list[tuple[str, Mutation, str, str, str]] = [
     ("training key in a dataset", _set_dataset(0, "aspect_bucket_alignment", 32), "datasets[0].aspect_bucket_alignment", "config.json", "unknown key"),
     ("fps", _set_dataset(0, "fps", 0), "datasets[0].fps", "use 15", "positive"),
     ("i2v probability range", _set_dataset(0, "i2v_probability", 1.5), "datasets[0].i2v_probability", "at most 1", "less than or equal"),
-    ("is_i2v on start frames", _set_dataset(1, "is_i2v", True), "datasets[1].is_i2v", "conditioning", "video datasets"),
+    ("is_i2v on start frames", _set_dataset(1, "is_i2v", True), "datasets[1].is_i2v", "conditioning", "\"video\" datasets"),
     ("kept projection name", _set("keep_projections", ["qkvv"]), "keep_projections[0]", "'attention_out'", "one of"),
     ("kept projections without selective", _keep_without_selective, "keep_projections", '"selective"', "does not use"),
 ]

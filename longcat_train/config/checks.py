@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from longcat_train.config.dataset_types import kind_of, names_where
 from longcat_train.config.datasets import DatasetConfig, TextEmbedsConfig
 from longcat_train.config.dependencies import PRECISION_REQUIREMENTS, REPORT_TO_REQUIREMENTS, missing_requirement
 from longcat_train.config.model_paths import check_checkpoint_dir
@@ -138,7 +139,7 @@ def check_datasets(
     trainable = [
         e
         for e in entries
-        if not e.disabled and e.raw_type in ("video", "image") and e.raw_id != training.eval_dataset_id
+        if not e.disabled and kind_of(e.raw_type).trained and e.raw_id != training.eval_dataset_id
     ]
     if not trainable:
         problems.add(
@@ -167,21 +168,22 @@ def _check_conditioning_refs(
         if target is None:
             problems.add(
                 file, key, ref, f"names dataset id {ref!r}, which does not exist",
-                f"use one of the conditioning datasets' ids ({_ids_of(by_id, 'conditioning')}) or add one with that id",
+                f"use one of the start-frame datasets' ids ({_ids_of(by_id, 'gives_start_frames')}) or add one with that id",
             )
-        elif target.raw_type != "conditioning":
+        elif not kind_of(target.raw_type).gives_start_frames:
             problems.add(
                 file, key, ref, f"{ref!r} is a {target.raw_type!r} dataset, not start frames",
-                f'set "dataset_type": "conditioning" on {ref!r}, or name a conditioning dataset',
+                f'set "dataset_type": {names_where("gives_start_frames")} on {ref!r}, or name such a dataset',
             )
         elif target.disabled:
             problems.add(file, key, ref, f"{ref!r} is disabled", f'remove "disabled": true from {ref!r}')
-    if dataset.is_i2v and dataset.dataset_type != "video":
+    if dataset.is_i2v and not dataset.kind.takes_start_frames:
         problems.add(
-            file, f"{entry.key}.is_i2v", True, f"is_i2v applies to video datasets, this one is {dataset.dataset_type!r}",
+            file, f"{entry.key}.is_i2v", True,
+            f"is_i2v applies to {names_where('takes_start_frames')} datasets, this one is {dataset.dataset_type!r}",
             'remove is_i2v here (start-frame images belong in a "conditioning" dataset)',
         )
-    uses_start_frames = dataset.dataset_type == "video" and (dataset.i2v_probability or 0.0) > 0.0
+    uses_start_frames = dataset.kind.takes_start_frames and (dataset.i2v_probability or 0.0) > 0.0
     if uses_start_frames and not dataset.conditioning_data:
         if dataset.strict_pairing:
             problems.add(
@@ -197,7 +199,7 @@ def _check_conditioning_refs(
                 "fine for clips that start on the intended frame; add a conditioning dataset to use separate start images",
                 severity="warning",
             )
-    if dataset.conditioning_data and not uses_start_frames and dataset.dataset_type == "video":
+    if dataset.conditioning_data and not uses_start_frames and dataset.kind.takes_start_frames:
         problems.add(
             file, key, dataset.conditioning_data,
             "start frames are given but never used: i2v_probability is 0",
@@ -215,7 +217,7 @@ def _check_dataset(
             'caption_strategy "instanceprompt" needs instance_prompt',
             'add "instance_prompt": "<the caption for every clip>", or use caption_strategy "textfile"',
         )
-    if dataset.caption_strategy is None and dataset.dataset_type != "conditioning":
+    if dataset.caption_strategy is None and dataset.kind.trained:
         problems.add(
             file, f"{entry.key}.caption_strategy", None,
             "a training dataset without captions trains every sample on the empty prompt",
@@ -289,9 +291,9 @@ def _check_eval_split(training: TrainingConfig, by_id: dict[str, BackendEntry], 
     if target is None:
         problems.add(
             file, "eval_dataset_id", eval_id, f"no dataset in multidatabackend.json has the id {eval_id!r}",
-            f"add a small held-out split with that id (same structure as the training clips), or use one of: {_ids_of(by_id, 'video')}",
+            f"add a small held-out split with that id (same structure as the training clips), or use one of: {_ids_of(by_id, 'trained')}",
         )
-    elif target.raw_type not in ("video", "image"):
+    elif not kind_of(target.raw_type).trained:
         problems.add(
             file, "eval_dataset_id", eval_id, f"{eval_id!r} is a {target.raw_type!r} dataset, not clips to validate on",
             "name a video dataset (its start frames come through its own conditioning_data)",
@@ -326,8 +328,9 @@ def _check_text_embeds(entries: list[BackendEntry], file: Path, problems: Proble
         )
 
 
-def _ids_of(by_id: dict[str, BackendEntry], dataset_type: str) -> str:
-    ids = [i for i, e in by_id.items() if e.raw_type == dataset_type]
+def _ids_of(by_id: dict[str, BackendEntry], question: str) -> str:
+    """The ids of the datasets whose type answers `question` (a `DatasetKind` field) with true."""
+    ids = [i for i, e in by_id.items() if getattr(kind_of(e.raw_type), question)]
     return ", ".join(repr(i) for i in ids) if ids else "none defined"
 
 

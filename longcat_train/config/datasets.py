@@ -8,12 +8,12 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from longcat_train.config.dataset_types import DATASET_TYPES, DatasetKind, DatasetType
 from longcat_train.config.rules import Flag, check_frame_interval, check_frames, check_name, check_path_text
 
 DEFAULT_FPS = 15.0  # LongCat-Video is trained and sampled at 15 fps (not 30, as one guide says).
 DEFAULT_CAPTION_DROPOUT = 0.05
 
-DatasetType = Literal["video", "image", "conditioning"]
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]
 ResolutionType = Literal["pixel", "area", "pixel_area"]
 BucketStrategy = Literal["aspect_ratio", "resolution_frames"]
@@ -162,6 +162,11 @@ class DatasetConfig(BaseModel):
         if self.i2v_probability is None:
             object.__setattr__(self, "i2v_probability", 1.0 if is_i2v else 0.0)
         return self
+
+    @property
+    def kind(self) -> DatasetKind:
+        """What this dataset's type is (`config/dataset_types.py`)."""
+        return DATASET_TYPES[self.dataset_type]
 
     @property
     def num_frames(self) -> int:

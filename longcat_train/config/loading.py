@@ -61,7 +61,7 @@ class LoadedConfig:
         return [
             d
             for d in self.datasets
-            if d.dataset_type in ("video", "image") and d.id != self.training.eval_dataset_id
+            if d.kind.trained and d.id != self.training.eval_dataset_id
         ]
 
     @property

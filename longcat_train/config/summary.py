@@ -50,10 +50,10 @@ def config_summary(loaded: LoadedConfig) -> Group:
         if dataset.id == training.eval_dataset_id:
             role = "validation split"
         elif dataset.id in trained:
-            role = f"train, i2v {dataset.i2v_probability:.0%}" if dataset.dataset_type == "video" else "train"
+            role = f"train, i2v {dataset.i2v_probability:.0%}" if dataset.kind.takes_start_frames else "train"
         else:
-            role = "start frames"
-        frames = str(dataset.num_frames) if dataset.dataset_type == "video" else "1"
+            role = dataset.kind.role
+        frames = str(dataset.num_frames) if dataset.kind.moving else "1"
         datasets.add_row(
             dataset.id, dataset.dataset_type, role, frames,
             f"{dataset.resolution:g} {dataset.resolution_type}", str(dataset.instance_data_dir),

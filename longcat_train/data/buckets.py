@@ -117,7 +117,7 @@ def frames_for(available: int, spec: DataSpec) -> int | None:
     clip and `num_frames`, so mixed lengths share a few `HxWxF` buckets.
     Image datasets are single frames.
     """
-    if not spec.is_video:
+    if not spec.kind.moving:
         return 1
     if available < max(spec.effective_min_frames, 1):
         return None

@@ -233,18 +233,18 @@ def data_check_report(
     """
     by_id = {spec.id: spec for spec in specs}
     if trained is None:
-        trained = {spec.id for spec in specs if spec.dataset_type != "conditioning" and not spec.disabled}
+        trained = {spec.id for spec in specs if spec.kind.trained and not spec.disabled}
     reports = []
     for spec in specs:
         report = DatasetReport(
             dataset_id=spec.id, dataset_type=spec.dataset_type, disabled=spec.disabled,
             trained=spec.id in trained,
-            is_i2v=spec.is_i2v and spec.is_video, strict_pairing=spec.strict_pairing,
+            is_i2v=spec.is_i2v and spec.kind.takes_start_frames, strict_pairing=spec.strict_pairing,
         )
         try:
             if spec.disabled:
                 pass
-            elif spec.dataset_type == "conditioning":
+            elif spec.kind.gives_start_frames:
                 index, skipped = index_conditioning([spec])
                 report.files_found = len(index) + len(skipped)
                 report.usable_files = len(index)

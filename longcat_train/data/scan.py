@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+from longcat_train.config.dataset_types import DATASET_TYPES
 from longcat_train.data.buckets import MAX_ASPECT_RATIO, AspectBuckets, Bucket, frames_for, place
 from longcat_train.data.captions import read_caption
 from longcat_train.data.decode import (
@@ -67,10 +68,12 @@ def _items_for_file(
         info = probe_clip(path)
     except ClipDecodeError as err:
         raise _Skip(err.reason) from None
-    if spec.is_video and info.is_image:
-        raise _Skip("an image in a video dataset (put stills in a dataset_type: image dataset)")
-    if not spec.is_video and not info.is_image:
-        raise _Skip("a video in an image dataset (put clips in a dataset_type: video dataset)")
+    if spec.kind.media not in ("any", "image" if info.is_image else "video"):
+        held = "image" if info.is_image else "video"
+        homes = " or ".join(n for n, k in DATASET_TYPES.items() if k.trained and k.media == held)
+        article = "an" if spec.dataset_type[0] in "aeiou" else "a"
+        raise _Skip(f"{'an image' if info.is_image else 'a video'} in {article} {spec.dataset_type} dataset "
+                    f"(put it in a dataset_type: {homes} dataset)")
     target = buckets_for(spec).target_size(info.height, info.width)
     _check_shape(info, target, spec)
     timeline = resample_timestamps(info, spec.fps)
@@ -79,7 +82,7 @@ def _items_for_file(
         raise _Skip(_frame_count_reason(info, len(timeline), spec))
     windows = select_windows(timeline, num_frames, spec.frame_window, seed, key=str(path))
     start = None
-    is_i2v = spec.is_i2v and spec.is_video
+    is_i2v = spec.is_i2v and spec.kind.takes_start_frames
     if is_i2v:
         start = start_frames.get(path.stem)
         if start is None and spec.strict_pairing:
@@ -137,10 +140,10 @@ def scan_dataset(
     conditioning id). Conditioning datasets yield no items of their own.
     """
     scan = DatasetScan(dataset_id=spec.id)
-    if spec.disabled or spec.dataset_type == "conditioning":
+    if spec.disabled or not spec.kind.trained:
         return scan
     start_frames: dict[str, FileStamp] = {}
-    if spec.is_i2v and spec.is_video:
+    if spec.is_i2v and spec.kind.takes_start_frames:
         start_frames, _ = index_conditioning(conditioning_specs_for(spec, conditioning_specs or {}))
     files, scan.skipped = list_media(spec.instance_data_dir, VIDEO_EXTENSIONS | IMAGE_EXTENSIONS,
                                      spec.allow_links_outside)

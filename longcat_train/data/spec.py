@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic_core import PydanticCustomError
 
+from longcat_train.config.dataset_types import DATASET_TYPES, DatasetKind
 from longcat_train.config.datasets import (
     BucketStrategy,
     CaptionStrategy,
@@ -100,8 +101,9 @@ class DataSpec:
             raise ValueError(f"dataset '{self.id}': " + "; ".join(problems))
 
     @property
-    def is_video(self) -> bool:
-        return self.dataset_type == "video"
+    def kind(self) -> DatasetKind:
+        """What this dataset's type is (`config/dataset_types.py`)."""
+        return DATASET_TYPES[self.dataset_type]
 
     @property
     def effective_min_frames(self) -> int:

@@ -58,11 +58,11 @@ def data_specs(loaded: LoadedConfig) -> dict[str, DataSpec]:
 
 def scan_datasets(loaded: LoadedConfig) -> dict[str, DatasetScan]:
     specs = data_specs(loaded)
-    conditioning = {i: s for i, s in specs.items() if s.dataset_type == "conditioning"}
+    start_frames = {i: s for i, s in specs.items() if s.kind.gives_start_frames}
     return {
-        d.id: scan_dataset(specs[d.id], conditioning, seed=loaded.training.seed)
+        d.id: scan_dataset(specs[d.id], start_frames, seed=loaded.training.seed)
         for d in loaded.datasets
-        if d.dataset_type != "conditioning"
+        if not d.kind.gives_start_frames
     }
 
 

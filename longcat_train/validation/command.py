@@ -59,8 +59,8 @@ def _eval_items(loaded: LoadedConfig) -> list[ClipItem]:
         return []
     alignment = training.aspect_bucket_alignment
     specs = {d.id: DataSpec.from_dataset_config(d, alignment=alignment) for d in loaded.datasets}
-    conditioning = {i: s for i, s in specs.items() if s.dataset_type == "conditioning"}
-    return scan_dataset(specs[loaded.eval_dataset.id], conditioning, seed=training.seed).items
+    start_frames = {i: s for i, s in specs.items() if s.kind.gives_start_frames}
+    return scan_dataset(specs[loaded.eval_dataset.id], start_frames, seed=training.seed).items
 
 
 def _cases(loaded: LoadedConfig, training: TrainingConfig, image: Path | None, prompt: str | None) -> list[ValidationCase]:
