@@ -37,6 +37,9 @@ def render_device(name: str | torch.device | None) -> torch.device:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in DEVICE_TYPES:
         raise ValueError(f"device {name!r}: renders run on {', '.join(DEVICE_TYPES)}")
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type, lambda: True)
+    if not present():
+        raise ValueError(f"device {name!r}: this machine's torch has no {device.type.upper()} device")
     return device
 
 
