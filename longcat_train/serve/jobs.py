@@ -33,12 +33,16 @@ class RenderJob:
     error: str | None = None
 
     def on_step(self, done: int, total: int) -> None:
-        """The sampler's callback: step k/N and the time left, from the pace of the steps so far."""
+        """The sampler's callback: step k/N and the time left at the pace of the steps after the
+        first (the first one's time also holds prompt encoding and model loading)."""
         now = time.time()
         if self.first_step_at is None:
-            self.first_step_at = self.started or now
+            self.first_step_at = now
+            pace = now - (self.started or now)
+        else:
+            pace = (now - self.first_step_at) / (done - 1)
         self.step, self.steps = done, total
-        self.eta_s = (now - self.first_step_at) / done * (total - done)
+        self.eta_s = pace * (total - done)
         self.phase = "decoding" if done == total else "denoising"
 
     def as_json(self) -> dict[str, Any]:
