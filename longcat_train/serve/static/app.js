@@ -29,7 +29,6 @@ function applyDefaults(d) {
   $("resolution").value = d.resolution;
   $("frames").value = d.frames;
   $("steps").value = d.steps;
-  $("steps-b").value = d.steps;
   $("guidance").value = d.guidance;
   $("seed").value = d.seed;
 }
@@ -168,7 +167,7 @@ async function submit(event) {
     const requests = [first];
     if ($("compare").checked) {
       requests.push({ ...first, lora: $("lora-b").value || null, lora_strength: Number($("lora-b-strength").value),
-                      steps: Number($("steps-b").value) });
+                      steps: $("steps-b").value ? Number($("steps-b").value) : first.steps });
     }
     const jobs = [];
     for (const request of requests) {
