@@ -30,6 +30,7 @@ from longcat_train.components import load_dit_config
 from longcat_train.memory import render_fits, render_peak_gib
 from longcat_train.model import LongCatVideoTransformer3DModel
 from longcat_train.serve.access import AccessRefused, bind_token
+from longcat_train.serve.jobs import RenderJob
 from longcat_train.serve.server import build_server
 from longcat_train.serve.service import PreviewService, RenderRefused, RenderRequest
 from longcat_train.serve.uploads import MAX_IMAGE_BYTES
@@ -168,6 +169,10 @@ def test_the_page_renders_compares_and_plays_in_headless_chromium(server, tmp_pa
             assert page.get_attribute("#loss", "src").startswith("/files/loss.png")
             assert "step 2: loss 0.5000" in page.inner_text("#last-step")
 
+            # a validation render the training run writes while the page is open shows up by itself
+            frames = np.zeros((5, 48, 64, 3), dtype=np.uint8)
+            write_render(server.preview.service.folders.output_dir / "validation" / "step_4", "00_later", frames)
+
             page.set_input_files("#image", str(start))
             page.fill("#prompt", "a red boat on a calm lake")
             for field, value in RENDER.items():
@@ -181,6 +186,7 @@ def test_the_page_renders_compares_and_plays_in_headless_chromium(server, tmp_pa
                                    "&& v.currentTime > 0)", timeout=30_000)
             shown = page.eval_on_selector_all(".pair video", "vs => vs.map(v => [v.videoWidth, v.videoHeight, "
                                                              "v.duration, new URL(v.src).pathname])")
+            page.wait_for_function("document.getElementById('validation').innerText.includes('step 4')")
             page.screenshot(path=str(tmp_path / "serve-page.png"))
             assert "download mp4" in page.inner_text(".pair")
         finally:
@@ -204,7 +210,7 @@ def test_renders_run_one_at_a_time_and_free_drops_the_model(server, project) -> 
     body = {"prompt": "text only", **RENDER, "steps": 1}
     ids = [server.json("/api/renders", {**body, "seed": seed})[1]["id"] for seed in (1, 2)]
     jobs = server.wait_done(ids)
-    assert [job["state"] for job in jobs] == ["done"] * 2
+    assert [(job["state"], job["step"], job["steps"], job["eta_s"]) for job in jobs] == [("done", 1, 1, 0.0)] * 2
     spans = sorted((job["started"], job["finished"]) for job in jobs)
     assert spans[0][1] <= spans[1][0]  # the second started after the first finished
     assert server.json("/api/status")[1]["model_loaded"] is True  # loaded again, and kept
@@ -308,6 +314,31 @@ def test_another_host_needs_the_flag_and_a_token(project) -> None:
     assert len(bind_token("0.0.0.0", allow_remote=True, token=None)) >= 24  # made when not given
     assert bind_token("0.0.0.0", allow_remote=True, token="given") == "given"
     assert bind_token("::1", allow_remote=False, token=None) is None
+
+
+def test_progress_says_step_k_of_n_and_the_time_left(monkeypatch) -> None:
+    clock = iter([102.0, 103.0, 105.0])
+    monkeypatch.setattr("longcat_train.serve.jobs.time.time", lambda: next(clock))
+    job = RenderJob(1, {}, state="running", started=100.0)
+    job.on_step(1, 4)  # the first step's 2 s include encoding and loading: a rough guess
+    assert (job.phase, job.step, job.steps, job.eta_s) == ("denoising", 1, 4, 6.0)
+    job.on_step(2, 4)  # then the pace of the steps after the first
+    assert job.eta_s == 2.0
+    job.on_step(4, 4)
+    assert (job.phase, job.eta_s) == ("decoding", 0.0)
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--device", "tpu"], "--device"), (["--device", "cuda"], "--device"), (["--device", "mps"], "--device"),
+    (["--gpu-memory", "-1"], "--gpu-memory"), (["--gpu-memory", "nan"], "--gpu-memory"),
+])
+def test_serve_options_are_checked_before_anything_loads(project, options, named) -> None:
+    from typer.testing import CliRunner
+
+    if "cuda" in options and torch.cuda.is_available() or "mps" in options and torch.backends.mps.is_available():
+        pytest.skip("this machine has the device")
+    result = CliRunner().invoke(app, ["serve", "--config", str(project), *options], env={"COLUMNS": "250"})
+    assert result.exit_code == EXIT_CONFIG_ERROR and named in result.output
 
 
 def test_a_render_predicted_not_to_fit_is_refused(project) -> None:
