@@ -72,23 +72,34 @@ class PreviewRenderer:
 
     def encode(self, prompts: Sequence[str]) -> None:
         """Encode the prompts not yet kept (padded to 512 tokens, cleaned, truncated as the official
-        pipeline does), loading the text encoder for them only."""
+        pipeline does), loading the text encoder for them only. Where the encoder does not fit beside
+        the loaded DiT, the DiT is freed (the next render loads it again) and the encoding retried."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
         if not missing:
             return
-        tokenizer = load_tokenizer(self.root)
-        encoder = load_text_encoder(self.root, dtype=render_dtype(self.device), device=self.device)
         try:
-            # only `encode` is used, which writes nothing: renders leave no cache entries
-            features = TextCache(self.root, tokenizer, encoder).encode([clean_prompt(p) for p in missing])
-        finally:
-            del encoder
-            free_device_memory(self.device)
+            features = self._encode_features(missing)
+        except torch.OutOfMemoryError:
+            if not self.model_loaded:
+                raise
+            self.free()
+            features = self._encode_features(missing)
         for prompt, embeds in zip(missing, features, strict=True):
             mask = torch.ones(embeds.shape[0], dtype=torch.long)
             self._text[prompt] = collate_text([(embeds.cpu(), mask)], max_len=TEXT_TOKENS)
         while len(self._text) > MAX_KEPT_PROMPTS:
             self._text.popitem(last=False)
+
+    def _encode_features(self, prompts: list[str]) -> list[torch.Tensor]:
+        tokenizer = load_tokenizer(self.root)
+        encoder = None
+        try:
+            encoder = load_text_encoder(self.root, dtype=render_dtype(self.device), device=self.device)
+            # only `encode` is used, which writes nothing: renders leave no cache entries
+            return TextCache(self.root, tokenizer, encoder).encode([clean_prompt(p) for p in prompts])
+        finally:
+            del encoder
+            free_device_memory(self.device)
 
     def load(self) -> None:
         """Load the DiT and the VAE unless they are loaded."""
