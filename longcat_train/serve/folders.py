@@ -43,7 +43,8 @@ class RunFolders:
         return self.output_dir / "serve" / "renders"
 
     def relative(self, path: Path) -> str:
-        return path.resolve().relative_to(self.output_dir).as_posix()
+        """`path` (below `output_dir` by name) as the page names it; `inside` checks where it leads."""
+        return Path(path).relative_to(self.output_dir).as_posix()
 
     def inside(self, relative: str, under: Path | None = None) -> Path:
         """The existing file `relative` (a POSIX path under `output_dir`) names, inside `under`

@@ -54,10 +54,9 @@ class PreviewService:
         self.loaded = loaded
         self.folders = RunFolders.create(Path(loaded.training.output_dir))
         self.renderer = PreviewRenderer(loaded, device)
-        self.gpu_memory_gib = gpu_memory_gib
         if gpu_memory_gib is None and self.renderer.device.type == "cuda":
             gpu_memory_gib = torch.cuda.get_device_properties(self.renderer.device).total_memory / 2**30
-            self.gpu_memory_gib = gpu_memory_gib
+        self.gpu_memory_gib = gpu_memory_gib  # None (mps, cpu without --gpu-memory): not checked
         self.dit_config = load_dit_config(loaded.model_dir)
         self.queue = RenderQueue(self._render)
 
@@ -94,7 +93,7 @@ class PreviewService:
         if request.lora is not None and request.lora not in {c.path for c in self.folders.loras()}:
             raise RenderRefused(f"LoRA {request.lora!r} is not one of the run's LoRAs or uploads")
         if self.gpu_memory_gib is not None:
-            precision = self.loaded.training.base_model_precision if self.renderer.device.type == "cuda" else "bf16"
+            precision = self.renderer.precision
             peak = render_peak_gib(precision, height, width, request.frames, request.guidance, self.dit_config)
             if not render_fits(peak, self.gpu_memory_gib):
                 raise RenderRefused(

@@ -90,6 +90,12 @@ class PreviewRenderer:
         while len(self._text) > MAX_KEPT_PROMPTS:
             self._text.popitem(last=False)
 
+    @property
+    def precision(self) -> str:
+        """The DiT's `base_model_precision` here: the run's on CUDA (quantized too, as periodic
+        validation renders), bf16 on MPS, the checkpoint's own dtype on the CPU."""
+        return {"cuda": self.loaded.training.base_model_precision, "mps": "bf16"}.get(self.device.type, "no_change")
+
     def _encode_features(self, prompts: list[str]) -> list[torch.Tensor]:
         tokenizer = load_tokenizer(self.root)
         encoder = None
@@ -105,11 +111,8 @@ class PreviewRenderer:
         """Load the DiT and the VAE unless they are loaded."""
         if self._transformer is not None:
             return
-        training = self.loaded.training
-        # CUDA: the run's precision (quantized too, as periodic validation renders)
-        precision = {"cuda": training.base_model_precision, "mps": "bf16"}.get(self.device.type, "no_change")
-        transformer = load_frozen_transformer(self.root / "dit", precision, self.device, quantize_device=self.device)
-        transformer.set_attention_implementation(training.attention_implementation)
+        transformer = load_frozen_transformer(self.root / "dit", self.precision, self.device, quantize_device=self.device)
+        transformer.set_attention_implementation(self.loaded.training.attention_implementation)
         self._vae = load_vae(self.root, dtype=render_dtype(self.device), device=self.device)
         self._transformer = transformer
 
