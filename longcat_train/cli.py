@@ -265,6 +265,51 @@ def validate(
 
 
 @app.command()
+def serve(
+    config: ConfigOption,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default; another one needs "
+                                           "--allow-remote and a token).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 7860,
+    device: Annotated[str | None, typer.Option(help="cuda, mps or cpu (default: cuda when there is one).")] = None,
+    allow_remote: Annotated[bool, _flag("--allow-remote", help="Listen on a non-loopback --host (anyone who can "
+                                                             "reach it and has the token can render and read the run).")] = False,
+    token: Annotated[str | None, typer.Option(help="Token every request must carry (default with --allow-remote: "
+                                                   "a new one, printed in the link).")] = None,
+    gpu_memory: Annotated[float | None, typer.Option(metavar="GiB", help="GPU memory renders must fit (default: "
+                                                                         "this CUDA GPU's; unchecked on mps/cpu).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Serve a local page to render and compare previews with the run's model and LoRAs."""
+    problems = []
+    if device is not None and device not in ("cuda", "mps", "cpu"):
+        problems.append(_argument_problem("--device", device, "unknown device", "use cuda, mps or cpu"))
+    if gpu_memory is not None and not (math.isfinite(gpu_memory) and gpu_memory > 0):
+        problems.append(_argument_problem("--gpu-memory", gpu_memory, "not a positive number of GiB",
+                                          "give the GPU's memory, e.g. --gpu-memory 80"))
+    loaded = _load(config, set_)
+    if problems:
+        _fail(ConfigError(problems))
+    try:
+        from longcat_train.serve.access import AccessRefused, bind_token
+        from longcat_train.serve.server import serve_run
+    except ImportError as error:
+        _fail(ConfigError([_argument_problem("serve", None, f"the web server is not installed ({error.name} missing)",
+                                             'pip install "longcat-train[serve]" (Starlette and uvicorn)')]))
+    from longcat_train.validation.previews import render_device
+
+    try:
+        token = bind_token(host, allow_remote, token)
+    except AccessRefused as error:
+        _fail(ConfigError([_argument_problem("--host", host, str(error), "keep the default --host 127.0.0.1, or "
+                                             "add --allow-remote")]))
+    try:
+        render_device(device)
+    except ValueError as error:
+        _fail(ConfigError([_argument_problem("--device", device, str(error), "pick a device this machine has")]))
+    serve_run(loaded, host, port, device, allow_remote, token, gpu_memory, _out())
+
+
+@app.command()
 def cache(config: ConfigOption, set_: SetOption = None) -> None:
     """Encode every missing latent (VAE) and caption embedding (umT5) into the caches."""
     loaded = _load(config, set_)

@@ -85,9 +85,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def free_device_memory(device: str | torch.device | None = None) -> None:
     """Give the memory of models just dropped back: collect the Python cycles that hold them, then
-    return the cached CUDA blocks (on `device`, or whenever CUDA is in use) for the next model."""
+    return the cached CUDA blocks (on `device`, or whenever CUDA is in use) or MPS blocks (on an
+    `mps` device) for the next model."""
     gc.collect()
-    if torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available():
+    if device is not None and torch.device(device).type == "mps":
+        torch.mps.empty_cache()
+    elif torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

@@ -36,7 +36,7 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_command_exists() -> None:
     expected = {
         ("train",), ("validate",), ("cache",), ("config", "check"), ("config", "init"), ("data", "check"),
-        ("export-lora",), ("plan",), ("bench",), ("demo",),
+        ("export-lora",), ("plan",), ("bench",), ("demo",), ("serve",),
     }
     assert expected <= {tuple(p) for p in _command_paths()}
 
@@ -44,7 +44,7 @@ def test_every_command_exists() -> None:
 def test_top_level_help() -> None:
     result = RUNNER.invoke(app, ["--help"], env=WIDE)
     assert result.exit_code == 0
-    for name in ("train", "validate", "cache", "config", "data", "export-lora", "plan", "bench", "demo"):
+    for name in ("train", "validate", "cache", "config", "data", "export-lora", "plan", "bench", "demo", "serve"):
         assert name in result.output
 
 

@@ -12,6 +12,8 @@ from .planner import (
     offload_requests,
     plan_memory,
     planned_config_keys,
+    render_fits,
+    render_peak_gib,
 )
 from .quantize import (
     QUANTIZED_PRECISIONS,
@@ -40,5 +42,7 @@ __all__ = [
     "plan_memory",
     "planned_config_keys",
     "quantize_block",
+    "render_fits",
+    "render_peak_gib",
     "quantize_transformer",
 ]

@@ -282,6 +282,25 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
                     host / GIB)
 
 
+def render_peak_gib(precision: str, height: int, width: int, frames: int, guidance: float,
+                    dit_config: dict | None = None) -> float:
+    """Predicted peak VRAM (GiB) of one preview render (`validate`, `serve`): the whole DiT in
+    `precision` (renders load it whole, no block swap), the batch's hidden states (two samples with
+    CFG, guidance > 1) entering and leaving a block, one block's working set and the workspace. The
+    working set is the training step's per-token figure (forward and backward), an upper bound of a
+    forward's: not calibrated on a render, so it errs towards refusing."""
+    counts = parameter_counts(dit_config)
+    n = (2 if guidance > 1.0 else 1) * bucket_tokens(height, width, frames)
+    weights, _ = _weight_bytes(counts, MemorySettings(base_model_precision=precision))
+    activations = 2 * n * counts.hidden * 2 + _per_token_working_set(counts) * n
+    return (weights + activations) / GIB + WORKSPACE_GIB
+
+
+def render_fits(peak_gib: float, gpu_memory_gib: float) -> bool:
+    """Whether a render predicted at `peak_gib` fits a GPU of `gpu_memory_gib` (its `usable_gib`)."""
+    return peak_gib <= usable_gib(gpu_memory_gib)
+
+
 class PlanRefusal(RuntimeError):
     """A run predicted to run out of GPU or host memory; the message names the bucket and the advice."""
 

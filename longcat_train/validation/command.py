@@ -11,17 +11,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from longcat_train.cache import TextCache, clean_prompt, collate_text
-from longcat_train.components import free_device_memory, load_scheduler, load_text_encoder, load_tokenizer, load_vae
 from longcat_train.config import LoadedConfig, TrainingConfig, parse_resolution
 from longcat_train.data import ClipItem, DataSpec, scan_dataset
-from longcat_train.lora import apply_loras, read_lora
-from longcat_train.memory import load_frozen_transformer
-from longcat_train.release_facts import TEXT_TOKENS
+from longcat_train.lora import read_lora
 
 from .outputs import render_stem, write_render
 from .periodic import ValidationCase, validation_cases
-from .render import RenderSettings, load_start_image, render_video
+from .previews import PreviewRenderer
+from .render import RenderSettings, load_start_image
 
 # The cfg_step LoRA was distilled for 16 steps without CFG (the official pipeline's defaults for it).
 DISTILLED_STEPS = 16
@@ -82,25 +79,6 @@ def _cases(loaded: LoadedConfig, training: TrainingConfig, image: Path | None, p
     return cases
 
 
-def _encode_prompts(root: Path, prompts: Sequence[str], device: torch.device, dtype: torch.dtype):
-    """Padded `(embeds [1, 1, 512, C], mask [1, 512])` per prompt, tokenized and encoded exactly as
-    the official pipeline does (cleaning, padding to 512, truncation)."""
-    tokenizer = load_tokenizer(root)
-    encoder = load_text_encoder(root, dtype=dtype, device=device)
-    try:
-        # only `encode` is used, which writes nothing: a one-off render leaves no cache entries
-        encoder_cache = TextCache(root, tokenizer, encoder)
-        unique = list(dict.fromkeys(prompts))
-        features = encoder_cache.encode([clean_prompt(p) for p in unique])
-    finally:
-        del encoder
-        free_device_memory(device)
-    return {
-        prompt: collate_text([(embeds, torch.ones(embeds.shape[0], dtype=torch.long))], max_len=TEXT_TOKENS)
-        for prompt, embeds in zip(unique, features, strict=True)
-    }
-
-
 def run_validate(
     loaded: LoadedConfig,
     loras: Sequence[tuple[Path, float]] = (),
@@ -125,25 +103,14 @@ def run_validate(
     Output goes to `output`, default `output_dir/validation/validate_<time>/`.
     """
     console = console or Console()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_cuda = device.type == "cuda"
-    root = loaded.model_dir
+    renderer = PreviewRenderer(loaded, device)
     training = _render_training(loaded.training, prompt, resolution, frames, steps, guidance, seed, distilled)
     cases = _cases(loaded, training, image, prompt)
-    settings = replace(
-        RenderSettings.from_training(training, shift=float(load_scheduler(root).config.shift)), distilled=distilled
-    )
+    settings = replace(RenderSettings.from_training(training, shift=renderer.shift), distilled=distilled)
     negative_prompt = training.validation_negative_prompt or ""
-    text = _encode_prompts(root, [negative_prompt, *(case.prompt for case in cases)], device,
-                           torch.bfloat16 if on_cuda else torch.float32)
-
-    # on CUDA in the run's precision (quantized too, as periodic validation renders); on the CPU
-    # the checkpoint's own dtype
-    precision = training.base_model_precision if on_cuda else "no_change"
-    transformer = load_frozen_transformer(Path(root) / "dit", precision, device, quantize_device=device)
-    transformer.set_attention_implementation(training.attention_implementation)
-    apply_loras(transformer, [(read_lora(path).weights, strength) for path, strength in loras])
-    vae = load_vae(root, dtype=torch.bfloat16 if on_cuda else torch.float32, device=device)
+    # every prompt before the model loads: one text-encoder load, never beside the DiT
+    renderer.encode([negative_prompt, *(case.prompt for case in cases)])
+    lora_weights = [(read_lora(path).weights, strength) for path, strength in loras]
 
     directory = output or Path(training.output_dir) / "validation" / time.strftime("validate_%Y%m%d-%H%M%S")
     written: list[Path] = []
@@ -151,11 +118,9 @@ def run_validate(
     with Progress(*columns, console=console, transient=not console.is_terminal) as progress:
         for case in cases:
             task = progress.add_task(f"render {case.stem}", total=settings.steps)
-            result = render_video(
-                transformer, vae, *text[case.prompt], *text[negative_prompt],
-                start_pixels=case.start_pixels,
+            result = renderer.render(
+                case.prompt, settings.sized(*case.size), case.start_pixels, lora_weights, negative_prompt,
                 on_step=lambda done, _total, task=task: progress.update(task, completed=done),
-                **settings.sized(*case.size).as_kwargs(),
             )
             files = write_render(directory, case.stem, result.frames)
             written.extend(files.paths())
