@@ -29,7 +29,8 @@ class Choice:
 # (`LORA_FORMATS`) and `model/attention.py` (`ATTENTION_BACKENDS`); each refuses to import when
 # its names differ from these, so a name cannot be accepted here without code behind it.
 LORA_FORMAT_CHOICES: dict[str, Choice] = {
-    "comfyui": Choice(title="ComfyUI"),  # first: the default, written at every checkpoint
+    "comfyui": Choice("ComfyUI-WanVideoWrapper's module names", title="ComfyUI"),  # first: the default
+    "longcat-names": Choice("LongCat's module names under `diffusion_model.`", title="LongCat-named"),
     "official": Choice("LongCat's own format", title="official LongCat"),
     "diffusers": Choice(title="diffusers"),
 }
