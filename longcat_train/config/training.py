@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictInt
 
-from longcat_train.release_facts import PROJECTION_MODULES
+from longcat_train.release_facts import BLOCK_LINEARS, PROJECTION_MODULES
 from longcat_train.config.rules import check_alignment, check_frames, check_resolution_text, parse_resolution
 
 ModelFlavour = Literal["final"]
@@ -137,7 +137,8 @@ class TrainingConfig(BaseModel):
     lora_target_modules: list[str] = Field(
         list(DEFAULT_LORA_TARGETS),
         min_length=1,
-        description="Module names (suffixes within each block) that get a LoRA.",
+        description="The linears of each block that get a LoRA, by their path in the block: "
+        + ", ".join(f"`{name}`" for name in BLOCK_LINEARS) + ".",
     )
     lora_export_formats: list[LoraFormat] = Field(
         ["comfyui"],
