@@ -426,6 +426,12 @@ def export_lora(
         _fail(ConfigError(problems))
     write_lora(target, lora.weights, format_, lora.metadata)
     _out().print(f"wrote {escape(str(target))} ({format_}, {len(lora.weights.modules)} modules, read as {lora.format})")
+    if format_ == "official":
+        from longcat_train.lora.formats import OFFICIAL_RANK, official_network_dim
+
+        dim = official_network_dim(lora.weights)
+        if dim != OFFICIAL_RANK:  # every module is padded to this one rank; the loader's default is 128
+            _out().print(f"load it with the official load_lora(..., lora_network_dim={dim}): its modules have rank {dim}")
 
 
 @app.command()

@@ -22,6 +22,13 @@ PROJECTION_MODULES = {
     "cross_out": "cross_attn.proj", "ffn_w1": "ffn.w1", "ffn_w3": "ffn.w3",
 }
 
+# Every linear layer inside a block, by its path there: what a LoRA target (`lora_target_modules`)
+# may name
+BLOCK_LINEARS = (
+    "adaLN_modulation.1", "attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
+    "cross_attn.proj", "ffn.w1", "ffn.w2", "ffn.w3",
+)
+
 RELEASE_DIT_CONFIG = dict(
     in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
     mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2],

@@ -17,7 +17,7 @@ from longcat_train.config.model_paths import check_checkpoint_dir
 from longcat_train.config.problems import ProblemList
 from longcat_train.config.rules import PIXEL_MULTIPLE
 from longcat_train.config.training import ATTENTION_CHOICES, TrainingConfig
-from longcat_train.release_facts import PROJECTION_MODULES
+from longcat_train.release_facts import BLOCK_LINEARS, PROJECTION_MODULES
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
             "neither max_train_steps nor num_train_epochs is set, so training has no end",
             "set max_train_steps (e.g. 2000) or num_train_epochs (e.g. 10)",
         )
+    _check_lora_targets(training, file, problems)
     _check_kept_projections(training, file, problems)
     _check_dependencies(training, file, problems)
     if training.validation_using_datasets and training.eval_dataset_id is None:
@@ -83,6 +84,16 @@ def _check_dependencies(training: TrainingConfig, file: Path, problems: ProblemL
         missing = missing_requirement(key, value, requirement, file)
         if missing is not None:
             problems.add(*missing)
+
+
+def _check_lora_targets(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
+    """Only a block's linears can carry a LoRA: any other name would adapt nothing (PEFT matches
+    `blocks.N.<name>` whole, see `lora.adapters.target_regex`)."""
+    unknown = [t for t in training.lora_target_modules if t not in BLOCK_LINEARS]
+    if unknown:
+        problems.add(file, "lora_target_modules", unknown,
+                     f"{unknown} name no linear of a LongCat-Video block, so a LoRA there would adapt nothing",
+                     f"use names from {list(BLOCK_LINEARS)}")
 
 
 def _check_kept_projections(training: TrainingConfig, file: Path, problems: ProblemList) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
-from longcat_train.release_facts import PROJECTION_MODULES
+from longcat_train.release_facts import BLOCK_LINEARS, PROJECTION_MODULES
 from longcat_train.config.dependencies import Requirement
 from longcat_train.config.rules import (
     Flag,
@@ -38,7 +38,8 @@ class Choice:
 # (`LORA_FORMATS`) and `model/attention.py` (`ATTENTION_BACKENDS`); each refuses to import when
 # its names differ from these, so a name cannot be accepted here without code behind it.
 LORA_FORMAT_CHOICES: dict[str, Choice] = {
-    "comfyui": Choice(title="ComfyUI"),  # first: the default, written at every checkpoint
+    "comfyui": Choice("ComfyUI-WanVideoWrapper's module names", title="ComfyUI"),  # first: the default
+    "longcat-names": Choice("LongCat's module names under `diffusion_model.`", title="LongCat-named"),
     "official": Choice("LongCat's own format", title="official LongCat"),
     "diffusers": Choice(title="diffusers"),
 }
@@ -145,7 +146,8 @@ class TrainingConfig(BaseModel):
     lora_target_modules: list[str] = Field(
         list(DEFAULT_LORA_TARGETS),
         min_length=1,
-        description="Module names (suffixes within each block) that get a LoRA.",
+        description="The linears of each block that get a LoRA, by their path in the block: "
+        + ", ".join(f"`{name}`" for name in BLOCK_LINEARS) + ".",
     )
     lora_export_formats: list[LoraFormat] = Field(
         ["comfyui"],

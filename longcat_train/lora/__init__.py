@@ -4,6 +4,7 @@ forward-hook application of any number of LoRAs for renders, importable without 
 `lora.adapters`."""
 
 from .apply import apply_loras
-from .formats import FORMATS, LoraFile, LoraWeights, read_lora, write_lora
+from .formats import FORMATS, LoraFile, read_lora, write_lora
+from .weights import LoraModule, LoraWeights
 
-__all__ = ["FORMATS", "LoraFile", "LoraWeights", "apply_loras", "read_lora", "write_lora"]
+__all__ = ["FORMATS", "LoraFile", "LoraModule", "LoraWeights", "apply_loras", "read_lora", "write_lora"]

@@ -9,7 +9,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..config.training import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # module names relative to each block
-from .formats import LoraWeights
+from .weights import LoraWeights
 from .fused_linear import use_fused_lora_linears
 
 ADAPTER = "default"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import LoraWeights, unknown_module_names
+from .formats import unknown_module_names
+from .weights import LoraWeights
 
 
 class LoraHandle:
@@ -34,7 +35,10 @@ def apply_loras(model: torch.nn.Module, loras: list[tuple[LoraWeights, float]]) 
             up = (m.up * (m.scale * strength)).to(param.device, param.dtype)
 
             def hook(_module, args, output, down=down, up=up):
-                return output + F.linear(F.linear(args[0], down), up)
+                # as the official loader does: the input rounded to the LoRA's (the model's) dtype,
+                # then computed where the layer computes (fp32 for the modulation and final layers)
+                x = args[0].to(down.dtype).to(output.dtype)
+                return output + F.linear(F.linear(x, down.to(output.dtype)), up.to(output.dtype))
 
             hooks.append(target.register_forward_hook(hook))
     return LoraHandle(hooks)

@@ -1,16 +1,24 @@
-"""LoRA files in the formats users meet, through one in-memory form. `LORA_FORMATS` is the table of
-formats: a new one is a writer and a reader here, its row there and its name in the config's
-`LORA_FORMAT_CHOICES`.
+"""LoRA files in the formats users meet, through one in-memory form (`weights.LoraWeights`).
+`LORA_FORMATS` is the table of formats: a new one is a writer and a reader here, its row there and
+its name in the config's `LORA_FORMAT_CHOICES`.
 
-- `comfyui` (default): `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` / `.alpha`.
+- `comfyui` (default): for ComfyUI-WanVideoWrapper, the route ComfyUI users have for LongCat-Video:
+  `diffusion_model.<module in the wrapper's names>.lora_A.weight` / `.lora_B.weight` / `.alpha`
+  (`wan_names`), fused q|k|v and k|v as one LoRA per projection (`split`). ComfyUI merges
+  W += alpha/rank·B·A per module.
+- `longcat-names`: the same keys with LongCat's own module names, for loaders that keep them
+  (our checkpoints before the `comfyui` names).
 - `official` (the LongCat release's own loader): `lora___lorahyphen___<module with . → ___lorahyphen___>`
   + `.lora_down.weight`, `.lora_up.weight` or, for the fused `attn.qkv` / `cross_attn.kv_linear`,
-  split `.lora_up.blocks.{j}.weight`, and a scalar `.alpha_scale`; applied as
-  y = Wx + b + alpha_scale·up(down(x)). The official loader builds rank `lora_network_dim` (128 by
-  default) modules and loads strictly, so we zero-pad the rank to 128: the output is unchanged and
-  the file loads with the official defaults.
-- `diffusers`: `transformer.<module>.lora_A.weight` / `.lora_B.weight`, rank and alpha in the
-  `lora_adapter_metadata` header entry.
+  split `.lora_up.blocks.{j}.weight` (block j applied to the j-th chunk of the down output), and a
+  scalar `.alpha_scale`; applied as y = Wx + b + alpha_scale·up(down(x)). The loader builds every
+  module at one rank, `lora_network_dim` (128 by default), and loads strictly, so every module is
+  zero-padded to one rank: 128, or the largest projection rank when that is more
+  (`official_network_dim`; the file's header names it).
+- `diffusers`: `transformer.<module>.lora_A.weight` / `.lora_B.weight` with alpha/rank folded into
+  lora_B (so alpha = rank: loaders that ignore the header, as diffusers does when given a file path,
+  still render at the trained strength), and the PEFT `LoraConfig` in the `lora_adapter_metadata`
+  header under `transformer.` keys, as diffusers' `load_lora_adapter` reads it.
 Our own metadata (rank, alpha, targets, base model, steps, config hash) rides in every file's header.
 """
 
@@ -18,8 +26,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,49 +37,17 @@ from safetensors.torch import save_file
 
 from ..file_modes import give_umask_mode
 from ..config.training import LORA_FORMAT_CHOICES
+from .split import join_projections, projection_parts, split_count, trim_padding
+from .wan_names import is_longcat_linear, longcat_name, wan_names
+from .weights import LoraModule, LoraWeights
 
-FUSED_SPLITS = {"attn.qkv": 3, "cross_attn.kv_linear": 2}
 OFFICIAL_PREFIX = "lora___lorahyphen___"
 OFFICIAL_HYPHEN = "___lorahyphen___"
-OFFICIAL_RANK = 128
+OFFICIAL_RANK = 128  # the official loader's default lora_network_dim
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+DIFFUSERS_PREFIX = "transformer."
 META_KEY = "longcat_train"
-
-
-@dataclass
-class LoraModule:
-    down: torch.Tensor  # [r, in]
-    up: torch.Tensor  # [out, r]
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-
-@dataclass
-class LoraWeights:
-    modules: dict[str, LoraModule] = field(default_factory=dict)
-
-    @classmethod
-    def from_peft_state(cls, state: dict[str, torch.Tensor], alpha: float) -> "LoraWeights":
-        modules = {}
-        for key, down in state.items():
-            if key.endswith(".lora_A.weight"):
-                name = key.removesuffix(".lora_A.weight")
-                up = state[f"{name}.lora_B.weight"]
-                modules[name] = LoraModule(down.detach().cpu().clone(), up.detach().cpu().clone(), float(alpha))
-        return cls(modules)
-
-    def to_peft_state(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, m in self.modules.items():
-            state[f"{name}.lora_A.weight"] = m.down
-            state[f"{name}.lora_B.weight"] = m.up
-        return state
+_PARTS = (".lora_A.weight", ".lora_B.weight", ".alpha")
 
 
 @dataclass
@@ -80,122 +57,182 @@ class LoraFile:
     metadata: dict
 
 
-def _split_count(module: str) -> int:
-    for suffix, n in FUSED_SPLITS.items():
-        if module.endswith(suffix):
-            return n
-    return 1
+def _with_prefix(modules: dict[str, LoraModule], prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in modules.items():
+        out[f"{prefix}{name}.lora_A.weight"] = m.down
+        out[f"{prefix}{name}.lora_B.weight"] = m.up
+        out[f"{prefix}{name}.alpha"] = torch.tensor(float(m.alpha))
+    return out
+
+
+def _from_prefixed(state: dict[str, torch.Tensor], prefix: str, alpha_of: Callable[[str, int], float]) -> dict[str, LoraModule]:
+    """`<prefix><module>.lora_A.weight` / `.lora_B.weight` (/ `.alpha`) as modules; any other key
+    is refused by name rather than dropped. `alpha_of(module, rank)` where the file has no `.alpha`."""
+    other = [k for k in state if not k.startswith(prefix) or not k.endswith(_PARTS)]
+    if other:
+        raise ValueError(f"keys that are not {prefix}<module>.lora_A.weight / .lora_B.weight / .alpha: {other[:5]}")
+    modules = {}
+    for key, down in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix(prefix).removesuffix(".lora_A.weight")
+        up = state.get(f"{prefix}{name}.lora_B.weight")
+        if up is None:
+            raise ValueError(f"{key} has no {prefix}{name}.lora_B.weight")
+        alpha = state.get(f"{prefix}{name}.alpha")
+        modules[name] = LoraModule(down.float(), up.float(),
+                                   float(alpha) if alpha is not None else alpha_of(name, down.shape[0]))
+    return modules
+
+
+def _rank_as_alpha(name: str, rank: int) -> float:
+    return float(rank)  # no alpha: scale 1, as ComfyUI and PEFT take it
 
 
 def _to_comfyui(w: LoraWeights) -> dict[str, torch.Tensor]:
-    out = {}
+    modules = {}
     for name, m in w.modules.items():
-        out[f"diffusion_model.{name}.lora_A.weight"] = m.down
-        out[f"diffusion_model.{name}.lora_B.weight"] = m.up
-        out[f"diffusion_model.{name}.alpha"] = torch.tensor(m.alpha)
-    return out
+        names = wan_names(name)
+        modules.update(zip(names, projection_parts(m, len(names))))
+    return _with_prefix(modules, "diffusion_model.")
 
 
-def _to_diffusers(w: LoraWeights) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, m in w.modules.items():
-        out[f"transformer.{name}.lora_A.weight"] = m.down
-        out[f"transformer.{name}.lora_B.weight"] = m.up
-    return out
+def _read_comfyui(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
+    grouped: dict[str, list[LoraModule | None]] = {}
+    foreign = []
+    for wan, part in _from_prefixed(state, "diffusion_model.", _rank_as_alpha).items():
+        found = longcat_name(wan)
+        if found is None:
+            foreign.append(wan)
+            continue
+        name, j, n = found
+        grouped.setdefault(name, [None] * n)[j] = part
+    if foreign:
+        raise ValueError(f"modules LongCat-Video does not have (in ComfyUI-WanVideoWrapper's names): "
+                         f"{sorted(foreign)[:5]} (a Wan LoRA?)")
+    return LoraWeights({name: parts[0] if len(parts) == 1 else join_projections(parts)
+                        for name, parts in grouped.items()})
+
+
+def _to_longcat_names(w: LoraWeights) -> dict[str, torch.Tensor]:
+    return _with_prefix(w.modules, "diffusion_model.")
+
+
+def _read_longcat_names(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
+    return LoraWeights(_from_prefixed(state, "diffusion_model.", _rank_as_alpha))
+
+
+def _claims_wan_names(keys: list[str]) -> bool:
+    """Some key names a module only the wrapper's naming has (the FFN's names are the same in both)."""
+    names = {k.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in keys}
+    return any(not is_longcat_linear(n) for n in names)
+
+
+def _official_parts(w: LoraWeights) -> dict[str, list[LoraModule]]:
+    return {name: projection_parts(m, split_count(name)) for name, m in w.modules.items()}
+
+
+def official_network_dim(w: LoraWeights) -> int:
+    """The `lora_network_dim` the official loader needs for our official file of `w`."""
+    return max([OFFICIAL_RANK] + [p.rank for parts in _official_parts(w).values() for p in parts])
+
+
+def _padded(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def _to_official(w: LoraWeights) -> dict[str, torch.Tensor]:
-    """A fused layer's LoRA B·A becomes n copies of A stacked (down) and B's row blocks (ups): block j
-    computes B_j·A·x, exactly the j-th slice of B·A·x."""
+    """Each projection's part (`split.projection_parts`) zero-padded to one rank D for the whole file:
+    down = the parts' downs stacked, up block j = part j's up; block j computes B_j·A_j·x, exactly
+    the j-th slice of the module's B·A·x."""
+    dim = official_network_dim(w)
     out = {}
-    for name, m in w.modules.items():
+    for name, parts in _official_parts(w).items():
         key = OFFICIAL_PREFIX + name.replace(".", OFFICIAL_HYPHEN)
-        n = _split_count(name)
-        rank = max(m.rank, OFFICIAL_RANK)
-        down = torch.zeros(n * rank, m.down.shape[1], dtype=m.down.dtype)
-        for j in range(n):
-            down[j * rank : j * rank + m.rank] = m.down
-        ups = m.up.chunk(n, dim=0)
-        if n == 1:
-            up = torch.zeros(m.up.shape[0], rank, dtype=m.up.dtype)
-            up[:, : m.rank] = m.up
-            out[f"{key}.lora_up.weight"] = up
+        out[f"{key}.lora_down.weight"] = torch.cat([_padded(p.down, dim, 0) for p in parts])
+        if len(parts) == 1:
+            out[f"{key}.lora_up.weight"] = _padded(parts[0].up, dim, 1)
         else:
-            for j, up_j in enumerate(ups):
-                padded = torch.zeros(up_j.shape[0], rank, dtype=m.up.dtype)
-                padded[:, : m.rank] = up_j
-                out[f"{key}.lora_up.blocks.{j}.weight"] = padded
-        out[f"{key}.lora_down.weight"] = down
-        out[f"{key}.alpha_scale"] = torch.tensor(m.scale, dtype=torch.float32)
+            for j, p in enumerate(parts):
+                out[f"{key}.lora_up.blocks.{j}.weight"] = _padded(p.up, dim, 1)
+        out[f"{key}.alpha_scale"] = torch.tensor(parts[0].scale, dtype=torch.float32)
     return out
 
 
-def _from_official(state: dict[str, torch.Tensor], true_rank: int | None) -> LoraWeights:
+def _read_official(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
     modules = {}
     for key in state:
         if not key.endswith(".lora_down.weight"):
             continue
         base = key.removesuffix(".lora_down.weight")
         name = base.removeprefix(OFFICIAL_PREFIX).replace(OFFICIAL_HYPHEN, ".")
-        down = state[key].float()
-        scale = float(state[f"{base}.alpha_scale"])
         split_keys = sorted(
             (k for k in state if k.startswith(f"{base}.lora_up.blocks.")),
             key=lambda k: int(k.rsplit(".", 2)[-2]),
         )
         ups = [state[k].float() for k in split_keys] or [state[f"{base}.lora_up.weight"].float()]
-        n = len(ups)
-        r = down.shape[0] // n
-        downs = down.chunk(n, dim=0)
-        keep = true_rank if true_rank is not None else r
-        if all(torch.equal(downs[0], d) for d in downs[1:]):
-            # written by us (or any LoRA of the plain B·A form): one shared down projection
-            a = downs[0][:keep]
-            b = torch.cat([u[:, :keep] for u in ups], dim=0)
-        else:
-            # genuinely split (the official LoRAs): rank n·r with a block-diagonal up projection
-            a = down
-            b = torch.block_diag(*ups)
-        # alpha_scale multiplies up·down; we store alpha with scale = alpha / rank
-        modules[name] = LoraModule(a.contiguous(), b.contiguous(), scale * a.shape[0])
+        downs = state[key].float().chunk(len(ups), dim=0)
+        scale = float(state[f"{base}.alpha_scale"])  # multiplies up·down; our alpha is scale·rank
+        parts = [trim_padding(LoraModule(d, u, scale * d.shape[0])) for d, u in zip(downs, ups)]
+        modules[name] = parts[0] if len(parts) == 1 else join_projections(parts)
     return LoraWeights(modules)
 
 
-def _from_prefixed(state: dict[str, torch.Tensor], prefix: str, alpha_default: float | None) -> LoraWeights:
-    modules = {}
-    for key, down in state.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removesuffix(".lora_A.weight").removeprefix(prefix)
-        up = state[key.replace(".lora_A.weight", ".lora_B.weight")]
-        alpha_key = key.replace(".lora_A.weight", ".alpha")
-        alpha = float(state[alpha_key]) if alpha_key in state else (alpha_default or down.shape[0])
-        modules[name] = LoraModule(down.float(), up.float(), alpha)
-    return LoraWeights(modules)
+def _official_header(weights: LoraWeights, meta: dict) -> dict[str, str]:
+    return {"lora_network_dim": str(official_network_dim(weights))}
 
 
-def _read_comfyui(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
-    return _from_prefixed(state, "diffusion_model.", None)
-
-
-def _read_official(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
-    return _from_official(state, meta.get("rank"))
-
-
-def _read_diffusers(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
-    adapter = json.loads(header.get("lora_adapter_metadata", "{}"))
-    return _from_prefixed(state, "transformer.", adapter.get("lora_alpha"))
+def _to_diffusers(w: LoraWeights) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in w.modules.items():
+        out[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = m.down
+        out[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = m.up if m.scale == 1 else m.up * m.scale
+    return out
 
 
 def _diffusers_header(weights: LoraWeights, meta: dict) -> dict[str, str]:
-    return {"lora_adapter_metadata": json.dumps(
-        {"r": meta.get("rank"), "lora_alpha": meta.get("alpha"),
-         "target_modules": sorted({n.split(".", 2)[-1] for n in weights.modules})}
-    )}
+    """The `LoraConfig` diffusers builds the adapter from (`load_lora_adapter` strips the
+    `transformer.` prefix and passes the rest to `LoraConfig`): alpha = rank everywhere (folded)."""
+    ranks = {name: m.rank for name, m in weights.modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    # full-match patterns: PEFT matches a pattern key as a suffix regex of the module name
+    pattern = {f"^{re.escape(name)}": rank for name, rank in ranks.items() if rank != r}
+    config = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern,
+              "target_modules": sorted(ranks)}
+    return {DIFFUSERS_METADATA_KEY: json.dumps({DIFFUSERS_PREFIX + k: v for k, v in config.items()}, sort_keys=True)}
+
+
+def _diffusers_config(header: dict[str, str]) -> dict:
+    """The LoraConfig entries of a diffusers header (prefixed, or without prefix as we wrote them
+    before the `transformer.` keys)."""
+    raw = json.loads(header.get(DIFFUSERS_METADATA_KEY, "{}"))
+    if any(k.startswith(DIFFUSERS_PREFIX) for k in raw):
+        return {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in raw.items() if k.startswith(DIFFUSERS_PREFIX)}
+    return raw
+
+
+def _read_diffusers(state: dict[str, torch.Tensor], meta: dict, header: dict[str, str]) -> LoraWeights:
+    config = _diffusers_config(header)
+    patterns = config.get("alpha_pattern") or {}
+
+    def alpha_of(name: str, rank: int) -> float:
+        for key, alpha in patterns.items():  # PEFT's rule: the key matches a suffix of the name
+            if re.match(rf"(.*\.)?({key})$", name):
+                return float(alpha)
+        return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else float(rank)
+
+    return LoraWeights(_from_prefixed(state, DIFFUSERS_PREFIX, alpha_of))
 
 
 def _no_header(weights: LoraWeights, meta: dict) -> dict[str, str]:
     return {}
+
+
+def _any_keys(keys: list[str]) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -209,14 +246,17 @@ class LoraFileFormat:
     read: Callable[[dict[str, torch.Tensor], dict, dict[str, str]], LoraWeights]
     # (weights, our metadata) -> header entries the format's own loaders read, besides ours
     header: Callable[[LoraWeights, dict], dict[str, str]] = _no_header
+    # for formats sharing a prefix: whether a file's keys (all with the prefix) are this format's
+    claims: Callable[[list[str]], bool] = _any_keys
 
 
 # The formats, in the order of the config's `LORA_FORMAT_CHOICES` (the names `lora_export_formats`
 # accepts and `export-lora --format` offers, with their descriptions).
 LORA_FORMATS: dict[str, LoraFileFormat] = {
-    "comfyui": LoraFileFormat("diffusion_model.", _to_comfyui, _read_comfyui),
-    "official": LoraFileFormat(OFFICIAL_PREFIX, _to_official, _read_official),
-    "diffusers": LoraFileFormat("transformer.", _to_diffusers, _read_diffusers, _diffusers_header),
+    "comfyui": LoraFileFormat("diffusion_model.", _to_comfyui, _read_comfyui, claims=_claims_wan_names),
+    "longcat-names": LoraFileFormat("diffusion_model.", _to_longcat_names, _read_longcat_names),
+    "official": LoraFileFormat(OFFICIAL_PREFIX, _to_official, _read_official, _official_header),
+    "diffusers": LoraFileFormat(DIFFUSERS_PREFIX, _to_diffusers, _read_diffusers, _diffusers_header),
 }
 if list(LORA_FORMATS) != list(LORA_FORMAT_CHOICES):  # a name the config accepts needs code, and back
     raise RuntimeError(f"LORA_FORMATS {list(LORA_FORMATS)} and the config's LORA_FORMAT_CHOICES "
@@ -227,18 +267,27 @@ FORMATS = tuple(LORA_FORMATS)
 def detect_format(keys) -> str:
     keys = list(keys)
     # the longest (most specific) prefix first, so a file with keys of two formats reads as the
-    # more specific one (official before ComfyUI before diffusers)
+    # more specific one (official before ComfyUI before diffusers); formats sharing a prefix in
+    # table order, each asked whether it claims the keys
     for name, fmt in sorted(LORA_FORMATS.items(), key=lambda item: -len(item[1].key_prefix)):
-        if any(k.startswith(fmt.key_prefix) for k in keys):
+        prefixed = [k for k in keys if k.startswith(fmt.key_prefix)]
+        if prefixed and fmt.claims(prefixed):
             return name
     expected = [f"'{fmt.key_prefix}' ({LORA_FORMAT_CHOICES[name].title})" for name, fmt in LORA_FORMATS.items()]
     raise ValueError("unrecognised LoRA file: expected keys starting with "
                      f"{', '.join(expected[:-1])} or {expected[-1]}")
 
 
+def _check_module_names(weights: LoraWeights) -> None:
+    foreign = [name for name in weights.modules if not is_longcat_linear(name)]
+    if foreign:
+        raise ValueError(f"modules that are not linears of LongCat-Video: {foreign[:5]}")
+
+
 def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "comfyui", metadata: dict | None = None) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"LoRA format {fmt!r}: choose one of {FORMATS}")
+    _check_module_names(weights)
     path = Path(path)
     meta = dict(metadata or {})
     ranks = {m.rank for m in weights.modules.values()}
@@ -251,7 +300,8 @@ def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "comfyui", met
     header = {META_KEY: json.dumps(meta, sort_keys=True), "format": fmt, **LORA_FORMATS[fmt].header(weights, meta)}
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
+    # (a clone each: the projections of a fused layer share one down tensor, which safetensors refuses)
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
     give_umask_mode(tmp)
     tmp.replace(path)
     return path
@@ -265,7 +315,11 @@ def read_lora(path: str | Path) -> LoraFile:
         state = {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(header.get(META_KEY, "{}"))
     fmt = detect_format(state)
-    weights = LORA_FORMATS[fmt].read(state, meta, header)
+    try:
+        weights = LORA_FORMATS[fmt].read(state, meta, header)
+        _check_module_names(weights)
+    except ValueError as error:
+        raise ValueError(f"{path} ({LORA_FORMAT_CHOICES[fmt].title} format): {error}") from None
     if not weights.modules:
         raise ValueError(f"{path}: no LoRA modules found")
     return LoraFile(weights=weights, format=fmt, metadata=meta)

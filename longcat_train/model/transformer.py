@@ -49,12 +49,21 @@ def _no_autocast(fn):
     return wrapper
 
 
-@_no_autocast
-def linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+class Fp32Linear(nn.Linear):
     """A linear layer evaluated in fp32 whatever the weight dtype (the official code does this with
-    a float32 autocast region on CUDA)."""
-    bias = None if linear.bias is None else linear.bias.float()
-    return F.linear(x.float(), linear.weight.float(), bias)
+    a float32 autocast region on CUDA). A module, not a function on its weight, so forward hooks
+    and PEFT adapters on it (official LoRAs adapt the modulation and final layers) take effect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
+@_no_autocast
+def linear_fp32(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Call an `Fp32Linear` (or the PEFT layer wrapping one) with autocast off, so a LoRA on it
+    also computes in fp32."""
+    return linear(x)
 
 
 class RMSNorm(nn.Module):
@@ -83,9 +92,9 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, t_embed_dim),
+            Fp32Linear(frequency_embedding_size, t_embed_dim),
             nn.SiLU(),
-            nn.Linear(t_embed_dim, t_embed_dim),
+            Fp32Linear(t_embed_dim, t_embed_dim),
         )
 
     @staticmethod
@@ -218,7 +227,7 @@ class CrossAttention(nn.Module):
 class LongCatBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, adaln_tembed_dim: int):
         super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 6 * hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Fp32Linear(adaln_tembed_dim, 6 * hidden_size))
         self.pre_crs_attn_norm = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=True)
         self.attn = SelfAttention(hidden_size, num_heads)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
@@ -247,8 +256,8 @@ class LongCatBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, num_patch: int, out_channels: int, adaln_tembed_dim: int):
         super().__init__()
-        self.linear = nn.Linear(hidden_size, num_patch * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 2 * hidden_size))
+        self.linear = Fp32Linear(hidden_size, num_patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Fp32Linear(adaln_tembed_dim, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         shift, scale = linear_fp32(self.adaLN_modulation[1], F.silu(t_emb)).unsqueeze(2).chunk(2, dim=-1)
