@@ -71,7 +71,7 @@ def _write_run(settings: E2ESettings, model: Path) -> Path:
                       frames=2 * settings.frames - 1)
     overrides = {
         "max_train_steps": settings.steps, "checkpoint_step_interval": CHECKPOINT_EVERY,
-        "checkpoints_total_limit": None, "validation_steps": VALIDATE_EVERY, "lora_rank": settings.rank,
+        "checkpoints_total_limit": None, "validation_step_interval": VALIDATE_EVERY, "lora_rank": settings.rank,
         "validation_resolution": settings.resolution, "validation_num_video_frames": settings.frames,
         "validation_num_inference_steps": settings.render_steps, "aspect_bucket_alignment": 16,
     }

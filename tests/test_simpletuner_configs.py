@@ -123,6 +123,14 @@ def test_a_renamed_key_given_under_both_names_is_refused(tmp_path: Path) -> None
     assert [p.key for p in caught.value.errors] == ["validation_steps"]
 
 
+@pytest.mark.parametrize("in_file", ["validation_steps", "validation_step_interval"])
+@pytest.mark.parametrize("on_command_line", ["validation_steps", "validation_step_interval"])
+def test_an_override_replaces_the_setting_under_either_name(tmp_path: Path, in_file: str, on_command_line: str) -> None:
+    config = write_pair(tmp_path, {**base_training(tmp_path), in_file: 10}, base_datasets())
+    loaded = load_config(config, (f"{on_command_line}=null",), check_files=False)
+    assert loaded.training.validation_step_interval is None
+
+
 def test_every_known_key_is_accepted_somewhere() -> None:
     # "same" and "renamed" rows must name keys our models accept, or the table lies.
     ours = {"config.json": set(accepted_keys(TrainingConfig)), "dataset": set(accepted_keys(DatasetConfig)) | {

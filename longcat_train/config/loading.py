@@ -6,6 +6,7 @@ models, media) is touched, so a broken config fails in well under a second.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from longcat_train.config.simpletuner import (
     SIMPLETUNER_DATASET_KEYS,
     SIMPLETUNER_TRAINING_KEYS,
     fill_placeholders,
+    names_of_one_setting,
     strip_cli_prefixes,
     translate,
 )
@@ -164,6 +166,11 @@ def load_config(
     dataset_overrides: list[Override] = []
     for override in parsed_overrides:
         if override.dataset is None:
+            # `--set validation_steps=null` replaces the setting whichever name the file gives it
+            ours, names = names_of_one_setting(override.path[0], SIMPLETUNER_TRAINING_KEYS)
+            for name in names - {ours}:
+                raw_training.pop(name, None)
+            override = dataclasses.replace(override, path=(ours, *override.path[1:]))
             apply_override(raw_training, override)
             overridden.add(override.path[0])
         else:

@@ -273,6 +273,15 @@ class Translation:
                     problems.problems[index] = replace(problem, key=theirs + problem.key[len(ours):])
 
 
+def names_of_one_setting(key: str, table: Mapping[str, SimpleTunerKey]) -> tuple[str, set[str]]:
+    """`key`'s own name here and every name `table` reads as that setting (e.g. `validation_steps`
+    for `validation_step_interval`), so an override can replace the setting whatever the file calls it."""
+    entry = table.get(key)
+    ours = entry.target if entry is not None and entry.treatment == "renamed" and entry.target else key
+    names = {ours} | {name for name, e in table.items() if e.treatment == "renamed" and e.target == ours}
+    return ours, names
+
+
 def translate(
     raw: dict[str, Any], table: Mapping[str, SimpleTunerKey], file: Path | str, prefix: str, problems: ProblemList
 ) -> Translation:

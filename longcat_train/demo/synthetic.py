@@ -84,7 +84,7 @@ def demo_configs(root: Path, model: Path, steps: int = 300, resolution: int = 64
         "validation_prompt": "a square scene with a coloured square sliding across",
         "validation_resolution": "64x64", "validation_num_video_frames": 17,
         "validation_num_inference_steps": 4, "validation_guidance": 4.0,
-        "validation_using_datasets": True, "eval_dataset_id": "clips-val", "validation_steps": steps,
+        "validation_using_datasets": True, "eval_dataset_id": "clips-val", "validation_step_interval": steps,
         **(overrides or {}),
     }
     (root / "multidatabackend.json").write_text(json.dumps(backend, indent=2))
