@@ -59,6 +59,7 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
             "set max_train_steps (e.g. 2000) or num_train_epochs (e.g. 10)",
         )
     _check_kept_projections(training, file, problems)
+    _check_sharding(training, file, problems)
     if training.validation_using_datasets and training.eval_dataset_id is None:
         problems.add(
             file,
@@ -67,6 +68,22 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
             "validation_using_datasets is true but no eval_dataset_id names the validation split",
             "set eval_dataset_id to the id of a held-out dataset in multidatabackend.json",
         )
+
+
+def _check_sharding(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
+    """FSDP places the frozen weights itself: not with another placement, nor quantized storage."""
+    if training.distributed_strategy != "fsdp":
+        return
+    if training.musubi_blocks_to_swap or training.enable_group_offload:
+        key = "musubi_blocks_to_swap" if training.musubi_blocks_to_swap else "enable_group_offload"
+        problems.add(file, key, getattr(training, key),
+                     "block swap and group offload move the frozen weights that fsdp shards over the GPUs",
+                     f'set "{key}" to {0 if key == "musubi_blocks_to_swap" else "false"}, or '
+                     '"distributed_strategy": "ddp"')
+    if training.base_model_precision not in ("bf16", "no_change"):
+        problems.add(file, "base_model_precision", training.base_model_precision,
+                     "fsdp shards plain bf16 weights; quantized ones are not shardable tensors",
+                     'use "base_model_precision": "bf16" with fsdp, or "distributed_strategy": "ddp"')
 
 
 def _check_kept_projections(training: TrainingConfig, file: Path, problems: ProblemList) -> None:

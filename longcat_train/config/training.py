@@ -255,6 +255,16 @@ class TrainingConfig(BaseModel):
     group_offload_blocks_per_group: int = Field(1, ge=1, description="Blocks per offload group (block_level).")
     group_offload_use_stream: bool = Field(False, description="Overlap offload transfers on a CUDA stream.")
 
+    # --- several GPUs -------------------------------------------------------------------------
+    distributed_strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several processes: `ddp` keeps the whole frozen DiT on every GPU; `fsdp` shards "
+        "its weights over the GPUs block by block (PyTorch FSDP2), so N GPUs hold 1/N of the 27 GB of "
+        "bf16 weights each plus the blocks in flight; the LoRA and its optimizer state stay whole on "
+        "every GPU. Same samples and the same LoRA either way; `fsdp` gathers each block's weights in "
+        "forward and again in backward. One process: no effect.",
+    )
+
     # --- logging ------------------------------------------------------------------------------
     report_to: Literal["tensorboard", "wandb", "all", "none"] = Field(
         "tensorboard", description="Experiment trackers; wandb only when installed."
