@@ -351,7 +351,7 @@ def plan(
     host_memory: Annotated[float | None, typer.Option(metavar="GiB", help="Host RAM to plan for (default: this machine's).")] = None,
     gpus: Annotated[int, typer.Option(min=1, help="GPUs training together, on one machine.")] = 1,
     strategy: Annotated[str | None, typer.Option(
-        metavar="ddp|fsdp", help="How they share the work (default: the config's distributed_strategy).")] = None,
+        metavar="ddp|fsdp|ulysses", help="How they share the work (default: the config's distributed_strategy).")] = None,
     link: Annotated[float, typer.Option(
         metavar="GB/s", min=0.1, help="Bandwidth between the GPUs for the throughput prediction (PCIe 4.0: 25).")] = 25.0,
     set_: SetOption = None,

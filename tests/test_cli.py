@@ -121,7 +121,7 @@ def test_plan_predicts_per_gpu_memory_and_throughput_of_several_gpus(tmp_path: P
     args = ["plan", "--config", str(config), "--gpu-memory", "24", "--host-memory", "256",
             "--set", f"pretrained_model_name_or_path={tmp_path / 'release'}", "--json"]
     plans = {}
-    for gpus, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+    for gpus, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp"), (2, "ulysses")):
         result = RUNNER.invoke(app, [*args, "--gpus", str(gpus), "--strategy", strategy], env=WIDE)
         assert result.exit_code == 0, result.output
         plans[gpus, strategy] = json.loads(result.output)
@@ -132,6 +132,10 @@ def test_plan_predicts_per_gpu_memory_and_throughput_of_several_gpus(tmp_path: P
     assert speed[2, "ddp"]["compute_s"] == speed[1, "ddp"]["compute_s"] > 0  # each GPU its own batch
     assert speed[2, "ddp"]["step_s"] == pytest.approx(speed[2, "ddp"]["compute_s"] + speed[2, "ddp"]["communication_s"])
     assert speed[2, "ddp"]["samples_per_s"] > speed[1, "ddp"]["samples_per_s"]
+    # Ulysses: both GPUs on one clip, half of its work each
+    assert speed[2, "ulysses"]["compute_s"] == pytest.approx(speed[1, "ddp"]["compute_s"] / 2)
+    assert speed[2, "ulysses"]["samples_per_s"] == pytest.approx(1 / speed[2, "ulysses"]["step_s"])
+    assert plans[2, "ulysses"]["buckets"][-1]["activations_gib"] < plans[1, "ddp"]["buckets"][-1]["activations_gib"]
     assert speed[2, "fsdp"]["communication_s"] > speed[2, "ddp"]["communication_s"] > speed[1, "ddp"]["communication_s"] == 0
     text = RUNNER.invoke(app, args[:-1] + ["--gpus", "2", "--strategy", "fsdp"], env=WIDE)
     assert "weights sharded over 2 GPUs" in text.output and "clips/s" in text.output

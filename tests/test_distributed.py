@@ -1,7 +1,9 @@
 """Several processes on the CPU (gloo) through torchrun, as `accelerate launch` runs them on GPUs:
 the lr schedule counts optimizer steps once, N processes × batch 1 train the LoRA that 1 process
-with gradient accumulation N trains, and a checkpoint resumes on another number of processes when
-processes × accumulation stays the same (and is refused, saying so, when it does not).
+with gradient accumulation N trains (with the base weights whole, or sharded by FSDP), and so do
+2 processes sharing each sample's tokens (Ulysses) and 1 process; a checkpoint resumes on another
+number of processes when processes × accumulation stays the same (and is refused, saying so, when
+it does not), also on two "machines" on loopback.
 
 One launch runs every multi-process case (a launch costs tens of seconds on two cores); the
 single-process references run in this process."""
@@ -35,6 +37,9 @@ RUNS = {  # name: the overrides of one 2-process run
     # the base weights sharded, recomputed in backward (gathered again), and rendered by both processes
     "fsdp": ("lr_scheduler=cosine", "checkpoint_step_interval=2", "distributed_strategy=fsdp",
              "gradient_checkpointing=true", f"validation_steps={STEPS}"),
+    # each sample's tokens split over both processes, rendered by the main one alone
+    "ulysses": ("lr_scheduler=cosine", f"checkpoint_step_interval={STEPS}", "distributed_strategy=ulysses",
+                f"validation_steps={STEPS}"),
 }
 
 
@@ -78,7 +83,7 @@ def test_only_the_main_process_prints_and_every_rank_keeps_its_random_state(two_
     runs, stdout = two_processes
     assert stdout.count("× 2 processes") == len(RUNS)
     assert stdout.count("longcat train") == len(RUNS)
-    assert stdout.count("validation at step") == 1  # printed once though both processes render
+    assert stdout.count("validation at step") == 2  # once per validating run, by the main process
     assert (runs["linear"] / f"checkpoint-{STEPS}" / "rng.rank1.safetensors").is_file()
     assert (runs["linear"] / "lora.safetensors").is_file()
 
@@ -102,6 +107,27 @@ def test_sharded_weights_train_the_lora_of_whole_ones(two_processes):
     _assert_same_lora(runs["cosine"] / "lora.safetensors", runs["fsdp"] / "lora.safetensors")
     assert "validation at step 4" in stdout
     assert list((runs["fsdp"] / "validation" / f"step_{STEPS}").glob("*.mp4"))
+
+
+def test_two_processes_sharing_each_sample_train_the_lora_of_one_process(two_processes, demo_root, tmp_path):
+    """Ulysses: both processes on the same batches, each with half of every sample's tokens."""
+    runs, stdout = two_processes
+    one = tmp_path / "one"
+    _train_one_process(demo_root, one, "lr_scheduler=cosine", f"checkpoint_step_interval={STEPS}")
+    _assert_same_lora(one / "lora.safetensors", runs["ulysses"] / "lora.safetensors")
+    assert list((runs["ulysses"] / "validation" / f"step_{STEPS}").glob("*.mp4"))
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_ulysses_predictions_and_gradients_equal_one_process(processes):
+    """The collectives on gloo: dense and block-sparse attention, with and without a condition frame
+    (`ulysses_check.py`)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            str(Path(__file__).with_name("ulysses_check.py"))]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(f"ulysses ok {processes}") == processes
 
 
 def test_two_processes_train_the_lora_of_one_process_accumulating_two(two_processes, demo_root, tmp_path):

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from longcat_train.config.training import TrainingConfig
 from longcat_train.memory import MemorySettings, PlanRefusal, plan_memory
-from longcat_train.memory.planner import bucket_tokens, estimate, parameter_counts
+from longcat_train.memory.planner import bucket_tokens, estimate, parameter_counts, usable_gib
 from longcat_train.model import LongCatVideoTransformer3DModel
 from longcat_train.release_facts import RELEASE_DIT_CONFIG
 
@@ -251,3 +251,14 @@ def test_every_process_on_a_machine_counts_in_its_host_memory():
     assert two == pytest.approx(2 * one)
     sharded = plan_memory(replace(settings, shards=2, processes_per_machine=2), [BUCKET], 80.0).buckets[0].estimate.host
     assert sharded > two + 2 * 25.0  # + a 25.3 GiB bf16 model per process
+
+
+def test_ulysses_splits_the_activations_and_keeps_the_weights_whole():
+    """720x1280x93 (86,400 tokens): each of N GPUs holds 1/N of every token-sized tensor."""
+    bucket = (720, 1280, 93)
+    estimates = {n: plan_memory(TrainingConfig(lora_rank=32, distributed_strategy="ulysses"), [bucket], 80.0,
+                                processes=n).buckets[0].estimate for n in (1, 2, 4, 8)}
+    for n in (2, 4, 8):
+        assert estimates[n].weights == estimates[1].weights
+        assert estimates[n].activations == pytest.approx(estimates[1].activations / n, rel=1e-3)
+    assert estimates[1].vram > usable_gib(48.0) > estimates[2].vram  # one 48 GB GPU is short; two fit

@@ -18,6 +18,7 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
                where block swap, group offload or FSDP place it from there) and the pinned bytes
                (swapped blocks + offloaded activations, exact sizes: `pinned_memory.PinnedArena`),
                once per process on the machine (`processes_per_machine`)
+  Ulysses      every per-token figure over `sequence_shards`: each GPU holds its rows of the tokens
 
 The working-set constant is calibrated on docs/benchmarks.md ("memory settings"): full
 checkpointing with block inputs offloaded, 480x832x93 (37,440 tokens), LoRA r32, bf16 weights,
@@ -127,6 +128,7 @@ class MemorySettings:
     lora_rank: int = 32
     batch_size: int = 1
     shards: int = 1  # GPUs the frozen weights are sharded over (FSDP); 1: whole on every GPU
+    sequence_shards: int = 1  # GPUs a sample's tokens are split over (Ulysses)
     processes_per_machine: int = 1  # each holds its own host memory
 
     @classmethod
@@ -135,6 +137,7 @@ class MemorySettings:
         processes, `processes_per_machine` of them (default: all) on each machine."""
         return cls(
             shards=processes if cfg.distributed_strategy == "fsdp" else 1,
+            sequence_shards=processes if cfg.distributed_strategy == "ulysses" else 1,
             processes_per_machine=processes if processes_per_machine is None else processes_per_machine,
             base_model_precision=cfg.base_model_precision,
             blocks_to_swap=cfg.musubi_blocks_to_swap,
@@ -176,6 +179,8 @@ class MemorySettings:
             parts.append(f"group offload ({self.group_offload_type})")
         if self.shards > 1:
             parts.append(f"weights sharded over {self.shards} GPUs")
+        if self.sequence_shards > 1:
+            parts.append(f"tokens split over {self.sequence_shards} GPUs")
         return ", ".join(parts)
 
 
@@ -259,14 +264,15 @@ def offload_requests(s: MemorySettings, bucket: tuple[int, int, int], dit_config
     if not (s.gradient_checkpointing and s.offload_block_inputs):
         return []
     counts = parameter_counts(dit_config)
-    n = s.batch_size * bucket_tokens(*bucket)
+    n = s.batch_size * bucket_tokens(*bucket) // s.sequence_shards
     selective, kept = _kept_sizes(counts, s, n)
     return _offload_requests(counts.depth, n * counts.hidden * 2, kept, selective)
 
 
 def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimate:
-    """Peak memory (GiB) of one training step over `tokens` tokens per sample."""
-    n = s.batch_size * tokens
+    """Peak memory (GiB) of one training step over `tokens` tokens per sample (each GPU holds its
+    share of them with Ulysses: attention's all-to-alls trade tokens for heads, same bytes)."""
+    n = s.batch_size * tokens // s.sequence_shards
     hidden_state = n * counts.hidden * 2  # one bf16 [B, N, C] tensor
     working_set = _per_token_working_set(counts) * n
     if not s.gradient_checkpointing:

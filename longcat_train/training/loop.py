@@ -55,8 +55,9 @@ from ..memory import (
 )
 from ..model import LongCatVideoTransformer3DModel
 from ..model.activation_offload import HOST_ARENA
+from ..model.ulysses import SequenceParallel
 from ..model.flops import dense_bf16_peak_flops, transformer_flops
-from ..release_facts import TEXT_TOKENS
+from ..release_facts import TEXT_TOKENS, latent_shape
 from ..run_lock import DirectoryInUse, hold_directory
 from ..validation.periodic import HeldOutLatents, Validator
 from .checkpoint import (
@@ -161,13 +162,13 @@ def plan_memory_use(loaded: LoadedConfig, data: PreparedData, console: Console,
 
 
 def reserve_offload_memory(cfg: TrainingConfig, data: PreparedData, dit_config: dict | None,
-                           device: torch.device) -> threading.Thread:
+                           device: torch.device, processes: int) -> threading.Thread:
     """Pins the activation-offload arena for the largest bucket on a thread, alongside the model's
     loading: pinning tens of GiB of host memory takes seconds that the first step would pay."""
     requests = []
     if device.type == "cuda" and cfg.activation_offload:
         largest = max(data.items, key=lambda i: i.bucket.height * i.bucket.width * i.bucket.num_frames).bucket
-        requests = offload_requests(MemorySettings.from_config(cfg), (largest.height, largest.width,
+        requests = offload_requests(MemorySettings.from_config(cfg, processes), (largest.height, largest.width,
                                                                       largest.num_frames), dit_config)
     thread = threading.Thread(target=HOST_ARENA.reserve, args=(requests,), name="pin-offload-arena", daemon=True)
     thread.start()
@@ -292,7 +293,7 @@ def load_model(loaded: LoadedConfig, data: PreparedData, device: torch.device, c
     dit_config = load_dit_config(loaded.training.pretrained_model_name_or_path)
     loaded, plan, picked = plan_memory_use(loaded, data, console, dit_config, processes)
     cfg = loaded.training
-    pinning = reserve_offload_memory(cfg, data, dit_config, device)
+    pinning = reserve_offload_memory(cfg, data, dit_config, device, processes)
     warming = start_warmup(cfg, data, dit_config, device)
     transformer = load_transformer(cfg, device, sharded)
     weights_at = time.time()
@@ -335,8 +336,9 @@ class TrainingRun:
                                   "(`longcat data check` lists them)")
 
         self.generator = _set_seeds(cfg.seed + accelerator.process_index)
-        # FSDP over the processes; with one process there is nothing to shard
+        # FSDP or Ulysses over the processes; with one process there is nothing to share
         self.sharded = cfg.distributed_strategy == "fsdp" and accelerator.num_processes > 1
+        self.sequence_shared = cfg.distributed_strategy == "ulysses" and accelerator.num_processes > 1
         model = load_model(loaded, data, accelerator.device, self.console, self.sharded, accelerator.num_processes)
         self.loaded, self.plan = model.loaded, model.plan
         self.cfg = cfg = model.loaded.training
@@ -347,6 +349,16 @@ class TrainingRun:
         if accelerator.mixed_precision == "bf16":
             compute_lora_in_autocast_dtype(transformer)
         placed = place_for_memory(transformer, cfg, accelerator.device, self.sharded)
+        if self.sequence_shared:
+            shared = SequenceParallel()
+            patch = transformer.config.patch_size
+            try:  # before the first step: a bucket the processes cannot split would stop the run mid-way
+                for bucket in {item.bucket for item in data.items}:
+                    t, h, w = latent_shape(bucket.num_frames, bucket.height, bucket.width)
+                    shared.band((t, h // patch[1], w // patch[2]), transformer.config.num_heads)
+            except ValueError as error:
+                raise TrainingStopped(f"distributed_strategy ulysses: {error}") from None
+            transformer.set_sequence_parallel(shared)
         self.params = [p for p in transformer.parameters() if p.requires_grad]
         if accelerator.is_main_process:  # it holds the output_dir lock: nothing else writes there
             for leftover in remove_leftovers(self.output_dir):
@@ -361,8 +373,10 @@ class TrainingRun:
             self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=accelerator.device.type == "cuda",
         )
+        # with Ulysses every process takes the same batches: they share its tokens
+        replicas, replica = (1, 0) if self.sequence_shared else (accelerator.num_processes, accelerator.process_index)
         self.sampler = BucketBatchSampler(
-            data.items, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index,
+            data.items, cfg.train_batch_size, cfg.seed, replicas, replica,
             probabilities={d.id: d.probability for d in loaded.datasets}, accumulation=cfg.gradient_accumulation_steps,
         )
         batches = len(self.sampler.epoch_plan(0))
@@ -462,7 +476,9 @@ class TrainingRun:
                 self._skip_nonfinite(loss)
                 return False
             self.nonfinite_in_row = 0
-            accelerator.backward(loss)
+            # Ulysses: each process's gradients cover its tokens, the sample's are their sum, and
+            # DDP averages; FSDP: `average_gradients` below
+            accelerator.backward(loss * accelerator.num_processes if self.sequence_shared else loss)
             if self.sharded and accelerator.sync_gradients:
                 average_gradients(self.params)
             grad_norm = None
@@ -526,7 +542,9 @@ class TrainingRun:
         validator = self.validator
         if validator is not None:
             started = time.time()
+            self.model.set_sequence_parallel(None)  # Ulysses: the main process renders whole samples alone
             metrics = validator.run(self.model, self.state.step, self.writer)
+            self.model.set_sequence_parallel(SequenceParallel() if self.sequence_shared else None)
         if validator is not None and self.accelerator.is_main_process:
             self.log.event("validation", step=self.state.step, seconds=time.time() - started, **metrics)
             self.plot_loss()  # with the held-out point of this step
