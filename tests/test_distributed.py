@@ -81,7 +81,9 @@ def _assert_same_lora(path_a: Path, path_b: Path) -> None:
 
 def test_only_the_main_process_prints_and_every_rank_keeps_its_random_state(two_processes):
     runs, stdout = two_processes
-    assert stdout.count("× 2 processes") == len(RUNS)
+    assert stdout.count("× 2 processes") == len(RUNS) - 1
+    assert stdout.count("each sample's tokens split over 2 processes") == 1
+    assert stdout.count("weights sharded over 2 processes (FSDP)") == 1
     assert stdout.count("longcat train") == len(RUNS)
     assert stdout.count("validation at step") == 2  # once per validating run, by the main process
     assert (runs["linear"] / f"checkpoint-{STEPS}" / "rng.rank1.safetensors").is_file()

@@ -16,6 +16,10 @@ from longcat_train.data.items import ClipItem
 MAX_EMPTY_EPOCHS = 100  # epochs drawn in a row without a batch before `next_batch` gives up
 
 
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
 class PlannedBatch(NamedTuple):
     """One batch of the stream: indices into the items, and the seed of every random draw made for
     it (a function of its place in the stream, so the same for any number of processes)."""
@@ -166,11 +170,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         saved_step = int(state.get("batches_per_step", saved_replicas * self.batches_per_step // self.num_replicas))
         if saved_step != self.batches_per_step:
             raise ValueError(
-                f"it was trained with {saved_step} batches per optimizer step ({saved_replicas} processes × "
+                f"it was trained with {saved_step} batches per optimizer step ({_processes(saved_replicas)} × "
                 f"gradient_accumulation_steps {saved_step // saved_replicas}), this run takes "
                 f"{self.batches_per_step} ({self.num_replicas} × {self.batches_per_step // self.num_replicas}), "
                 "so its steps would average other samples. Resume on any number of processes whose product "
-                f"with gradient_accumulation_steps is {saved_step}, or start a fresh run"
+                f"with gradient_accumulation_steps is {saved_step} (processes that share each sample's tokens, "
+                "distributed_strategy ulysses, count as one), or start a fresh run"
             )
         self.epoch = int(state["epoch"])
         # before the stream, `position` counted this rank's batches of an epoch shared round-robin

@@ -230,6 +230,7 @@ def step_metrics(model, items, x0, embeds, strategy, accumulation: int, seconds:
 def run_description(cfg, model, params, alpha, data: PreparedData, step: int, total_steps: int,
                     processes: int, picked: dict) -> dict[str, str]:
     """The startup table's rows: what is about to be trained, on what, with which memory settings."""
+    sharing = cfg.distributed_strategy if processes > 1 else "ddp"
     checkpointing = cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "off"
     rows = {
         "model": f"{cfg.model_family}/{cfg.model_flavour} at {cfg.pretrained_model_name_or_path}",
@@ -240,10 +241,12 @@ def run_description(cfg, model, params, alpha, data: PreparedData, step: int, to
                               for i, s in data.scans.items()),
         "buckets (HxWxF)": ", ".join(sorted({i.bucket.label for i in data.items})),
         "steps": f"{step} → {total_steps} (batch {cfg.train_batch_size} × accumulation "
-                 f"{cfg.gradient_accumulation_steps} × {processes} processes)",
+                 + (f"{cfg.gradient_accumulation_steps}; each sample's tokens split over {processes} processes)"
+                    if sharing == "ulysses" else f"{cfg.gradient_accumulation_steps} × {processes} processes)"),
         "memory": f"checkpointing {checkpointing}{', activation offload' if model.offload_block_inputs else ''}"
                   f"{', keeps ' + '+'.join(cfg.keep_projections) if cfg.keep_projections else ''}, "
-                  f"swap {cfg.musubi_blocks_to_swap} blocks, attention {cfg.attention_implementation}",
+                  f"swap {cfg.musubi_blocks_to_swap} blocks, attention {cfg.attention_implementation}"
+                  + (f", weights sharded over {processes} processes (FSDP)" if sharing == "fsdp" else ""),
     }
     if picked:
         rows["memory"] += ("; picked by the memory plan, as the config leaves them unset: "
