@@ -135,6 +135,20 @@ def place_for_memory(transformer, cfg, device: torch.device, sharded: bool) -> b
     return False
 
 
+def share_tokens(transformer: LongCatVideoTransformer3DModel, items: list[ClipItem]) -> SequenceParallel:
+    """Ulysses over every process, checked against each bucket before the first step (a bucket the
+    processes cannot cut would stop the run mid-way)."""
+    shared = SequenceParallel()
+    patch = transformer.config.patch_size
+    try:
+        for bucket in {item.bucket for item in items}:
+            t, h, w = latent_shape(bucket.num_frames, bucket.height, bucket.width)
+            shared.band((t, h // patch[1], w // patch[2]), transformer.config.num_heads)
+    except ValueError as error:
+        raise TrainingStopped(f"distributed_strategy ulysses: {error}") from None
+    return shared
+
+
 def plan_memory_use(loaded: LoadedConfig, data: PreparedData, console: Console,
                     dit_config: dict, processes: int) -> tuple[LoadedConfig, MemoryPlan | None, dict]:
     """On CUDA, before the model loads: the memory keys the config leaves unset take the fastest
@@ -353,15 +367,7 @@ class TrainingRun:
             compute_lora_in_autocast_dtype(transformer)
         placed = place_for_memory(transformer, cfg, accelerator.device, self.sharded)
         if self.sequence_shared:
-            shared = SequenceParallel()
-            patch = transformer.config.patch_size
-            try:  # before the first step: a bucket the processes cannot split would stop the run mid-way
-                for bucket in {item.bucket for item in data.items}:
-                    t, h, w = latent_shape(bucket.num_frames, bucket.height, bucket.width)
-                    shared.band((t, h // patch[1], w // patch[2]), transformer.config.num_heads)
-            except ValueError as error:
-                raise TrainingStopped(f"distributed_strategy ulysses: {error}") from None
-            transformer.set_sequence_parallel(shared)
+            transformer.set_sequence_parallel(share_tokens(transformer, data.items))
         self.params = [p for p in transformer.parameters() if p.requires_grad]
         if accelerator.is_main_process:  # it holds the output_dir lock: nothing else writes there
             for leftover in remove_leftovers(self.output_dir):
