@@ -439,11 +439,18 @@ def plan(
     config: ConfigOption,
     gpu_memory: Annotated[float | None, typer.Option(metavar="GiB", help="GPU memory to plan for (default: this GPU's).")] = None,
     host_memory: Annotated[float | None, typer.Option(metavar="GiB", help="Host RAM to plan for (default: this machine's).")] = None,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs training together, on one machine.")] = 1,
+    strategy: Annotated[str | None, typer.Option(
+        metavar="ddp|fsdp|ulysses", help="How they share the work (default: the config's distributed_strategy).")] = None,
+    link: Annotated[float, typer.Option(
+        metavar="GB/s", min=0.1, help="Bandwidth between the GPUs for the throughput prediction (PCIe 4.0: 25).")] = 25.0,
     set_: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Predict peak GPU and host memory per bucket and recommend settings that fit."""
-    loaded = _load(config, set_, as_json, check_model=False)
+    """Predict peak memory per GPU and per machine for each bucket, recommend settings that fit, and
+    predict the step time and throughput of the largest bucket on --gpus GPUs."""
+    overrides = [*(set_ or []), *([f"distributed_strategy={strategy}"] if strategy is not None else [])]
+    loaded = _load(config, overrides, as_json, check_model=False)
     if gpu_memory is None:
         # asked before the planner's and the data pipeline's imports, which take seconds
         if not _cuda_available():
@@ -464,16 +471,28 @@ def plan(
 
     # the checkpoint's own architecture when it is there (the release's otherwise)
     dit_config = load_dit_config(loaded.training.pretrained_model_name_or_path or "")
+    from longcat_train.distributed import predict_throughput
+    from longcat_train.model.flops import dense_bf16_peak_flops
+
     host_memory = machine_memory_gib() if host_memory is None else host_memory
-    picked = planned_config_keys(loaded.training, buckets, gpu_memory, host_memory, dit_config)
-    memory_plan = plan_memory(loaded.training.model_copy(update=picked), buckets, gpu_memory, dit_config, host_memory)
+    cfg = loaded.training
+    picked = planned_config_keys(cfg, buckets, gpu_memory, host_memory, dit_config, gpus)
+    memory_plan = plan_memory(cfg.model_copy(update=picked), buckets, gpu_memory, dit_config, host_memory, gpus)
+    largest = max(buckets, key=lambda bucket: bucket[0] * bucket[1] * bucket[2])
+    speed = predict_throughput(largest, gpus, cfg.distributed_strategy, cfg.lora_rank, cfg.train_batch_size,
+                               dit_config, dense_bf16_peak_flops(), link)
     if as_json:
-        _print_json({**problems_document(loaded.warnings), **memory_plan.as_json(), "picked": picked})
+        _print_json({**problems_document(loaded.warnings), **memory_plan.as_json(), "picked": picked,
+                     "throughput": {**speed.as_json(), "bucket": list(largest), "link_gb_s": link}})
         return
     memory_plan.render(_out())
     if picked:
         _out().print("`train` sets these keys the config leaves unset (the fastest values that fit): "
                      + escape(", ".join(f"{key}={json.dumps(value)}" for key, value in picked.items())))
+    _out().print(f"predicted on {gpus} GPU{'s' if gpus > 1 else ''} ({cfg.distributed_strategy}), bucket "
+                 f"{'x'.join(map(str, largest))}: {speed.step_s:.1f} s per optimizer step ({speed.compute_s:.1f} s "
+                 f"compute, {speed.communication_s:.1f} s moving data at {link:g} GB/s), {speed.samples_per_s:.3f} "
+                 "clips/s; memory figures are per GPU, host RAM per machine", soft_wrap=True)
 
 
 @app.command()

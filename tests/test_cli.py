@@ -113,6 +113,36 @@ def test_plan_predicts_memory_for_the_datasets_buckets(tmp_path: Path) -> None:
     assert "largest bucket that fits: none" in starved.output
 
 
+def test_plan_predicts_per_gpu_memory_and_throughput_of_several_gpus(tmp_path: Path) -> None:
+    from longcat_train.demo.synthetic import write_demo
+
+    config = write_demo(tmp_path, steps=4)
+    # planned for the release's architecture (no checkpoint at the path): the tiny model has two blocks
+    args = ["plan", "--config", str(config), "--gpu-memory", "24", "--host-memory", "256",
+            "--set", f"pretrained_model_name_or_path={tmp_path / 'release'}", "--json"]
+    plans = {}
+    for gpus, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp"), (2, "ulysses")):
+        result = RUNNER.invoke(app, [*args, "--gpus", str(gpus), "--strategy", strategy], env=WIDE)
+        assert result.exit_code == 0, result.output
+        plans[gpus, strategy] = json.loads(result.output)
+    weights = {key: plan["buckets"][-1]["weights_gib"] for key, plan in plans.items()}
+    assert weights[2, "ddp"] == weights[1, "ddp"] > weights[2, "fsdp"]
+    assert plans[2, "fsdp"]["settings"]["shards"] == 2 and plans[2, "ddp"]["settings"]["shards"] == 1
+    speed = {key: plan["throughput"] for key, plan in plans.items()}
+    assert speed[2, "ddp"]["compute_s"] == speed[1, "ddp"]["compute_s"] > 0  # each GPU its own batch
+    assert speed[2, "ddp"]["step_s"] == pytest.approx(speed[2, "ddp"]["compute_s"] + speed[2, "ddp"]["communication_s"])
+    assert speed[2, "ddp"]["samples_per_s"] > speed[1, "ddp"]["samples_per_s"]
+    # Ulysses: both GPUs on one clip, half of its work each
+    assert speed[2, "ulysses"]["compute_s"] == pytest.approx(speed[1, "ddp"]["compute_s"] / 2)
+    assert speed[2, "ulysses"]["samples_per_s"] == pytest.approx(1 / speed[2, "ulysses"]["step_s"])
+    assert plans[2, "ulysses"]["buckets"][-1]["activations_gib"] < plans[1, "ddp"]["buckets"][-1]["activations_gib"]
+    assert speed[2, "fsdp"]["communication_s"] > speed[2, "ddp"]["communication_s"] > speed[1, "ddp"]["communication_s"] == 0
+    text = RUNNER.invoke(app, args[:-1] + ["--gpus", "2", "--strategy", "fsdp"], env=WIDE)
+    assert "weights sharded over 2 GPUs" in text.output and "clips/s" in text.output
+    bad = RUNNER.invoke(app, [*args, "--strategy", "zero3"], env=WIDE)
+    assert bad.exit_code == EXIT_CONFIG_ERROR and "distributed_strategy" in bad.output and "fsdp" in bad.output
+
+
 def test_validate_options_go_through_config_rules(tmp_path: Path) -> None:
     config = write_pair(tmp_path, base_training(tmp_path), base_datasets())
     result = RUNNER.invoke(

@@ -71,6 +71,13 @@ def _keep_without_selective(training: dict[str, Any], datasets: list[dict[str, A
     training["gradient_checkpointing_mode"] = "full"
 
 
+def _fsdp_with(key: str, value: Any) -> Mutation:
+    def mutate(training: dict[str, Any], datasets: list[dict[str, Any]], root: Path) -> None:
+        training |= {"distributed_strategy": "fsdp", key: value}
+
+    return mutate
+
+
 def _default_checkpoint_missing(training: dict[str, Any], datasets: list[dict[str, Any]], root: Path) -> None:
     training["pretrained_model_name_or_path"] = None
 
@@ -119,6 +126,11 @@ CASES: list[tuple[str, Mutation, str, str, str]] = [
     ("is_i2v on start frames", _set_dataset(1, "is_i2v", True), "datasets[1].is_i2v", "conditioning", "\"video\" datasets"),
     ("kept projection name", _set("keep_projections", ["qkvv"]), "keep_projections[0]", "'attention_out'", "one of"),
     ("kept projections without selective", _keep_without_selective, "keep_projections", '"selective"', "does not use"),
+    ("fsdp with block swap", _fsdp_with("musubi_blocks_to_swap", 8), "musubi_blocks_to_swap", '"ddp"', "fsdp shards"),
+    ("fsdp with group offload", _fsdp_with("enable_group_offload", True), "enable_group_offload", "false", "fsdp shards"),
+    ("fsdp with quantized weights", _fsdp_with("base_model_precision", "int8-quanto"), "base_model_precision", '"bf16"',
+     "quantized"),
+    ("unknown distributed strategy", _set("distributed_strategy", "zero3"), "distributed_strategy", "fsdp", ""),
 ]
 
 

@@ -1,4 +1,5 @@
-"""BucketBatchSampler: bucket purity, determinism, exact resume, rank sharding, probabilities."""
+"""BucketBatchSampler: bucket purity, determinism, exact resume, rank sharding (the same stream for any
+number of processes × accumulated batches), probabilities."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def test_resume_mid_epoch_continues_with_the_next_batch() -> None:
     run = BucketBatchSampler(_items(), batch_size=4, seed=9)
     consumed = list(itertools.islice(iter(run), 5))
     state = run.state_dict()
-    assert state["epoch"] == 0 and state["position"] == 5
+    assert state["epoch"] == 0 and state["next_batch"] == 5
 
     resumed = BucketBatchSampler(_items(), batch_size=4, seed=9)
     resumed.load_state_dict(state)
@@ -76,14 +77,51 @@ def test_resume_rejects_a_different_batch_size() -> None:
         BucketBatchSampler(_items(), batch_size=2, seed=9).load_state_dict(state)
 
 
-def test_ranks_get_disjoint_equal_shares() -> None:
+def test_ranks_take_the_single_process_stream_in_rounds_across_epochs() -> None:
+    """Rank r of N takes the stream's batches r, r + N, ...; the stream runs on into the next epoch
+    (epoch 0 has 29 batches of 2: the tenth round of 3 ends in epoch 1), and each batch's seed is its
+    place in the stream, whoever takes it."""
     items = _items()
-    shards = [list(BucketBatchSampler(items, batch_size=2, seed=3, num_replicas=3, rank=r)) for r in range(3)]
-    assert len({len(s) for s in shards}) == 1 and len(shards[0]) > 0
-    seen = [i for shard in shards for batch in shard for i in batch]
-    assert len(seen) == len(set(seen))
-    single = list(BucketBatchSampler(items, batch_size=2, seed=3))
-    assert sorted(map(tuple, (b for s in shards for b in s))) == sorted(map(tuple, single[: len(seen) // 2]))
+    single = BucketBatchSampler(items, batch_size=2, seed=3)
+    assert len(single.epoch_plan(0)) == 29
+    stream = [single.next_batch() for _ in range(3 * 12)]
+    ranks = [BucketBatchSampler(items, batch_size=2, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    rounds = [[rank.next_batch() for rank in ranks] for _ in range(12)]
+    assert [batch for round_ in rounds for batch in round_] == stream
+    first_epoch = [i for batch in stream[:29] for i in batch.indices]
+    assert len(first_epoch) == len(set(first_epoch))  # an epoch never repeats an item
+    assert len({batch.seed for batch in stream}) == len(stream)
+    assert all(r.state_dict()["epoch"] == 1 and r.state_dict()["next_batch"] == 7 for r in ranks)
+
+
+def test_a_state_resumes_on_another_rank_count_with_the_same_batches_per_step() -> None:
+    """2 processes × accumulation 1 saved after 3 rounds; 1 process × 2 goes on with batch 6."""
+    items = _items()
+    reference = BucketBatchSampler(items, batch_size=2, seed=3)
+    stream = [reference.next_batch() for _ in range(10)]
+    pair = [BucketBatchSampler(items, batch_size=2, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for _ in range(3):
+        for rank in pair:
+            rank.next_batch()
+    single = BucketBatchSampler(items, batch_size=2, seed=3, accumulation=2)
+    single.load_state_dict(pair[0].state_dict())
+    assert [single.next_batch() for _ in range(4)] == stream[6:10]
+    with pytest.raises(ValueError, match=r"2 batches per optimizer step \(2 processes × gradient_accumulation_steps 1\)"
+                                         r".*this run takes 1 \(1 × 1\).*product with gradient_accumulation_steps is 2"):
+        BucketBatchSampler(items, batch_size=2, seed=3).load_state_dict(pair[0].state_dict())
+
+
+def test_a_state_from_before_the_stream_resumes_at_the_same_batch() -> None:
+    """Such states counted a rank's own batches (`position`): 2 ranks × 3 batches = stream batch 6."""
+    items = _items()
+    reference = BucketBatchSampler(items, batch_size=2, seed=3)
+    stream = [reference.next_batch() for _ in range(8)]
+    resumed = BucketBatchSampler(items, batch_size=2, seed=3, num_replicas=2, rank=1)
+    resumed.load_state_dict({"epoch": 0, "position": 3, "seed": 3, "batch_size": 2, "num_replicas": 2})
+    assert resumed.next_batch() == stream[7]
+    with pytest.raises(ValueError, match="batches per optimizer step"):
+        BucketBatchSampler(items, batch_size=2, seed=3).load_state_dict(
+            {"epoch": 0, "position": 3, "seed": 3, "batch_size": 2, "num_replicas": 2})
 
 
 def test_dataset_probability_thins_a_dataset() -> None:
@@ -118,10 +156,10 @@ def test_next_batch_walks_the_epochs_as_iteration_does_and_resumes_from_state() 
     reference = BucketBatchSampler(_items(), batch_size=4, seed=3)
     expected = list(reference) + list(reference)
     run = BucketBatchSampler(_items(), batch_size=4, seed=3)
-    taken = [run.next_batch() for _ in range(7)]
+    taken = [run.next_batch().indices for _ in range(7)]
     resumed = BucketBatchSampler(_items(), batch_size=4, seed=3)
     resumed.load_state_dict(run.state_dict())
-    taken += [resumed.next_batch() for _ in range(len(expected) - 7)]
+    taken += [resumed.next_batch().indices for _ in range(len(expected) - 7)]
     assert taken == expected
 
 

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from longcat_train.config.training import TrainingConfig
 from longcat_train.memory import MemorySettings, PlanRefusal, plan_memory
-from longcat_train.memory.planner import bucket_tokens, estimate, parameter_counts
+from longcat_train.memory.planner import bucket_tokens, estimate, parameter_counts, usable_gib
 from longcat_train.model import LongCatVideoTransformer3DModel
 from longcat_train.release_facts import RELEASE_DIT_CONFIG
 
@@ -219,3 +219,46 @@ def test_train_keeps_every_memory_key_the_user_set():
     assert "gradient_checkpointing_mode" not in full and full["musubi_blocks_to_swap"] > 0
     # group offload chosen: placement is the user's, nothing is picked
     assert planned_config_keys(TrainingConfig(enable_group_offload=True), [BUCKET], 24.0, 128.0) == {}
+
+
+def test_fsdp_shares_the_bf16_weights_out_over_the_gpus():
+    """Each GPU holds its share of the blocks, two whole blocks in flight and the parts outside the
+    blocks; the LoRA, its optimizer state and the activations are each GPU's own, as with DDP."""
+    counts = parameter_counts()
+    block = (counts.per_block_quantizable + counts.per_block_other) * 2 / 2**30
+    outside = counts.outside_blocks * 2 / 2**30
+    fsdp = TrainingConfig(lora_rank=32, distributed_strategy="fsdp")
+    alone = plan_memory(fsdp, [BUCKET], 24.0).buckets[0].estimate  # one process: nothing to shard
+    whole = plan_memory(TrainingConfig(lora_rank=32), [BUCKET], 24.0, processes=4).buckets[0].estimate
+    assert alone.weights == whole.weights
+    assert whole.weights > 24.0  # the bf16 DiT alone overflows a 24 GB GPU
+    for gpus in (2, 4, 8):
+        shared = plan_memory(fsdp, [BUCKET], 24.0, processes=gpus).buckets[0].estimate
+        assert shared.weights == pytest.approx(outside + block * (counts.depth / gpus + 2))
+        assert (shared.lora_state, shared.activations) == (whole.lora_state, whole.activations)
+    # four 24 GB GPUs train 480x832x93 on bf16 weights without swapping blocks; DDP needs to swap
+    plan = plan_memory(fsdp, [BUCKET], 24.0, processes=4)
+    assert plan.recommendation.shards == 4 and plan.recommendation.blocks_to_swap == 0
+    assert plan.recommendation.base_model_precision == "bf16"
+    assert plan_memory(TrainingConfig(lora_rank=32), [BUCKET], 24.0, processes=4).recommendation.blocks_to_swap > 0
+
+
+def test_every_process_on_a_machine_counts_in_its_host_memory():
+    """FSDP loads the bf16 model into host memory in each process before sharding it."""
+    settings = MemorySettings(lora_rank=32, offload_block_inputs=False)
+    one = plan_memory(settings, [BUCKET], 80.0).buckets[0].estimate.host
+    two = plan_memory(replace(settings, processes_per_machine=2), [BUCKET], 80.0).buckets[0].estimate.host
+    assert two == pytest.approx(2 * one)
+    sharded = plan_memory(replace(settings, shards=2, processes_per_machine=2), [BUCKET], 80.0).buckets[0].estimate.host
+    assert sharded > two + 2 * 25.0  # + a 25.3 GiB bf16 model per process
+
+
+def test_ulysses_splits_the_activations_and_keeps_the_weights_whole():
+    """720x1280x93 (86,400 tokens): each of N GPUs holds 1/N of every token-sized tensor."""
+    bucket = (720, 1280, 93)
+    estimates = {n: plan_memory(TrainingConfig(lora_rank=32, distributed_strategy="ulysses"), [bucket], 80.0,
+                                processes=n).buckets[0].estimate for n in (1, 2, 4, 8)}
+    for n in (2, 4, 8):
+        assert estimates[n].weights == estimates[1].weights
+        assert estimates[n].activations == pytest.approx(estimates[1].activations / n, rel=1e-3)
+    assert estimates[1].vram > usable_gib(48.0) > estimates[2].vram  # one 48 GB GPU is short; two fit

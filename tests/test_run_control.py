@@ -28,7 +28,7 @@ def _project(root: Path) -> Path:
     model = write_tiny_model(root / "model")
     write_dataset(root / "data", count=3, val_count=1)
     return demo_configs(root, model, steps=STEPS, overrides={"checkpoint_step_interval": 2,
-                                                              "validation_steps": None, "checkpoints_total_limit": None})
+                                                              "validation_step_interval": None, "checkpoints_total_limit": None})
 
 
 def _train(config: Path, *extra: str, log: Path | None = None, **popen) -> subprocess.Popen:

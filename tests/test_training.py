@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
 from longcat_train.config import load_config
-from longcat_train.demo.synthetic import write_demo
 from longcat_train.objective.flow import sample_sigmas, shift_sigmas
 from longcat_train.training.loss_plot import loss_series, read_events
 from longcat_train.training.loop import TrainingStopped, run_training
@@ -81,13 +79,6 @@ def test_sigmas_are_shifted_like_the_checkpoint_scheduler():
     a = sample_sigmas(64, torch.Generator().manual_seed(3))
     assert torch.equal(a, sample_sigmas(64, torch.Generator().manual_seed(3)))
     assert a.median() > 0.8  # shift 12 puts most of the mass at high noise, as inference does
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_demo(root, steps=40)
-    return root
 
 
 def _final_lora(output: Path) -> dict:
@@ -180,30 +171,3 @@ def test_validation_during_training_leaves_the_loss_trajectory_identical(demo_ro
     renders = sorted(p.name for p in (tmp_path / "b" / "validation").iterdir())
     assert renders == ["step_0", "step_10", "step_12", "step_5"]  # every 5 steps, and after the last one
     assert list((tmp_path / "b" / "validation" / "step_5").glob("*.mp4"))
-
-
-def test_two_processes_train_together_and_checkpoint_both_random_streams(demo_root, tmp_path):
-    """DDP on the CPU (gloo) through torchrun, as `accelerate launch` runs it on GPUs."""
-    out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "longcat_train.cli", "train",
-            "--config", str(demo_root / "config.json"), "--set", "max_train_steps=4", "--set",
-            "checkpoint_step_interval=4", "--set", "validation_steps=null", "--set", f"output_dir={out}",
-            "--set", "lr_scheduler=linear", "--set", "lr_warmup_steps=2"]
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "× 2 processes" in result.stdout
-    assert result.stdout.count("longcat train") == 1  # only the main process prints
-    assert (out / "checkpoint-4" / "rng.rank1.safetensors").is_file()
-    assert (out / "lora.safetensors").is_file()
-    # the learning rates of a single process's schedule over the same 4 steps (warm-up, then linear)
-    lr = json.loads((demo_root / "config.json").read_text())["learning_rate"]
-    reference = get_scheduler("linear", torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr),
-                              num_warmup_steps=2, num_training_steps=4)
-    expected = []
-    for _ in range(4):
-        reference.optimizer.step()
-        reference.step()
-        expected.append(reference.get_last_lr()[0])
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert [e["lr"] for e in events if e["event"] == "step"] == pytest.approx(expected)

@@ -168,3 +168,14 @@ def test_selective_checkpointing_does_not_recompute_attention():
     assert plain > 0
     assert attention_calls("full") == 2 * plain  # recomputed in backward
     assert attention_calls("selective") == plain
+
+
+def test_ulysses_cuts_token_rows_else_columns_and_refuses_what_it_cannot_share():
+    from longcat_train.model.ulysses import band_axis
+
+    assert band_axis((24, 30, 52), 32, 2) == 1  # 480x832: 30 token rows
+    assert band_axis((24, 45, 80), 32, 8) == 2  # 720x1280: 45 rows, 80 columns
+    with pytest.raises(ValueError, match="splits the 32 attention heads evenly"):
+        band_axis((24, 45, 80), 32, 5)
+    with pytest.raises(ValueError, match=r"token grid \(24, 45, 75\) .* has neither"):
+        band_axis((24, 45, 75), 32, 2)

@@ -63,6 +63,7 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
     _check_lora_targets(training, file, problems)
     _check_kept_projections(training, file, problems)
     _check_dependencies(training, file, problems)
+    _check_sharding(training, file, problems)
     if training.validation_using_datasets and training.eval_dataset_id is None:
         problems.add(
             file,
@@ -94,6 +95,22 @@ def _check_lora_targets(training: TrainingConfig, file: Path, problems: ProblemL
         problems.add(file, "lora_target_modules", unknown,
                      f"{unknown} name no linear of a LongCat-Video block, so a LoRA there would adapt nothing",
                      f"use names from {list(BLOCK_LINEARS)}")
+
+
+def _check_sharding(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
+    """FSDP places the frozen weights itself: not with another placement, nor quantized storage."""
+    if training.distributed_strategy != "fsdp":
+        return
+    if training.musubi_blocks_to_swap or training.enable_group_offload:
+        key = "musubi_blocks_to_swap" if training.musubi_blocks_to_swap else "enable_group_offload"
+        problems.add(file, key, getattr(training, key),
+                     "block swap and group offload move the frozen weights that fsdp shards over the GPUs",
+                     f'set "{key}" to {0 if key == "musubi_blocks_to_swap" else "false"}, or '
+                     '"distributed_strategy": "ddp"')
+    if training.base_model_precision not in ("bf16", "no_change"):
+        problems.add(file, "base_model_precision", training.base_model_precision,
+                     "fsdp shards plain bf16 weights; quantized ones are not shardable tensors",
+                     'use "base_model_precision": "bf16" with fsdp, or "distributed_strategy": "ddp"')
 
 
 def _check_kept_projections(training: TrainingConfig, file: Path, problems: ProblemList) -> None:

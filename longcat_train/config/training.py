@@ -278,6 +278,19 @@ class TrainingConfig(BaseModel):
     group_offload_blocks_per_group: int = Field(1, ge=1, description="Blocks per offload group (block_level).")
     group_offload_use_stream: Flag = Field(False, description="Overlap offload transfers on a CUDA stream.")
 
+    # --- several GPUs -------------------------------------------------------------------------
+    distributed_strategy: Literal["ddp", "fsdp", "ulysses"] = Field(
+        "ddp",
+        description="With several processes: `ddp` keeps the whole frozen DiT on every GPU; `fsdp` shards "
+        "its weights over the GPUs block by block (PyTorch FSDP2), so N GPUs hold 1/N of the 27 GB of "
+        "bf16 weights each plus the blocks in flight; the LoRA and its optimizer state stay whole on "
+        "every GPU. Same samples and the same LoRA either way; `fsdp` gathers each block's weights in "
+        "forward and again in backward. `ulysses` trains one sample at a time on all GPUs together, "
+        "each holding 1/N of its tokens (and activations), with all-to-alls over the attention heads "
+        "(sequence parallelism, for long clips); the process count must divide the 32 heads and "
+        "each bucket's token rows or columns (height / 16, width / 16). One process: no effect.",
+    )
+
     # --- logging ------------------------------------------------------------------------------
     report_to: Literal["tensorboard", "wandb", "all", "none"] = Field(
         "tensorboard", description="Experiment trackers; wandb only when installed."

@@ -3,7 +3,9 @@ both (a GPU leaves `usable_gib` of its memory to the step, a machine `usable_hos
 
 The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
   weights      frozen parameters × bytes of their storage, minus the blocks that live on the host
-               (block swap keeps two blocks in flight; group offload its groups)
+               (block swap keeps two blocks in flight; group offload its groups); sharded over
+               `shards` GPUs with FSDP, the blocks' share plus two whole blocks in flight (the
+               running one and the one gathered ahead) and the parts outside the blocks whole
   LoRA state   trainable parameters × 16 (fp32 weight, grad, two Adam moments)
   activations  checkpointed block inputs B·N·C·2 per block, kept self-attention outputs B·N·C·2
                per selective block (dense or block-sparse attention alike), as much again for
@@ -13,8 +15,10 @@ The model (bytes, batch B, N tokens per sample, hidden C, 48 blocks):
                `WORKING_SET_BYTES_PER_TOKEN`·B·N while it runs forward/backward
   workspace    `WORKSPACE_GIB` (cuBLAS/cuDNN workspaces, allocator slack, loss and embedders)
   host RAM     `HOST_BASE_GIB` + the larger of a bf16 model held whole on the host while loading (only
-               where block swap or group offload place it from there) and the pinned bytes
-               (swapped blocks + offloaded activations, exact sizes: `pinned_memory.PinnedArena`)
+               where block swap, group offload or FSDP place it from there) and the pinned bytes
+               (swapped blocks + offloaded activations, exact sizes: `pinned_memory.PinnedArena`),
+               once per process on the machine (`processes_per_machine`)
+  Ulysses      every per-token figure over `sequence_shards`: each GPU holds its rows of the tokens
 
 The working-set constant is calibrated on docs/benchmarks.md ("memory settings"): full
 checkpointing with block inputs offloaded, 480x832x93 (37,440 tokens), LoRA r32, bf16 weights,
@@ -123,11 +127,18 @@ class MemorySettings:
     group_offload_use_stream: bool = False
     lora_rank: int = 32
     batch_size: int = 1
+    shards: int = 1  # GPUs the frozen weights are sharded over (FSDP); 1: whole on every GPU
+    sequence_shards: int = 1  # GPUs a sample's tokens are split over (Ulysses)
+    processes_per_machine: int = 1  # each holds its own host memory
 
     @classmethod
-    def from_config(cls, cfg) -> "MemorySettings":
-        """From a `TrainingConfig` (or anything with its attribute names)."""
+    def from_config(cls, cfg, processes: int = 1, processes_per_machine: int | None = None) -> "MemorySettings":
+        """From a `TrainingConfig` (or anything with its attribute names) trained by `processes`
+        processes, `processes_per_machine` of them (default: all) on each machine."""
         return cls(
+            shards=processes if cfg.distributed_strategy == "fsdp" else 1,
+            sequence_shards=processes if cfg.distributed_strategy == "ulysses" else 1,
+            processes_per_machine=processes if processes_per_machine is None else processes_per_machine,
             base_model_precision=cfg.base_model_precision,
             blocks_to_swap=cfg.musubi_blocks_to_swap,
             gradient_checkpointing=cfg.gradient_checkpointing,
@@ -166,6 +177,10 @@ class MemorySettings:
             parts.append(f"swap {self.blocks_to_swap} blocks")
         if self.group_offload:
             parts.append(f"group offload ({self.group_offload_type})")
+        if self.shards > 1:
+            parts.append(f"weights sharded over {self.shards} GPUs")
+        if self.sequence_shards > 1:
+            parts.append(f"tokens split over {self.sequence_shards} GPUs")
         return ", ".join(parts)
 
 
@@ -195,6 +210,8 @@ def _weight_bytes(counts: ParameterCounts, s: MemorySettings) -> tuple[float, fl
     """(bytes on the GPU, bytes held on the host for swapping/offloading)."""
     block = _block_bytes(counts, s.base_model_precision)
     outside = counts.outside_blocks * 2
+    if s.shards > 1:
+        return outside + block * (counts.depth / s.shards + IN_FLIGHT_BLOCKS), 0.0
     if s.group_offload:
         # only the running group (and the prefetched one with streams) is on the GPU
         per_group = block * (s.group_offload_blocks_per_group if s.group_offload_type == "block_level" else 1 / 8)
@@ -247,14 +264,15 @@ def offload_requests(s: MemorySettings, bucket: tuple[int, int, int], dit_config
     if not (s.gradient_checkpointing and s.offload_block_inputs):
         return []
     counts = parameter_counts(dit_config)
-    n = s.batch_size * bucket_tokens(*bucket)
+    n = s.batch_size * bucket_tokens(*bucket) // s.sequence_shards
     selective, kept = _kept_sizes(counts, s, n)
     return _offload_requests(counts.depth, n * counts.hidden * 2, kept, selective)
 
 
 def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimate:
-    """Peak memory (GiB) of one training step over `tokens` tokens per sample."""
-    n = s.batch_size * tokens
+    """Peak memory (GiB) of one training step over `tokens` tokens per sample (each GPU holds its
+    share of them with Ulysses: attention's all-to-alls trade tokens for heads, same bytes)."""
+    n = s.batch_size * tokens // s.sequence_shards
     hidden_state = n * counts.hidden * 2  # one bf16 [B, N, C] tensor
     working_set = _per_token_working_set(counts) * n
     if not s.gradient_checkpointing:
@@ -275,9 +293,9 @@ def estimate(counts: ParameterCounts, s: MemorySettings, tokens: int) -> Estimat
     # weights stream tensor by tensor to where they live (`model.loading`); only a bf16 model that
     # block swap or group offload then places from host memory is held there whole first
     full_bf16 = (counts.outside_blocks + counts.depth * (counts.per_block_quantizable + counts.per_block_other)) * 2
-    from_host = (s.blocks_to_swap > 0 or s.group_offload) and s.base_model_precision not in QUANTIZED_PRECISIONS
+    from_host = (s.blocks_to_swap > 0 or s.group_offload or s.shards > 1) and s.base_model_precision not in QUANTIZED_PRECISIONS
     load_peak = full_bf16 if from_host else 0.0
-    host = HOST_BASE_GIB * GIB + max(load_peak, host_weights + offloaded)
+    host = (HOST_BASE_GIB * GIB + max(load_peak, host_weights + offloaded)) * s.processes_per_machine
     return Estimate(gpu_weights / GIB, _lora_bytes(counts, s.lora_rank) / GIB, activations / GIB, WORKSPACE_GIB,
                     host / GIB)
 
@@ -435,12 +453,16 @@ def candidate_settings(base: MemorySettings, depth: int, fixed: dict | None = No
     blocks (swapping 8 to 40 blocks measured 0–5 %), each with the `PROJECTION_SETS` in turn (bf16
     selective only), each first with activation offload (block inputs and kept outputs wait on the
     host: measured free, less GPU memory) and then without it (less host RAM). `fixed`: fields
-    (of `MemorySettings`) that keep the given values in every candidate."""
+    (of `MemorySettings`) that keep the given values in every candidate. Sharded weights (FSDP)
+    are bf16 and not swapped (`config/checks.py` refuses the others)."""
     plain = replace(base, group_offload=False, gradient_checkpointing=True, selective_blocks=None,
                     keep_cross_attention=False)
+    sharded = base.shards > 1
     for mode, precision in SPEED_ORDER:
+        if sharded and precision != "bf16":
+            continue
         keeps = PROJECTION_SETS if (mode, precision) == ("selective", "bf16") else ((),)
-        for swap in range(0, depth):
+        for swap in range(0, 1 if sharded else depth):
             for projections in keeps:
                 for offload in (True, False):
                     varied = dict(checkpoint_mode=mode, base_model_precision=precision, blocks_to_swap=swap,
@@ -483,15 +505,17 @@ _HANDS_ON_KEYS = ("enable_group_offload", "group_offload_type", "group_offload_b
 
 
 def planned_config_keys(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
-                        host_memory_gib: float | None, dit_config: dict | None = None) -> dict:
+                        host_memory_gib: float | None, dit_config: dict | None = None, processes: int = 1,
+                        processes_per_machine: int | None = None) -> dict:
     """The fastest values of the `PLANNED_KEYS` a `TrainingConfig` leaves unset (its
     `model_fields_set` tells) that fit the largest bucket on this GPU and this machine's RAM with
     everything the user set kept as set: {config key: value} for the keys whose value changes;
-    {} when the user set them all, chose group offload, or nothing fits (the plan then refuses)."""
+    {} when the user set them all, chose group offload, or nothing fits (the plan then refuses).
+    `processes` train together, `processes_per_machine` (default: all) share one machine's RAM."""
     explicit = set(config.model_fields_set)
     if any(key in explicit for key in _HANDS_ON_KEYS) or config.enable_group_offload:
         return {}
-    base = MemorySettings.from_config(config)
+    base = MemorySettings.from_config(config, processes, processes_per_machine)
     fixed = {field: getattr(base, field) for key, field in PLANNED_KEYS.items() if key in explicit}
     fixed["base_model_precision"] = base.base_model_precision
     counts = parameter_counts(dit_config)
@@ -514,13 +538,16 @@ def machine_memory_gib() -> float | None:
 
 
 def plan_memory(config, buckets: list[tuple[int, int, int]], gpu_memory_gib: float,
-                dit_config: dict | None = None, host_memory_gib: float | None = None) -> MemoryPlan:
+                dit_config: dict | None = None, host_memory_gib: float | None = None, processes: int = 1,
+                processes_per_machine: int | None = None) -> MemoryPlan:
     """Predict every bucket (H, W, F) under `config` (a TrainingConfig or MemorySettings) on a GPU
     with `gpu_memory_gib` (and, when given, a machine with `host_memory_gib` of RAM), and recommend
-    the fastest settings that fit the largest bucket."""
+    the fastest settings that fit the largest bucket. A TrainingConfig is trained by `processes`,
+    `processes_per_machine` of them (default: all) on each machine (FSDP shards over all of them)."""
     if not buckets:
         raise ValueError("plan_memory needs at least one (height, width, frames) bucket")
-    settings = config if isinstance(config, MemorySettings) else MemorySettings.from_config(config)
+    settings = (config if isinstance(config, MemorySettings)
+                else MemorySettings.from_config(config, processes, processes_per_machine))
     counts = parameter_counts(dit_config)
 
     rows = []

@@ -29,6 +29,7 @@ from .bsa_settings import BsaSettings
 from .weight_keys import verify_weight_keys
 from ..release_facts import PROJECTION_MODULES
 from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, swiglu
+from .ulysses import SequenceParallel, TileRope, UlyssesAttention
 
 CHECKPOINT_MODES = ("none", "full", "selective")
 # Projections whose outputs selective checkpointing can keep (`keep_projections`), and the linear
@@ -328,8 +329,15 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.offload_block_inputs = False
         self.keep_cross_attention = False
         self.keep_projections: frozenset[str] = frozenset()
+        self.sequence_parallel: SequenceParallel | None = None
 
     # ----- runtime settings -------------------------------------------------------------------
+    def set_sequence_parallel(self, sequence_parallel: SequenceParallel | None) -> None:
+        """Share each sample's tokens with the other processes of `sequence_parallel`'s group
+        (`ulysses.py`): every one of them calls forward with the same inputs and gets the whole
+        prediction; None: this process computes whole samples."""
+        self.sequence_parallel = sequence_parallel
+
     def set_attention_implementation(self, implementation: str, use_bsa: bool | None = None) -> None:
         use_bsa = self.config.enable_bsa if use_bsa is None else use_bsa
         self.attention = AttentionDispatcher(
@@ -420,12 +428,20 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             else:
                 text_mask = encoder_attention_mask.bool()[:, None, None, :]
 
+        tile, rope, attention, shared = grid, self.rope, self.attention, self.sequence_parallel
+        if shared is not None:  # this process's band of every frame; self-attention gathers the rest
+            band = shared.band(grid, self.blocks[0].attn.num_heads)
+            x, tile = shared.split(x, grid, band)
+            rope, attention = TileRope(self.rope, band), UlyssesAttention(self.attention, band)
+
         offload = self.offload_block_inputs and x.is_cuda and torch.is_grad_enabled()
         with host_offload() if offload else contextlib.nullcontext():
             for index, block in enumerate(self.blocks):
-                x = self._run_block(index, block, x, t_emb, text, text_mask, grid, num_cond_latents, self.rope, self.attention)
+                x = self._run_block(index, block, x, t_emb, text, text_mask, tile, num_cond_latents, rope, attention)
 
         out = self.final_layer(x, t_emb)  # [B, N, p_h*p_w*C_out] fp32
+        if shared is not None:
+            out = shared.gather(out, tile, band)
         _, ph, pw = self.patch_size
         out = out.view(B, T, grid[1], grid[2], ph, pw, self.out_channels)
         out = out.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, self.out_channels, T, grid[1] * ph, grid[2] * pw)

@@ -3,9 +3,11 @@
 Read top to bottom: `TrainingRun` sets up (prepare data and caches → plan memory and load the
 frozen transformer → attach LoRA → optimizer and schedule → resume), then `run_training` loops over
 its phases: `step` (latents, text, conditioning strategy, flow-matching loss, backward, optimizer,
-log), `checkpoint`, `validate`, and `finish`. Every random draw of the loop comes from one
-`torch.Generator` whose state is checkpointed, and batches come from a plan that depends only on
-(seed, epoch), so a resumed run repeats the uninterrupted one exactly.
+log), `checkpoint`, `validate`, and `finish`. Batches come from a stream planned from (seed, epoch)
+alone, and every random draw made for a batch (conditioning mode, caption dropout, latent sample,
+noise, σ, LoRA dropout) is seeded by its place in that stream: a resumed run repeats the
+uninterrupted one exactly, and N processes × A accumulated batches train on the same samples with
+the same draws as any other N·A (`data/sampler.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..config import LoadedConfig, TrainingConfig
 from ..config.orientation import describe_size, orientation_warning
 from ..config.problems import warnings_table
 from ..data import BucketBatchSampler, ClipItem
+from ..distributed import average_gradients, shard_frozen_weights
 from ..lora.adapters import add_lora, compute_lora_in_autocast_dtype, load_lora_into_adapter, lora_state
 from ..memory import (
     PLANNED_KEYS,
@@ -54,8 +57,9 @@ from ..memory import (
 )
 from ..model import LongCatVideoTransformer3DModel
 from ..model.activation_offload import HOST_ARENA
+from ..model.ulysses import SequenceParallel
 from ..model.flops import dense_bf16_peak_flops, transformer_flops
-from ..release_facts import TEXT_TOKENS
+from ..release_facts import TEXT_TOKENS, latent_shape
 from ..file_modes import write_aside
 from ..run_lock import DirectoryInUse, hold_directory
 from ..validation.periodic import HeldOutLatents, Validator
@@ -97,11 +101,12 @@ class TrainResult:
     losses: list[tuple[int, float]]
 
 
-def load_transformer(cfg: TrainingConfig, device: torch.device) -> LongCatVideoTransformer3DModel:
+def load_transformer(cfg: TrainingConfig, device: torch.device, sharded: bool) -> LongCatVideoTransformer3DModel:
     """The frozen DiT streamed from its shards in the run's precision: straight onto the GPU, or into
-    host RAM when block swap or group offload will place it (quantized on the GPU block by block, so
-    host RAM never holds a full bf16 copy); then the run's attention and checkpointing settings."""
-    placed_later = cfg.musubi_blocks_to_swap > 0 or cfg.enable_group_offload
+    host RAM when block swap, group offload or FSDP (`sharded`) will place it (quantized on the GPU
+    block by block, so host RAM never holds a full bf16 copy); then the run's attention and
+    checkpointing settings."""
+    placed_later = sharded or cfg.musubi_blocks_to_swap > 0 or cfg.enable_group_offload
     transformer = load_frozen_transformer(Path(cfg.pretrained_model_name_or_path) / "dit", cfg.base_model_precision,
                                           torch.device("cpu") if placed_later else device, quantize_device=device)
     transformer.set_attention_implementation(cfg.attention_implementation)
@@ -114,9 +119,12 @@ def load_transformer(cfg: TrainingConfig, device: torch.device) -> LongCatVideoT
     return transformer
 
 
-def place_for_memory(transformer, cfg, device: torch.device) -> bool:
-    """Block swap or group offload after LoRA exists; True when the model is placed already (so
-    Accelerate must not move it)."""
+def place_for_memory(transformer, cfg, device: torch.device, sharded: bool) -> bool:
+    """FSDP, block swap or group offload after LoRA exists; True when the model is placed already
+    (so Accelerate must not move it)."""
+    if sharded:
+        shard_frozen_weights(transformer, device)
+        return True
     if cfg.musubi_blocks_to_swap:
         enable_block_swap(transformer, cfg.musubi_blocks_to_swap, device=device, offload_device=cfg.musubi_block_swap_device)
         return True
@@ -130,21 +138,37 @@ def place_for_memory(transformer, cfg, device: torch.device) -> bool:
     return False
 
 
+def share_tokens(transformer: LongCatVideoTransformer3DModel, items: list[ClipItem]) -> SequenceParallel:
+    """Ulysses over every process, checked against each bucket before the first step (a bucket the
+    processes cannot cut would stop the run mid-way)."""
+    shared = SequenceParallel()
+    patch = transformer.config.patch_size
+    try:
+        for bucket in {item.bucket for item in items}:
+            t, h, w = latent_shape(bucket.num_frames, bucket.height, bucket.width)
+            shared.band((t, h // patch[1], w // patch[2]), transformer.config.num_heads)
+    except ValueError as error:
+        raise TrainingStopped(f"distributed_strategy ulysses: {error}") from None
+    return shared
+
+
 def plan_memory_use(loaded: LoadedConfig, data: PreparedData, console: Console,
-                    dit_config: dict) -> tuple[LoadedConfig, MemoryPlan | None, dict]:
+                    dit_config: dict, processes: int) -> tuple[LoadedConfig, MemoryPlan | None, dict]:
     """On CUDA, before the model loads: the memory keys the config leaves unset take the fastest
     values that fit this GPU and this machine's RAM (`planned_config_keys`; returned as the third
     item), then every bucket is predicted, and a run predicted to run out of memory is refused
-    unless `LONGCAT_IGNORE_MEMORY_PLAN=1`."""
+    unless `LONGCAT_IGNORE_MEMORY_PLAN=1`. `processes` train together (FSDP shares the weights out
+    over them), the launcher's LOCAL_WORLD_SIZE of them on this machine."""
     if not torch.cuda.is_available():
         return loaded, None, {}
     buckets = sorted({(i.bucket.height, i.bucket.width, i.bucket.num_frames) for i in data.items})
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     host_gib = machine_memory_gib()
-    picked = planned_config_keys(loaded.training, buckets, gpu_gib, host_gib, dit_config)
+    on_machine = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    picked = planned_config_keys(loaded.training, buckets, gpu_gib, host_gib, dit_config, processes, on_machine)
     if picked:
         loaded = replace(loaded, training=loaded.training.model_copy(update=picked))
-    plan = plan_memory(loaded.training, buckets, gpu_gib, dit_config, host_gib)
+    plan = plan_memory(loaded.training, buckets, gpu_gib, dit_config, host_gib, processes, on_machine)
     plan.render(console)
     if os.environ.get("LONGCAT_IGNORE_MEMORY_PLAN") != "1":
         try:
@@ -155,13 +179,13 @@ def plan_memory_use(loaded: LoadedConfig, data: PreparedData, console: Console,
 
 
 def reserve_offload_memory(cfg: TrainingConfig, data: PreparedData, dit_config: dict | None,
-                           device: torch.device) -> threading.Thread:
+                           device: torch.device, processes: int) -> threading.Thread:
     """Pins the activation-offload arena for the largest bucket on a thread, alongside the model's
     loading: pinning tens of GiB of host memory takes seconds that the first step would pay."""
     requests = []
     if device.type == "cuda" and cfg.activation_offload:
         largest = max(data.items, key=lambda i: i.bucket.height * i.bucket.width * i.bucket.num_frames).bucket
-        requests = offload_requests(MemorySettings.from_config(cfg), (largest.height, largest.width,
+        requests = offload_requests(MemorySettings.from_config(cfg, processes), (largest.height, largest.width,
                                                                       largest.num_frames), dit_config)
     thread = threading.Thread(target=HOST_ARENA.reserve, args=(requests,), name="pin-offload-arena", daemon=True)
     thread.start()
@@ -178,10 +202,12 @@ def start_warmup(cfg: TrainingConfig, data: PreparedData, dit_config: dict | Non
     return start_kernel_warmup(WarmupSpec.from_config(cfg, dit_config, image_to_video), buckets, device)
 
 
-def max_steps(cfg, batches_per_epoch: int) -> int:
+def max_steps(cfg, batches_per_epoch: int, batches_per_step: int) -> int:
+    """`max_train_steps`, else the optimizer steps `num_train_epochs` of the batch stream take
+    (`batches_per_step` = processes × gradient accumulation)."""
     if cfg.max_train_steps:
         return cfg.max_train_steps
-    return cfg.num_train_epochs * math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    return math.ceil(cfg.num_train_epochs * batches_per_epoch / batches_per_step)
 
 
 def assemble_batch(items: list[ClipItem], data: PreparedData, generator: torch.Generator, text_len: int | None):
@@ -221,6 +247,7 @@ def step_metrics(model, items, x0, embeds, strategy, accumulation: int, seconds:
 def run_description(cfg, model, params, alpha, data: PreparedData, step: int, total_steps: int,
                     processes: int, picked: dict) -> dict[str, str]:
     """The startup table's rows: what is about to be trained, on what, with which memory settings."""
+    sharing = cfg.distributed_strategy if processes > 1 else "ddp"
     checkpointing = cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "off"
     rows = {
         "model": f"{cfg.model_family}/{cfg.model_flavour} at {cfg.pretrained_model_name_or_path}",
@@ -231,12 +258,14 @@ def run_description(cfg, model, params, alpha, data: PreparedData, step: int, to
                               for i, s in data.scans.items()),
         "buckets (HxWxF)": ", ".join(sorted({i.bucket.label for i in data.items})),
         "steps": f"{step} → {total_steps} (batch {cfg.train_batch_size} × accumulation "
-                 f"{cfg.gradient_accumulation_steps} × {processes} processes)",
+                 + (f"{cfg.gradient_accumulation_steps}; each sample's tokens split over {processes} processes)"
+                    if sharing == "ulysses" else f"{cfg.gradient_accumulation_steps} × {processes} processes)"),
         "validation": f"{describe_size(*cfg.validation_size)} × {cfg.validation_num_video_frames} frames"
                       + (", held-out clips in their own orientation" if cfg.validation_using_datasets else ""),
         "memory": f"checkpointing {checkpointing}{', activation offload' if model.offload_block_inputs else ''}"
                   f"{', keeps ' + '+'.join(cfg.keep_projections) if cfg.keep_projections else ''}, "
-                  f"swap {cfg.musubi_blocks_to_swap} blocks, attention {cfg.attention_implementation}",
+                  f"swap {cfg.musubi_blocks_to_swap} blocks, attention {cfg.attention_implementation}"
+                  + (f", weights sharded over {processes} processes (FSDP)" if sharing == "fsdp" else ""),
     }
     if picked:
         rows["memory"] += ("; picked by the memory plan, as the config leaves them unset: "
@@ -259,9 +288,10 @@ def validation_orientation_warning(loaded: LoadedConfig, data: PreparedData):
     return orientation_warning(cfg.validation_resolution, cfg.validation_size, sizes, what, loaded.config_path)
 
 
-def build_validator(loaded: LoadedConfig, data: PreparedData, device: torch.device):
+def build_validator(loaded: LoadedConfig, data: PreparedData, device: torch.device, writes_renders: bool):
     """The periodic validator, or None when nothing is to be validated. Only the main process
-    renders; the others wait at the barrier after `run`."""
+    renders, unless the weights are sharded (then every process renders with the others, and the
+    main one writes: `writes_renders`); the others wait at the barrier after `run`."""
     cfg = loaded.training
     if not cfg.validation_step_interval or not (cfg.validation_prompt or data.eval_items or loaded.prompt_entries):
         return None
@@ -269,7 +299,7 @@ def build_validator(loaded: LoadedConfig, data: PreparedData, device: torch.devi
     vae_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     heldout = [HeldOutLatents(data.clip_latent(i), data.start_latent(i)) for i in data.eval_items]
     return Validator(loaded, data.text_features, lambda: load_vae(root, dtype=vae_dtype, device=device),
-                     data.eval_items, heldout)
+                     data.eval_items, heldout, writes_renders=writes_renders)
 
 
 def _set_seeds(seed: int) -> torch.Generator:
@@ -293,15 +323,16 @@ class LoadedModel:
     warmup: WarmupReport
 
 
-def load_model(loaded: LoadedConfig, data: PreparedData, device: torch.device, console: Console) -> LoadedModel:
-    """Plan memory, then load the weights while the offload arena is pinned and the first step's
-    kernels are set up on other threads."""
+def load_model(loaded: LoadedConfig, data: PreparedData, device: torch.device, console: Console,
+               sharded: bool, processes: int) -> LoadedModel:
+    """Plan memory, then load the weights (into host RAM when FSDP will shard them: `sharded`) while
+    the offload arena is pinned and the first step's kernels are set up on other threads."""
     dit_config = load_dit_config(loaded.training.pretrained_model_name_or_path)
-    loaded, plan, picked = plan_memory_use(loaded, data, console, dit_config)
+    loaded, plan, picked = plan_memory_use(loaded, data, console, dit_config, processes)
     cfg = loaded.training
-    pinning = reserve_offload_memory(cfg, data, dit_config, device)
+    pinning = reserve_offload_memory(cfg, data, dit_config, device, processes)
     warming = start_warmup(cfg, data, dit_config, device)
-    transformer = load_transformer(cfg, device)
+    transformer = load_transformer(cfg, device, sharded)
     weights_at = time.time()
     pinning.join()  # the time waited here is what pinning and warming up add to loading
     warmup = WarmupReport()
@@ -342,7 +373,10 @@ class TrainingRun:
                                   "(`longcat data check` lists them)")
 
         self.generator = _set_seeds(cfg.seed + accelerator.process_index)
-        model = load_model(loaded, data, accelerator.device, self.console)
+        # FSDP or Ulysses over the processes; with one process there is nothing to share
+        self.sharded = cfg.distributed_strategy == "fsdp" and accelerator.num_processes > 1
+        self.sequence_shared = cfg.distributed_strategy == "ulysses" and accelerator.num_processes > 1
+        model = load_model(loaded, data, accelerator.device, self.console, self.sharded, accelerator.num_processes)
         self.loaded, self.plan = model.loaded, model.plan
         self.cfg = cfg = model.loaded.training
         transformer = model.transformer
@@ -351,7 +385,9 @@ class TrainingRun:
                  "gaussian" if cfg.lora_init == "gaussian" else True)
         if accelerator.mixed_precision == "bf16":
             compute_lora_in_autocast_dtype(transformer)
-        placed = place_for_memory(transformer, cfg, accelerator.device)
+        placed = place_for_memory(transformer, cfg, accelerator.device, self.sharded)
+        if self.sequence_shared:
+            transformer.set_sequence_parallel(share_tokens(transformer, data.items))
         self.params = [p for p in transformer.parameters() if p.requires_grad]
         if accelerator.is_main_process:  # it holds the output_dir lock: nothing else writes there
             for leftover in remove_leftovers(self.output_dir):
@@ -366,20 +402,21 @@ class TrainingRun:
             self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=accelerator.device.type == "cuda",
         )
+        # with Ulysses every process takes the same batches: they share its tokens
+        replicas, replica = (1, 0) if self.sequence_shared else (accelerator.num_processes, accelerator.process_index)
         self.sampler = BucketBatchSampler(
-            data.items, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index,
-            probabilities={d.id: d.probability for d in loaded.datasets},
+            data.items, cfg.train_batch_size, cfg.seed, replicas, replica,
+            probabilities={d.id: d.probability for d in loaded.datasets}, accumulation=cfg.gradient_accumulation_steps,
         )
-        batches = len(self.sampler.epoch_batches(0))
+        batches = len(self.sampler.epoch_plan(0))
         if batches == 0:
             sizes = Counter(item.bucket.label for item in data.items)
             raise TrainingStopped(
-                f"no batch of train_batch_size={cfg.train_batch_size} can be formed"
-                f"{f' on each of {accelerator.num_processes} processes' if accelerator.num_processes > 1 else ''}: "
+                f"no batch of train_batch_size={cfg.train_batch_size} can be formed: "
                 "a batch takes its items from one bucket, and the buckets hold "
                 + ", ".join(f"{label}: {count}" for label, count in sorted(sizes.items()))
                 + " items. Lower train_batch_size, or add clips to one bucket")
-        self.total_steps = max_steps(cfg, batches)
+        self.total_steps = max_steps(cfg, batches, self.sampler.batches_per_step)
         lr_scheduler = make_lr_scheduler(cfg, optimizer, self.total_steps)
         self.state = TrainState()
         try:
@@ -405,14 +442,18 @@ class TrainingRun:
         # the schedule stays outside `prepare`: Accelerate's wrapper steps it once per process at each
         # optimizer step, which ran an N-process schedule N times too fast (its length is in steps)
         self.lr_scheduler = lr_scheduler
-        self.transformer, self.optimizer = accelerator.prepare(transformer, optimizer,
-                                                               device_placement=[not placed, True])
+        if self.sharded:  # not wrapped in DDP: FSDP gathers the weights, `average_gradients` the LoRA's
+            self.transformer, self.optimizer = transformer, accelerator.prepare(optimizer)
+        else:
+            self.transformer, self.optimizer = accelerator.prepare(transformer, optimizer,
+                                                                   device_placement=[not placed, True])
         self.model = accelerator.unwrap_model(self.transformer)
         self.model.train()
         self.text_len = TEXT_TOKENS if self.model.config.text_tokens_zero_pad else None
         # σ shift: the config's, else the checkpoint scheduler's (as validation renders with)
         self.shift = cfg.flow_schedule_shift or float(load_scheduler(loaded.model_dir).config.shift)
-        self.validator = build_validator(self.loaded, data, accelerator.device) if accelerator.is_main_process else None
+        self.validator = (build_validator(self.loaded, data, accelerator.device, accelerator.is_main_process)
+                          if accelerator.is_main_process or self.sharded else None)
         self.writer = None
         if accelerator.is_main_process:
             self.writer = open_trackers(cfg.report_to, self.output_dir, cfg.tracker_project_name,
@@ -438,7 +479,11 @@ class TrainingRun:
         """One batch forward and backward; True when it completed an optimizer step (False while
         gradients accumulate, or when a non-finite loss skipped the batch)."""
         cfg, accelerator, state, generator = self.cfg, self.accelerator, self.state, self.generator
-        items = [self.data.items[i] for i in self.sampler.next_batch()]
+        batch = self.sampler.next_batch()
+        items = [self.data.items[i] for i in batch.indices]
+        # the batch's draws depend on its place in the stream, not on the rank drawing them
+        generator.manual_seed(batch.seed)
+        torch.manual_seed(batch.seed)  # LoRA dropout draws from the global generators
         strategy, x0, start, embeds, mask = assemble_batch(items, self.data, generator, self.text_len)
         noise = torch.randn(x0.shape, generator=generator)
         sigmas = sample_sigmas(len(items), generator, cfg.flow_sigma_sampling, self.shift)
@@ -462,7 +507,11 @@ class TrainingRun:
                 self._skip_nonfinite(loss)
                 return False
             self.nonfinite_in_row = 0
-            accelerator.backward(loss)
+            # Ulysses: each process's gradients cover its tokens, the sample's are their sum, and
+            # DDP averages; FSDP: `average_gradients` below
+            accelerator.backward(loss * accelerator.num_processes if self.sequence_shared else loss)
+            if self.sharded and accelerator.sync_gradients:
+                average_gradients(self.params)
             grad_norm = None
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
@@ -519,10 +568,15 @@ class TrainingRun:
         return path
 
     def validate(self) -> None:
-        """Renders and held-out loss on the main process; the others wait at the barrier."""
-        if self.validator is not None:
+        """Renders and held-out loss on the main process (on all of them with sharded weights); the
+        others wait at the barrier."""
+        validator = self.validator
+        if validator is not None:
             started = time.time()
-            metrics = self.validator.run(self.model, self.state.step, self.writer)
+            self.model.set_sequence_parallel(None)  # Ulysses: the main process renders whole samples alone
+            metrics = validator.run(self.model, self.state.step, self.writer)
+            self.model.set_sequence_parallel(SequenceParallel() if self.sequence_shared else None)
+        if validator is not None and self.accelerator.is_main_process:
             self.log.event("validation", step=self.state.step, seconds=time.time() - started, **metrics)
             self.plot_loss()  # with the held-out point of this step
             self.console.print("validation at step {}: {}".format(

@@ -12,7 +12,9 @@ so call it on the main process and let the others wait at the caller's barrier::
         metrics = validator.run(accelerator.unwrap_model(transformer), step, writer)
     accelerator.wait_for_everyone()
 
-This needs the whole model on the main process (DDP replicas, not sharded parameters).
+This needs the whole model on the main process (DDP replicas). With weights sharded over the
+processes (FSDP), every forward gathers them from all processes, so every process calls `run` with
+the same inputs; only the one built with `writes_renders` writes the video files.
 """
 
 from __future__ import annotations
@@ -142,8 +144,10 @@ class Validator:
         eval_items: Sequence[ClipItem] = (),
         eval_latents: Sequence[HeldOutLatents] | None = None,
         max_dataset_renders: int = MAX_DATASET_RENDERS,
+        writes_renders: bool = True,
     ) -> None:
         training = loaded.training
+        self.writes_renders = writes_renders
         if eval_latents is not None and len(eval_latents) != len(eval_items):
             raise ValueError(f"eval_latents has {len(eval_latents)} entries for {len(eval_items)} eval_items")
         self.output_root = Path(training.output_dir) / "validation"
@@ -212,7 +216,8 @@ class Validator:
                     transformer, vae, embeds, mask, *self.negative,
                     start_pixels=case.start_pixels, **self.settings.sized(*case.size).as_kwargs(),
                 )
-                write_render(directory, case.stem, result.frames)
+                if self.writes_renders:
+                    write_render(directory, case.stem, result.frames)
                 if result.first_frame_psnr is not None:
                     fidelity.append(result.first_frame_psnr)
                 if writer is not None:
