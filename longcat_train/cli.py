@@ -503,7 +503,7 @@ def bench(
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
     steps: Annotated[int | None, typer.Option(
         help="Measured steps (default 10; memory: 2 per row; bsa: timed iterations, 10, --quick 3; "
-             "e2e: optimizer steps of the whole run, 5 or more).")] = None,
+             "e2e: optimizer steps of the whole run, 5 or more, default 8).")] = None,
     mode: Annotated[str, typer.Option(help="train, render, vae, memory (s/step, peak VRAM and the planner's "
                                             "prediction per memory setting, one process per row), bsa (block-sparse "
                                             "attention against dense cuDNN SDPA, one layer), or e2e (the whole user "
@@ -540,7 +540,8 @@ def bench(
         problems.append(_argument_problem("--mode", mode, "unknown mode",
                                           "use train, render, vae, memory, bsa or e2e"))
     if steps is None:  # each mode's default; bsa's (10 timed iterations, --quick 3) is its own
-        steps = {"memory": 2, "bsa": None}.get(mode, 10)
+        # e2e: 8 ends on a validation (every 4 steps, and after the last), so no extra render
+        steps = {"memory": 2, "bsa": None, "e2e": 8}.get(mode, 10)
     if mode == "memory":
         from longcat_train.bench_memory import ROWS
 
