@@ -153,6 +153,7 @@ def test_the_page_renders_compares_and_plays_in_headless_chromium(server, tmp_pa
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     start = _png(tmp_path / "start.png")
@@ -181,8 +182,12 @@ def test_the_page_renders_compares_and_plays_in_headless_chromium(server, tmp_pa
             page.check("#compare")
             page.select_option("#lora-b", label="step 2")
             page.click("#render")
-            page.wait_for_function("document.querySelectorAll('.pair .job[data-state=done] video').length === 2",
-                                   timeout=120_000)
+            try:
+                page.wait_for_function("document.querySelectorAll('.pair .job[data-state=done] video').length === 2",
+                                       timeout=120_000)
+            except PlaywrightTimeout:
+                raise AssertionError(f"the compared renders did not show: jobs {server.json('/api/status')[1]['jobs']}, "
+                                     f"page: {page.inner_text('#jobs')!r}, form: {page.inner_text('#form-error')!r}")
             page.wait_for_function("[...document.querySelectorAll('.pair video')].every(v => v.readyState >= 2 "
                                    "&& v.currentTime > 0)", timeout=30_000)
             shown = page.eval_on_selector_all(".pair video", "vs => vs.map(v => [v.videoWidth, v.videoHeight, "

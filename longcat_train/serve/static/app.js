@@ -51,10 +51,11 @@ function renderJob(job) {
     card.querySelector(".title").textContent = `#${job.id}: ${job.request.prompt}`;
     card.querySelector(".what").textContent = describe(job.request);
     shownJobs.set(job.id, card);
-    const pair = pairs.get(job.id);
-    if (pair) pair.append(card);
-    else $("jobs").prepend(card);
+    $("jobs").prepend(card);
   }
+  // a status poll can show a compared job before its pair exists (between the two requests): move it in
+  const pair = pairs.get(job.id);
+  if (pair && card.parentElement !== pair) pair.append(card);
   card.dataset.state = job.state;
   const progress = card.querySelector("progress");
   progress.max = job.steps || 1;
