@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..file_modes import give_umask_mode
+from ..file_modes import write_aside
 from ..config.training import LORA_FORMAT_CHOICES
 from .split import join_projections, projection_parts, split_count, trim_padding
 from .wan_names import is_longcat_linear, longcat_name, wan_names
@@ -298,13 +298,9 @@ def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "comfyui", met
         meta.setdefault("alpha", alphas.pop())
     tensors = LORA_FORMATS[fmt].write(weights)
     header = {META_KEY: json.dumps(meta, sort_keys=True), "format": fmt, **LORA_FORMATS[fmt].header(weights, meta)}
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # (a clone each: the projections of a fused layer share one down tensor, which safetensors refuses)
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
-    give_umask_mode(tmp)
-    tmp.replace(path)
-    return path
+    plain = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    return write_aside(path, lambda temporary: save_file(plain, str(temporary), metadata=header))
 
 
 def read_lora(path: str | Path) -> LoraFile:
