@@ -223,6 +223,10 @@ def validate(
     guidance: Annotated[float | None, typer.Option(help="CFG scale (1 disables CFG).")] = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
     distilled: Annotated[bool, _flag("--distilled", help="16-step distilled schedule (with the cfg_step LoRA).")] = False,
+    fp8: Annotated[bool, _flag("--fp8", help="FP8 matmuls in the DiT's blocks (Ada/Hopper GPUs): faster, approximate.")] = False,
+    step_cache: Annotated[float | None, typer.Option(
+        metavar="FRACTION", help="Skip the later blocks at steps whose first block changed less than this "
+                                 "(e.g. 0.05): faster, approximate (default: validation_step_cache).")] = None,
     set_: SetOption = None,
 ) -> None:
     """Render videos (one-off, no training) with the validation settings and optional LoRAs."""
@@ -235,6 +239,7 @@ def validate(
         "validation_num_inference_steps": ("--steps", steps),
         "validation_guidance": ("--guidance", guidance),
         "validation_seed": ("--seed", seed),
+        "validation_step_cache": ("--step-cache", step_cache),
     }
     if prompt_file is not None:  # its prompts only: no dataset renders, no validation_prompt
         options["validation_prompt_file"] = ("--prompt-file", str(prompt_file.resolve()))
@@ -259,7 +264,7 @@ def validate(
     from longcat_train.validation.command import run_validate
 
     try:
-        run_validate(loaded, loras, image, prompt, resolution, frames, steps, guidance, seed, distilled)
+        run_validate(loaded, loras, image, prompt, resolution, frames, steps, guidance, seed, distilled, fp8)
     except ValueError as error:
         _fail(ConfigError([_argument_problem("validate", None, str(error), "see `longcat validate --help`")]))
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from longcat_train.model.step_cache import StepCache
 from longcat_train.validation import cfg_zero_star, denoise, make_scheduler
 
 from .reference import load_reference, reference_model, rel_l2
@@ -63,3 +64,48 @@ def test_guidance_above_one_without_negative_is_a_clear_error():
     with pytest.raises(ValueError, match="empty prompt"):
         denoise(reference_model(), t["sampler.init_latents"], t["inputs.encoder_hidden_states"][:1], None,
                 None, None, 2, 4.0)
+
+
+@pytest.mark.parametrize("num_cond, guidance", [(1, 4.0), (2, 4.0), (2, 1.0)])
+def test_cached_condition_frames_give_the_uncached_render(num_cond, guidance):
+    """The condition frames' keys and values computed once per render (each step then runs the
+    noisy frames only) give the render of the full forward at every step."""
+    t, _ = load_reference()
+    model = reference_model()
+    args = (model, t["sampler.init_latents"], t["inputs.encoder_hidden_states"][:1], t["inputs.encoder_attention_mask"][:1],
+            t["sampler.negative_embeds"], t["sampler.negative_mask"], 3, guidance)
+    cached = denoise(*args, num_cond_latents=num_cond, cache_condition=True)
+    full = denoise(*args, num_cond_latents=num_cond, cache_condition=False)
+    assert rel_l2(cached, full) <= 1e-6
+    assert torch.equal(cached[:, :, :num_cond], t["sampler.init_latents"][:, :, :num_cond])
+
+
+def test_a_cached_condition_runs_only_the_noisy_frames():
+    t, _ = load_reference()
+    model = reference_model()
+    seen = []
+    model.x_embedder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[2]))
+    denoise(model, t["sampler.init_latents"], t["inputs.encoder_hidden_states"][:1], None,
+            t["sampler.negative_embeds"], None, 2, 4.0, num_cond_latents=1)
+    assert seen == [1, 2, 2]  # the condition once, then the two noisy frames at each step
+
+
+def test_the_step_cache_reuses_the_later_blocks_where_the_first_barely_moved():
+    t, _ = load_reference()
+    model = reference_model()
+    args = (model, t["sampler.init_latents"], t["inputs.encoder_hidden_states"][:1], None,
+            t["sampler.negative_embeds"], None, 4, 4.0)
+    exact = denoise(*args, num_cond_latents=1)
+    never = StepCache(1e-9)  # every step moves more than this: all computed, the exact render
+    assert torch.equal(denoise(*args, num_cond_latents=1, step_cache=never), exact)
+    assert (never.computed, never.skipped) == (4, 0)
+    always = StepCache(1e9)  # after the first step, every step reuses the first step's residual
+    cached = denoise(*args, num_cond_latents=1, step_cache=always)
+    assert (always.computed, always.skipped) == (1, 3)
+    assert torch.isfinite(cached).all() and not torch.equal(cached, exact)
+    assert torch.equal(cached[:, :, 0], exact[:, :, 0])  # the condition frame stays fixed
+
+
+def test_a_negative_step_cache_threshold_is_refused():
+    with pytest.raises(ValueError, match="threshold"):
+        StepCache(-0.1)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from longcat_train.lora import write_lora
 from longcat_train.lora.formats import LoraModule, LoraWeights
@@ -86,3 +87,18 @@ def test_prompt_file_renders_each_prompt_with_its_start_image(tmp_path, tiny_mod
     assert [p.name for p in paths] == ["00_a-red-ball.mp4", "00_a-red-ball.png",
                                        "01_a-green-field.mp4", "01_a-green-field.png"]
     assert _read_video(paths[0])[0].shape == (5, 32, 48, 3)
+
+
+def test_fp8_matmuls_off_a_gpu_are_refused_before_anything_loads(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model)
+    with pytest.raises(ValueError, match="FP8 matmuls need a CUDA GPU"):
+        run_validate(loaded, prompt="a boat", fp8=True, device="cpu", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_step_cache_option_reports_the_steps_it_skipped(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model, validation_step_cache=1.0)
+    console = Console(record=True, width=200)
+    run_validate(loaded, prompt="a boat", resolution="64x96", frames=5,
+                 steps=3, output=tmp_path / "out", console=console)
+    assert "step cache skipped 2 of 3 steps" in " ".join(console.export_text().split())

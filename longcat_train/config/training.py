@@ -221,6 +221,13 @@ class TrainingConfig(BaseModel):
     validation_num_inference_steps: int = Field(40, ge=1, le=1000, description="Denoising steps per render.")
     validation_guidance: float = Field(4.0, ge=1.0, description="CFG scale; 1.0 turns CFG off.")
     validation_seed: int | None = Field(None, description="Seed of validation noise; null uses `seed`.")
+    validation_step_cache: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Step caching for renders (opt-in, approximate): a sampler step whose first block's output "
+        "changed by less than this fraction (relative mean absolute change) since the last fully computed "
+        "step skips the other blocks and reuses their residual. 0 (default): exact; about 0.05 is a start "
+        "(docs/benchmarks.md has speed and quality figures).",
+    )
     validation_using_datasets: Flag = Field(
         False,
         description="Validate on the start frames and captions of `eval_dataset_id` instead of "

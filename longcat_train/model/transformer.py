@@ -26,6 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .activation_offload import begin_block, host_offload
 from .attention import AttentionDispatcher, is_attention_op, qualified_op_name
 from .bsa_settings import BsaSettings
+from .step_cache import StepCache
 from .weight_keys import verify_weight_keys
 from ..release_facts import PROJECTION_MODULES
 from .fused_ops import gated_residual, layer_norm_affine, modulate, rms_norm_rope, swiglu
@@ -167,6 +168,45 @@ class Rope3D:
         return self._cache[key]
 
 
+class ConditionKeys:
+    """The condition frames' self-attention keys and values in every block, computed once per render.
+
+    Condition tokens attend only to each other, get timestep 0 and no text, so their hidden states
+    are the same at every sampler step and for both CFG halves; the official pipeline caches their
+    keys and values the same way (`_cache_clean_latents`). Made by
+    `LongCatVideoTransformer3DModel.cache_condition`, then passed to every `forward` of the render,
+    which then computes the noisy frames only."""
+
+    def __init__(self, num_latents: int, batch: int) -> None:
+        self.num_latents = num_latents
+        self.batch = batch
+        self.recording = True
+        # the model's output for the condition frames ([B,16,c,H,W] fp32): the official sampler's
+        # CFG-Zero* projection sums over every frame, these included
+        self.prediction: torch.Tensor | None = None
+        self._keys: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._next = 0
+
+    def record(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._keys.append((k, v))
+
+    def finish_recording(self) -> None:
+        self.recording = False
+
+    def start_pass(self) -> None:
+        """Called at the start of each forward that uses the keys: blocks take them in order."""
+        self._next = 0
+
+    def next_block(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's keys and values for a batch of `batch` rows (a CFG batch repeats the renders)."""
+        k, v = self._keys[self._next]
+        self._next += 1
+        if batch % self.batch:
+            raise ValueError(f"a batch of {batch} rows cannot use a condition cached for {self.batch}")
+        repeats = batch // self.batch
+        return (k, v) if repeats == 1 else (k.repeat(repeats, 1, 1, 1), v.repeat(repeats, 1, 1, 1))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -177,15 +217,26 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, grid, num_cond_latents: int, rope: Rope3D, attention: AttentionDispatcher):
+    def forward(self, x, grid, num_cond_latents: int, rope: Rope3D, attention: AttentionDispatcher,
+                condition: Optional[ConditionKeys] = None):
         B, N, C = x.shape
         # [B, heads, N, D] views of token-major storage, kept token-major through the fused norm and
         # attention (cuDNN's output follows q's layout), so neither direction copies a transpose
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2))
         cos, sin = rope.cos_sin(grid, x.device)
+        skipped = grid[0] * grid[1] * grid[2] - N  # condition tokens left out of x (their keys are cached)
+        cos, sin = cos[skipped:], sin[skipped:]
         # RMSNorm + RoPE in one fused pass (same numerics as rope.apply(self.q_norm(q), grid))
         q = rms_norm_rope(q, self.q_norm.weight, self.q_norm.eps, cos, sin)
         k = rms_norm_rope(k, self.k_norm.weight, self.k_norm.eps, cos, sin)
+        if condition is not None and condition.recording:
+            condition.record(k, v)
+        elif condition is not None:  # x holds the noisy tokens; they see the cached condition too
+            cond_k, cond_v = condition.next_block(B)
+            k, v = torch.cat([cond_k, k], dim=2), torch.cat([cond_v, v], dim=2)
+            noise_grid = (grid[0] - condition.num_latents, grid[1], grid[2])
+            out = attention.self_attention(q, k, v, noise_grid, grid).transpose(1, 2)
+            return self.proj(out.reshape(B, N, C))
         if num_cond_latents > 0:
             # Condition tokens see only condition tokens; noisy tokens see everything.
             n_cond = num_cond_latents * (N // grid[0])
@@ -239,17 +290,22 @@ class LongCatBlock(nn.Module):
         for role, (parent, name) in PROJECTION_ROLES.items():
             getattr(getattr(self, parent), name).checkpoint_role = role
 
-    def forward(self, x, t_emb, text, text_mask, grid, num_cond_latents, rope, attention):
-        """x: [B, N, C] in the weight dtype; t_emb: [B, T, C_t] fp32 (one modulation per latent frame)."""
+    def forward(self, x, t_emb, text, text_mask, grid, num_cond_latents, rope, attention, condition=None):
+        """x: [B, N, C] in the weight dtype; t_emb: [B, T, C_t] fp32 (one modulation per latent frame
+        of x). With `condition` (`ConditionKeys`): recording, x is the condition frames alone (no
+        text); else x is the noisy frames alone and the condition's keys and values come cached."""
         B, N, C = x.shape
-        T = grid[0]
+        T = t_emb.shape[1]
         mod = linear_fp32(self.adaLN_modulation[1], F.silu(t_emb)).unsqueeze(2)  # [B, T, 1, 6C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         # fp32 LayerNorm/modulation/gating, each one fused pass (see fused_ops for the numerics)
-        a = self.attn(modulate(x, shift_msa, scale_msa), grid, num_cond_latents, rope, attention)
+        a = self.attn(modulate(x, shift_msa, scale_msa), grid, num_cond_latents, rope, attention, condition)
         x = gated_residual(x, a, gate_msa)
-        n_cond_tokens = num_cond_latents * (N // T)
-        x = x + self.cross_attn(layer_norm_affine(x, self.pre_crs_attn_norm), text, text_mask, n_cond_tokens, attention)
+        recording = condition is not None and condition.recording
+        n_cond_tokens = N if recording else num_cond_latents * (N // T)
+        if n_cond_tokens < N:  # condition tokens never see the text: their cross-attention output is zero
+            x = x + self.cross_attn(layer_norm_affine(x, self.pre_crs_attn_norm), text, text_mask, n_cond_tokens,
+                                    attention)
         f = self.ffn(modulate(x, shift_mlp, scale_mlp))
         return gated_residual(x, f, gate_mlp)
 
@@ -407,11 +463,25 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: Optional[torch.Tensor] = None,
         num_cond_latents: int = 0,
+        condition: Optional[ConditionKeys] = None,
+        step_cache: Optional[StepCache] = None,
     ) -> torch.Tensor:
         """hidden_states [B,16,T,H,W]; timestep [B] or [B,T] (σ·1000); encoder_hidden_states
-        [B,1,L,C]; encoder_attention_mask [B,L] or None → prediction of x0 − ε, [B,16,T,H,W] fp32."""
+        [B,1,L,C]; encoder_attention_mask [B,L] or None → prediction of x0 − ε, [B,16,T,H,W] fp32.
+        With `condition` (from `cache_condition`), hidden_states and timestep hold the noisy frames
+        only (they follow the cached condition frames) and `num_cond_latents` is unused; while the
+        condition records, they hold the condition frames and there is no text. `step_cache`
+        (renders, opt-in): may skip the blocks after the first (`step_cache.StepCache`)."""
+        recording = condition is not None and condition.recording
+        if condition is not None:
+            if self.sequence_parallel is not None:
+                raise ValueError("a cached condition is not supported with sequence parallelism")
+            if not recording:
+                condition.start_pass()
+            num_cond_latents = 0
         B, _, T, H, W = hidden_states.shape
-        grid = (T, H // self.patch_size[1], W // self.patch_size[2])
+        before = condition.num_latents if condition is not None and not recording else 0
+        grid = (before + T, H // self.patch_size[1], W // self.patch_size[2])
         dtype = self.x_embedder.proj.weight.dtype
         if timestep.ndim == 1:
             timestep = timestep[:, None].expand(B, T)
@@ -419,9 +489,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self.x_embedder(hidden_states.to(dtype))
         t_emb = self.t_embedder(timestep.to(dtype).float().flatten()).view(B, T, -1)
 
-        text = self.y_embedder(encoder_hidden_states.to(dtype)).squeeze(1)  # [B, L, C]
+        text = None if recording else self.y_embedder(encoder_hidden_states.to(dtype)).squeeze(1)  # [B, L, C]
         text_mask = None
-        if encoder_attention_mask is not None:
+        if encoder_attention_mask is not None and not recording:
             if self.config.text_tokens_zero_pad:
                 # padded tokens become exact zeros and stay attendable, as in the release
                 text = text * encoder_attention_mask[:, :, None].to(text.dtype)
@@ -436,8 +506,16 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         offload = self.offload_block_inputs and x.is_cuda and torch.is_grad_enabled()
         with host_offload() if offload else contextlib.nullcontext():
-            for index, block in enumerate(self.blocks):
-                x = self._run_block(index, block, x, t_emb, text, text_mask, tile, num_cond_latents, rope, attention)
+            args = (t_emb, text, text_mask, tile, num_cond_latents, rope, attention, condition)
+            x = first = self._run_block(0, self.blocks[0], x, *args)
+            reused = None if step_cache is None else step_cache.reusable(first)
+            if reused is not None:
+                x = first + reused
+            else:
+                for index, block in enumerate(self.blocks[1:], 1):
+                    x = self._run_block(index, block, x, *args)
+                if step_cache is not None:
+                    step_cache.store(first, x)
 
         out = self.final_layer(x, t_emb)  # [B, N, p_h*p_w*C_out] fp32
         if shared is not None:
@@ -446,3 +524,15 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         out = out.view(B, T, grid[1], grid[2], ph, pw, self.out_channels)
         out = out.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, self.out_channels, T, grid[1] * ph, grid[2] * pw)
         return out.float()
+
+    @torch.no_grad()
+    def cache_condition(self, cond_latents: torch.Tensor) -> ConditionKeys:
+        """Run the clean condition frames `[B,16,c,H,W]` through every block once (timestep 0, no
+        text) and keep their keys and values, for a render's `forward(..., condition=...)` calls."""
+        B, _, c, _, _ = cond_latents.shape
+        condition = ConditionKeys(c, B)
+        # through forward, so hooks on the whole model (FSDP, offloading) run as in a render step
+        condition.prediction = self(cond_latents, torch.zeros(B, c, device=cond_latents.device), None,
+                                    condition=condition)
+        condition.finish_recording()
+        return condition

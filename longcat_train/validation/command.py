@@ -90,6 +90,7 @@ def run_validate(
     guidance: float | None = None,
     seed: int | None = None,
     distilled: bool = False,
+    fp8: bool = False,
     output: Path | None = None,
     device: str | torch.device | None = None,
     console: Console | None = None,
@@ -103,7 +104,7 @@ def run_validate(
     Output goes to `output`, default `output_dir/validation/validate_<time>/`.
     """
     console = console or Console()
-    renderer = PreviewRenderer(loaded, device)
+    renderer = PreviewRenderer(loaded, device, fp8=fp8)
     training = _render_training(loaded.training, prompt, resolution, frames, steps, guidance, seed, distilled)
     cases = _cases(loaded, training, image, prompt)
     settings = replace(RenderSettings.from_training(training, shift=renderer.shift), distilled=distilled)
@@ -124,6 +125,9 @@ def run_validate(
             )
             files = write_render(directory, case.stem, result.frames)
             written.extend(files.paths())
-            fidelity = "" if result.first_frame_psnr is None else f" (first-frame PSNR {result.first_frame_psnr:.2f} dB)"
-            progress.console.print(f"wrote {files.video} and {files.sheet}{fidelity}")
+            notes = [] if result.first_frame_psnr is None else [f"first-frame PSNR {result.first_frame_psnr:.2f} dB"]
+            if settings.step_cache:
+                notes.append(f"step cache skipped {result.skipped_steps} of {settings.steps} steps")
+            noted = f" ({'; '.join(notes)})" if notes else ""
+            progress.console.print(f"wrote {files.video} and {files.sheet}{noted}")
     return written

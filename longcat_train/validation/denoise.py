@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from longcat_train.model.step_cache import StepCache
 from longcat_train.release_facts import FLOW_SHIFT
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -61,11 +62,16 @@ def denoise(
     shift: float = FLOW_SHIFT,
     distilled: bool = False,
     on_step: Optional[Callable[[int, int], None]] = None,
+    cache_condition: bool = True,
+    step_cache: Optional[StepCache] = None,
 ) -> torch.Tensor:
     """Run the sampler from `latents` ([B,16,T,H,W], normalised; frames `:num_cond_latents` hold the
     clean condition latents) and return the denoised latents in float32. The condition frames are
-    given timestep 0 and are never changed. CFG runs only when guidance_scale > 1; the caller passes
-    the empty prompt's embedding as the negative when the user gave none."""
+    given timestep 0 and are never changed; `cache_condition` computes their keys and values once
+    (`transformer.cache_condition`) and every step then runs the noisy frames only, as the official
+    pipeline does (False: every step runs all frames; the same result to bf16 rounding). CFG runs
+    only when guidance_scale > 1; the caller passes the empty prompt's embedding as the negative when
+    the user gave none. `step_cache` (opt-in, approximate) lets steps skip the later blocks."""
     do_cfg = guidance_scale > 1.0
     if do_cfg and negative_embeds is None:
         raise ValueError("guidance_scale > 1 needs negative_embeds (encode the empty prompt \"\" when no "
@@ -89,11 +95,18 @@ def denoise(
     else:
         embeds, mask = prompt_embeds, prompt_mask
 
+    # the condition frames' keys and values, computed once (they are the same at every step)
+    condition = transformer.cache_condition(latents[:, :, :c]) if c and cache_condition else None
     for i, t in enumerate(scheduler.timesteps):
-        model_in = torch.cat([latents, latents]) if do_cfg else latents
+        frames = latents[:, :, c:] if condition is not None else latents
+        model_in = torch.cat([frames, frames]) if do_cfg else frames
         timestep = t.expand(model_in.shape[0]).to(dtype)[:, None].repeat(1, model_in.shape[2])
-        timestep[:, :c] = 0
-        pred = transformer(model_in.to(dtype), timestep, embeds, mask, num_cond_latents=c).float()
+        if condition is None:
+            timestep[:, :c] = 0
+        pred = transformer(model_in.to(dtype), timestep, embeds, mask, num_cond_latents=c, condition=condition,
+                           step_cache=step_cache).float()
+        if condition is not None:  # the condition frames' output, the same in both CFG halves
+            pred = torch.cat([condition.prediction.repeat(pred.shape[0] // batch, 1, 1, 1, 1), pred], dim=2)
         if do_cfg:
             uncond, cond = pred.chunk(2)
             pred = cfg_zero_star(cond, uncond, guidance_scale)

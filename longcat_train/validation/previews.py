@@ -23,6 +23,7 @@ from longcat_train.components import free_device_memory, load_scheduler, load_te
 from longcat_train.config import LoadedConfig
 from longcat_train.lora import LoraWeights, apply_loras
 from longcat_train.memory import load_frozen_transformer
+from longcat_train.memory.quantize import fp8_matmuls_unavailable, use_fp8_matmuls
 from longcat_train.release_facts import TEXT_TOKENS
 
 from .render import RenderResult, RenderSettings, render_video
@@ -53,9 +54,13 @@ class PreviewRenderer:
     """The run's model on one device, for renders one at a time (not thread-safe: callers keep one
     render in flight)."""
 
-    def __init__(self, loaded: LoadedConfig, device: str | torch.device | None = None) -> None:
+    def __init__(self, loaded: LoadedConfig, device: str | torch.device | None = None, fp8: bool = False) -> None:
+        """`fp8`: the DiT's block linears run FP8 matmuls (`use_fp8_matmuls`: faster, approximate)."""
         self.loaded = loaded
         self.device = render_device(device)
+        if fp8 and (reason := fp8_matmuls_unavailable(self.device)):
+            raise ValueError(f"--fp8: {reason}; render without it")
+        self.fp8 = fp8
         self.root = Path(loaded.model_dir)
         self.shift = float(load_scheduler(self.root).config.shift)
         self._transformer: torch.nn.Module | None = None
@@ -93,7 +98,10 @@ class PreviewRenderer:
     @property
     def precision(self) -> str:
         """The DiT's `base_model_precision` here: the run's on CUDA (quantized too, as periodic
-        validation renders), bf16 on MPS, the checkpoint's own dtype on the CPU."""
+        validation renders; bf16 under FP8 matmuls, which quantize it themselves), bf16 on MPS, the
+        checkpoint's own dtype on the CPU."""
+        if self.fp8:
+            return "bf16"
         return {"cuda": self.loaded.training.base_model_precision, "mps": "bf16"}.get(self.device.type, "no_change")
 
     def _encode_features(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -113,6 +121,8 @@ class PreviewRenderer:
             return
         transformer = load_frozen_transformer(self.root / "dit", self.precision, self.device, quantize_device=self.device)
         transformer.set_attention_implementation(self.loaded.training.attention_implementation)
+        if self.fp8:
+            use_fp8_matmuls(transformer)
         self._vae = load_vae(self.root, dtype=render_dtype(self.device), device=self.device)
         self._transformer = transformer
 

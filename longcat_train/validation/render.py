@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from PIL import Image
 
+from longcat_train.model.step_cache import StepCache
 from longcat_train.components import denormalize_latents, normalize_latents, vae_latent_stats
 from longcat_train.release_facts import FLOW_SHIFT, LATENT_CHANNELS
 from longcat_train.config import TrainingConfig
@@ -40,6 +41,8 @@ class RenderSettings:
     distilled: bool = False
     shift: float = FLOW_SHIFT
     tiling: bool = False
+    # opt-in, approximate: skip the later blocks at steps whose first block barely moved (`StepCache`)
+    step_cache: float = 0.0
 
     @classmethod
     def from_training(cls, training: TrainingConfig, shift: float = FLOW_SHIFT) -> RenderSettings:
@@ -47,7 +50,8 @@ class RenderSettings:
         height, width = training.validation_size
         seed = training.seed if training.validation_seed is None else training.validation_seed
         return cls(height, width, training.validation_num_video_frames, training.validation_num_inference_steps,
-                   training.validation_guidance, seed, shift=shift, tiling=training.vae_enable_tiling)
+                   training.validation_guidance, seed, shift=shift, tiling=training.vae_enable_tiling,
+                   step_cache=training.validation_step_cache)
 
     def sized(self, height: int, width: int) -> RenderSettings:
         """These settings at another size (a render that follows its clip's orientation)."""
@@ -62,6 +66,7 @@ class RenderResult:
     frames: np.ndarray  # uint8 [F, H, W, 3]
     latents: torch.Tensor  # denoised, normalised [1, 16, T_lat, H/8, W/8] float32 on the CPU
     first_frame_psnr: float | None  # decoded frame 0 vs the start image (dB); None for text-to-video
+    skipped_steps: int = 0  # sampler steps the step cache answered without the later blocks
 
 
 def fit_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -164,6 +169,7 @@ def render_video(
     distilled: bool = False,
     shift: float = FLOW_SHIFT,
     tiling: bool = False,
+    step_cache: float = 0.0,
     on_step: Optional[Callable[[int, int], None]] = None,
 ) -> RenderResult:
     """Render one video. Text features are `[1, 1, L, C]` / `[1, L]` (pad to 512 with
@@ -184,11 +190,13 @@ def render_video(
     def place(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if tensor is None else tensor.to(device)
 
+    cache = StepCache(step_cache) if step_cache else None
     latents = denoise(
         transformer, latents.to(device), place(prompt_embeds), place(prompt_mask),
         place(negative_embeds), place(negative_mask), steps, guidance,
-        num_cond_latents=num_cond, shift=shift, distilled=distilled, on_step=on_step,
+        num_cond_latents=num_cond, shift=shift, distilled=distilled, on_step=on_step, step_cache=cache,
     ).cpu()
     pixels = decode_latents(vae, latents)
     fidelity = None if start_pixels is None else psnr(start_pixels[:, 0], pixels[:, 0])
-    return RenderResult(frames=to_uint8_frames(pixels), latents=latents, first_frame_psnr=fidelity)
+    return RenderResult(frames=to_uint8_frames(pixels), latents=latents, first_frame_psnr=fidelity,
+                        skipped_steps=cache.skipped if cache else 0)
