@@ -179,33 +179,6 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
     })
 
 
-def bench_render(settings: BenchSettings, device: str = "cuda") -> dict:
-    """Times `settings.steps` CFG sampler steps (batch 2: negative + positive) and reports the
-    per-step time and the 50-step render figure it implies (VAE decode not included)."""
-    from .validation import denoise
-
-    use_fused_kernels(settings.fused_kernels)
-    model = random_transformer(device, torch.bfloat16, settings.depth, settings.seed).eval()
-    model.set_attention_implementation(settings.attention)
-    T, H, W = _latent_shape(settings)
-    g = torch.Generator().manual_seed(settings.seed)
-    latents = torch.randn(1, 16, T, H, W, generator=g).to(device)
-    text = torch.randn(1, 1, settings.text_tokens, 4096, generator=g).to(device, torch.bfloat16)
-    mask = torch.ones(1, settings.text_tokens, dtype=torch.long, device=device)
-    denoise(model, latents, text, mask, text, mask, 1, 4.0, num_cond_latents=1)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    denoise(model, latents, text, mask, text, mask, settings.steps, 4.0, num_cond_latents=1)
-    torch.cuda.synchronize()
-    per_step = (time.perf_counter() - start) / settings.steps
-    return _result(settings, {
-        "s_per_sampler_step": round(per_step, 3),
-        "s_per_render_dit": round(per_step * settings.render_steps, 1),
-        "measured_steps": settings.steps,
-    })
-
-
 def bench_vae(settings: BenchSettings, device: str = "cuda") -> dict:
     """VAE encode throughput (clips/s) of the Wan 2.1 VAE architecture (diffusers' default
     `AutoencoderKLWan` config, random weights, bf16) on clips of the benchmark's shape, the work
@@ -230,6 +203,6 @@ def bench_vae(settings: BenchSettings, device: str = "cuda") -> dict:
 def run_bench(settings: BenchSettings) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("longcat bench needs a CUDA GPU (it builds the full 13.6B model on it)")
-    result = {"train": bench_train, "render": bench_render, "vae": bench_vae}[settings.mode](settings)
+    result = {"train": bench_train, "vae": bench_vae}[settings.mode](settings)
     print(json.dumps(result), flush=True)
     return result

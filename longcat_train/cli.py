@@ -507,9 +507,11 @@ def bench(
     frames: Annotated[int | None, typer.Option(help="Frames; (frames - 1) % 4 == 0 (default 93).")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
     steps: Annotated[int | None, typer.Option(
-        help="Measured steps (default 10; memory: 2 per row; bsa: timed iterations, 10, --quick 3; "
-             "e2e: optimizer steps of the whole run, 5 or more, default 8).")] = None,
-    mode: Annotated[str, typer.Option(help="train, render, vae, memory (s/step, peak VRAM and the planner's "
+        help="Measured steps (default 10; render: sampler steps per row, 3; memory: 2 per row; bsa: timed "
+             "iterations, 10, --quick 3; e2e: optimizer steps of the whole run, 5 or more, default 8).")] = None,
+    mode: Annotated[str, typer.Option(help="train, render (a preview render's cost per mode: exact, FP8, step "
+                                            "cache, fewer steps, distilled; with PSNR against the exact render), "
+                                            "vae, memory (s/step, peak VRAM and the planner's "
                                             "prediction per memory setting, one process per row), bsa (block-sparse "
                                             "attention against dense cuDNN SDPA, one layer), or e2e (the whole user "
                                             "path on a release-shaped checkpoint: cache, train, SIGKILL, resume, "
@@ -522,7 +524,10 @@ def bench(
              "'none', or names from the config key keep_projections, comma-separated.")] = "auto",
     clips: Annotated[int, typer.Option(help="e2e: training clips written (one more is held out).")] = 5,
     skip: Annotated[str, typer.Option(help="e2e: phases left out, comma-separated: validate (the `validate "
-                                           "--lora` render), bench (the `bench` comparison).")] = "",
+                                           "--lora` render), bench (the `bench` comparison); render: quality "
+                                           "(the PSNR renders).")] = "",
+    official: Annotated[Path | None, typer.Option(
+        help="render: a checkout of meituan-longcat/LongCat-Video whose DiT step is timed beside ours.")] = None,
     rows: Annotated[str, typer.Option(help="memory: rows, comma-separated (default all): bf16, bf16-kept, "
                                            "int8-quanto, fp8-torchao, swap8, swap16, swap24, swap40, group-offload, "
                                            "cap24, cap48 (the planner's pick under a 24 / 48 GiB cap).")] = "",
@@ -546,7 +551,7 @@ def bench(
                                           "use train, render, vae, memory, bsa or e2e"))
     if steps is None:  # each mode's default; bsa's (10 timed iterations, --quick 3) is its own
         # e2e: 8 ends on a validation (every 4 steps, and after the last), so no extra render
-        steps = {"memory": 2, "bsa": None, "e2e": 8}.get(mode, 10)
+        steps = {"memory": 2, "bsa": None, "e2e": 8, "render": 3}.get(mode, 10)
     if mode == "memory":
         from longcat_train.bench_memory import ROWS
 
@@ -567,9 +572,13 @@ def bench(
         problems.append(_argument_problem("--keep-projections", keep_projections, f"unknown projections {unknown}",
                                           f"use auto, none or names from {sorted(PROJECTION_MODULES)}"))
     skipped = set(filter(None, skip.split(",")))
-    if skipped - {"validate", "bench"}:
-        problems.append(_argument_problem("--skip", skip, f"unknown phases {sorted(skipped - {'validate', 'bench'})}",
-                                          "use validate, bench or both, comma-separated"))
+    phases = {"render": {"quality"}}.get(mode, {"validate", "bench"})
+    if skipped - phases:
+        problems.append(_argument_problem("--skip", skip, f"unknown phases {sorted(skipped - phases)}",
+                                          f"use {', '.join(sorted(phases))}, comma-separated"))
+    if official is not None and not (official / "longcat_video" / "modules" / "longcat_video_dit.py").is_file():
+        problems.append(_argument_problem("--official", str(official), "not a LongCat-Video checkout",
+                                          "give the folder that holds longcat_video/ (meituan-longcat/LongCat-Video)"))
     if clips < 1:
         problems.append(_argument_problem("--clips", clips, "e2e needs a training clip", "give --clips 1 or more"))
     if problems:
@@ -594,6 +603,11 @@ def bench(
             run_memory_bench(MemoryBenchSettings(rows=tuple(filter(None, rows.split(","))) or ROWS,
                                                  resolution=resolution, frames=frames, rank=rank, steps=steps,
                                                  block_error=block_error))
+        elif mode == "render":
+            from longcat_train.bench_render import RenderBenchSettings, run_render_bench
+
+            run_render_bench(RenderBenchSettings(resolution=resolution, frames=frames, steps=steps, official=official,
+                                                 quality="quality" not in skipped))
         elif mode == "bsa":
             from longcat_train.bench_bsa import BsaBenchSettings, run_bsa_bench
 

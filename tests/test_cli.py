@@ -205,8 +205,12 @@ def test_commands_without_config(tmp_path: Path) -> None:
     assert kept.exit_code == EXIT_CONFIG_ERROR and "ffn_w2" in kept.output and "attention_out" in kept.output
     rows = RUNNER.invoke(app, ["bench", "--mode", "memory", "--rows", "bf16,swap7"], env=WIDE)
     assert rows.exit_code == EXIT_CONFIG_ERROR and "swap7" in rows.output and "group-offload" in rows.output
+    official = RUNNER.invoke(app, ["bench", "--mode", "render", "--official", str(tmp_path), "--skip", "bench"], env=WIDE)
+    assert official.exit_code == EXIT_CONFIG_ERROR and "--official" in official.output
+    assert "not a LongCat-Video checkout" in official.output and "'quality'" not in official.output
+    assert "use quality" in " ".join(official.output.split())  # render's own phases, not e2e's
     if not torch.cuda.is_available():
-        for mode in ("train", "memory", "bsa"):
+        for mode in ("train", "memory", "bsa", "render"):
             no_gpu = RUNNER.invoke(app, ["bench", "--mode", mode], env=WIDE)
             assert no_gpu.exit_code == 1 and "CUDA GPU" in no_gpu.output, mode
 

@@ -1,0 +1,252 @@
+"""`longcat bench --mode render`: what a preview render costs at full size, per mode, and what the
+fast modes cost in quality.
+
+Random full-size weights (DiT and Wan VAE) on one CUDA GPU. Speed rows at the render shape
+(480x832x93 by default): the condition-frame pass, a CFG step (batch 2), a step without CFG
+(batch 1: the distilled preview's), the VAE decode, and from them a 50-step CFG render and a
+16-step distilled render, in the exact mode (bf16), with FP8 matmuls, and for the official code's
+step at the same shape (`--official PATH`: a checkout of meituan-longcat/LongCat-Video).
+Quality rows render a smaller video end to end (same seed, image-to-video) in each fast mode and
+give its PSNR against the exact render; with random weights these show how far a mode's numbers
+drift, not how a trained model's video looks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .memory.quantize import use_fp8_matmuls
+from .model.release import RELEASE_DIT_CONFIG, random_transformer
+from .validation.denoise import denoise
+from .validation.render import decode_latents, psnr, render_video
+
+CFG_GUIDANCE = 4.0
+
+
+@dataclass
+class RenderBenchSettings:
+    resolution: str = "480x832"
+    frames: int = 93
+    steps: int = 3  # measured sampler steps per speed row (after one warm-up step)
+    render_steps: int = 50
+    distilled_steps: int = 16
+    official: Path | None = None
+    quality: bool = True
+    quality_resolution: str = "256x448"
+    quality_frames: int = 33
+    step_cache_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
+    fewer_steps: tuple[int, ...] = (25,)
+    text_tokens: int = 512
+    seed: int = 0
+    rows: list[dict] = field(default_factory=list)
+
+    @staticmethod
+    def size(resolution: str) -> tuple[int, int]:
+        h, w = (int(v) for v in resolution.lower().split("x"))
+        return h, w
+
+
+def _synchronized() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class _Inputs:
+    """Render inputs at one size: noise whose frame 0 stands for the start image's latent, a
+    prompt and a negative prompt (random umT5-sized features, all 512 tokens valid)."""
+
+    def __init__(self, settings: RenderBenchSettings, height: int, width: int, frames: int) -> None:
+        g = torch.Generator().manual_seed(settings.seed)
+        self.latents = torch.randn(1, 16, 1 + (frames - 1) // 4, height // 8, width // 8, generator=g).cuda()
+        self.text = torch.randn(1, 1, settings.text_tokens, 4096, generator=g).cuda().bfloat16()
+        self.negative = torch.randn(1, 1, settings.text_tokens, 4096, generator=g).cuda().bfloat16()
+        self.mask = torch.ones(1, settings.text_tokens, dtype=torch.long, device="cuda")
+
+
+def _step_seconds(model, inputs: _Inputs, steps: int, guidance: float, cache_condition: bool = True) -> float:
+    """Median seconds per sampler step of our `denoise` (a warm-up step first)."""
+    marks: list[float] = []
+    run = lambda n, on_step=None: denoise(  # noqa: E731
+        model, inputs.latents, inputs.text, inputs.mask, inputs.negative, inputs.mask, n, guidance,
+        num_cond_latents=1, cache_condition=cache_condition, on_step=on_step)
+    run(1)
+    marks.append(_synchronized())
+    run(steps + 1, on_step=lambda *_: marks.append(_synchronized()))
+    # the first interval holds the condition pass; the rest are plain steps
+    return statistics.median(b - a for a, b in zip(marks[1:], marks[2:]))
+
+
+def _condition_seconds(model, inputs: _Inputs) -> float:
+    start = _synchronized()
+    model.cache_condition(inputs.latents[:, :, :1])
+    return _synchronized() - start
+
+
+def _decode_seconds(vae, inputs: _Inputs) -> float:
+    decode_latents(vae, inputs.latents[:, :, :2])  # warm-up (cuDNN picks its convolutions)
+    start = _synchronized()
+    decode_latents(vae, inputs.latents)
+    return _synchronized() - start
+
+
+def _speed_row(settings: RenderBenchSettings, name: str, model, inputs: _Inputs, decode_s: float) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    condition_s = _condition_seconds(model, inputs)
+    cfg_s = _step_seconds(model, inputs, settings.steps, CFG_GUIDANCE)
+    plain_s = _step_seconds(model, inputs, settings.steps, 1.0)
+    return {
+        "row": name, "s_condition": round(condition_s, 3), "s_per_cfg_step": round(cfg_s, 3),
+        "s_per_step_without_cfg": round(plain_s, 3), "s_decode": round(decode_s, 2),
+        "s_per_render": round(condition_s + settings.render_steps * cfg_s + decode_s, 1),
+        "s_per_distilled_render": round(condition_s + settings.distilled_steps * plain_s + decode_s, 1),
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
+
+
+def _quality_rows(settings: RenderBenchSettings, name: str, model, vae, modes: list[tuple[str, dict]],
+                  reference: dict) -> list[dict]:
+    """Render the quality video in each `(mode, render options)`; PSNR against `reference["frames"]`
+    (filled by the first mode when empty)."""
+    height, width = settings.size(settings.quality_resolution)
+    g = torch.Generator().manual_seed(settings.seed)
+    start = torch.rand(3, 1, height, width, generator=g) * 2 - 1
+    inputs = _Inputs(settings, height, width, settings.quality_frames)
+    rows = []
+    for mode, options in modes:
+        begin = _synchronized()
+        result = render_video(model, vae, inputs.text, inputs.mask, inputs.negative, inputs.mask,
+                              height=height, width=width, num_frames=settings.quality_frames,
+                              steps=options.get("steps", settings.render_steps), guidance=CFG_GUIDANCE,
+                              seed=settings.seed, start_pixels=start, step_cache=options.get("step_cache", 0.0))
+        seconds = _synchronized() - begin
+        pixels = torch.from_numpy(result.frames).float() / 127.5 - 1
+        reference.setdefault("frames", pixels)
+        rows.append({"row": f"{name} {mode}", "quality_shape": f"{settings.quality_resolution}x{settings.quality_frames}",
+                     "s_render": round(seconds, 2), "skipped_steps": result.skipped_steps,
+                     "psnr_db_vs_exact": round(psnr(reference["frames"], pixels), 2)})
+    return rows
+
+
+def _fast_modes(settings: RenderBenchSettings) -> list[tuple[str, dict]]:
+    return ([(f"step-cache {t}", {"step_cache": t}) for t in settings.step_cache_thresholds]
+            + [(f"{n} steps", {"steps": n}) for n in settings.fewer_steps])
+
+
+def _sdpa_as_flash_attn() -> types.ModuleType:
+    """A `flash_attn` module whose `flash_attn_func` is PyTorch SDPA ([B, S, H, D] layout), for an
+    official checkout on a machine without flash-attn: the official code then runs its attention on
+    the same SDPA kernels as ours, and every other op as its own."""
+    module = types.ModuleType("flash_attn")
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, **_):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             dropout_p=dropout_p, scale=softmax_scale)
+        return out.transpose(1, 2)
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                               dropout_p=0.0, softmax_scale=None, **_):
+        # packed [tokens, H, D] sequences: one SDPA call per sequence
+        starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs = [flash_attn_func(q[None, a:b], k[None, c:d], v[None, c:d], dropout_p, softmax_scale)[0]
+                for a, b, c, d in zip(starts_q, starts_q[1:], starts_k, starts_k[1:])]
+        return torch.cat(outs)
+
+    module.flash_attn_func = flash_attn_func
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    return module
+
+
+def _official_row(settings: RenderBenchSettings, inputs: _Inputs, decode_s: float) -> dict:
+    """The official DiT's CFG step at the render shape, as its image-to-video loop calls it (batch 2,
+    frame 0 at timestep 0, `num_cond_latents=1`, no cache), with random bf16 weights."""
+    sys.path.insert(0, str(settings.official))
+    attention = "flash-attn"
+    if importlib.util.find_spec("flash_attn") is None:
+        sys.modules["flash_attn"] = _sdpa_as_flash_attn()
+        attention = "SDPA in place of flash-attn (not installed)"
+    from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel as OfficialDiT
+
+    # one process: no context-parallel split (the official forward needs the key set)
+    config = {**RELEASE_DIT_CONFIG, "enable_flashattn2": True, "enable_flashattn3": False, "enable_bsa": False,
+              "cp_split_hw": [1, 1]}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = OfficialDiT(**config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    latents = torch.cat([inputs.latents, inputs.latents]).bfloat16()
+    text = torch.cat([inputs.negative, inputs.text])
+    mask = torch.cat([inputs.mask, inputs.mask])
+    timestep = torch.full((2, latents.shape[2]), 500.0, device="cuda", dtype=torch.bfloat16)
+    timestep[:, 0] = 0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    with torch.no_grad():
+        for _ in range(settings.steps + 1):
+            start = _synchronized()
+            model(latents, timestep, text, mask, num_cond_latents=1)
+            times.append(_synchronized() - start)
+    cfg_s = statistics.median(times[1:])
+    return {"row": "official", "attention": attention, "s_per_cfg_step": round(cfg_s, 3),
+            "s_per_render": round(settings.render_steps * cfg_s + decode_s, 1),
+            "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def _emit(settings: RenderBenchSettings, row: dict) -> None:
+    settings.rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
+    """Every row (also printed as a JSON line when it is measured), then a table."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("longcat bench --mode render needs a CUDA GPU (it builds the full 13.6B model on it)")
+    from diffusers import AutoencoderKLWan
+
+    height, width = settings.size(settings.resolution)
+    inputs = _Inputs(settings, height, width, settings.frames)
+    vae = AutoencoderKLWan().to("cuda", torch.bfloat16).eval()  # the Wan 2.1 VAE's architecture
+    decode_s = _decode_seconds(vae, inputs)
+    model = random_transformer("cuda", torch.bfloat16, seed=settings.seed).eval()
+    _emit(settings, _speed_row(settings, "exact", model, inputs, decode_s))
+    uncached = _step_seconds(model, inputs, settings.steps, CFG_GUIDANCE, cache_condition=False)
+    _emit(settings, {"row": "exact, condition recomputed each step", "s_per_cfg_step": round(uncached, 3)})
+    reference: dict = {}
+    if settings.quality:
+        for row in _quality_rows(settings, "exact", model, vae, [("", {}), *_fast_modes(settings)], reference):
+            _emit(settings, row)
+    use_fp8_matmuls(model)
+    _emit(settings, _speed_row(settings, "fp8", model, inputs, decode_s))
+    if settings.quality:
+        for row in _quality_rows(settings, "fp8", model, vae, [("", {})], reference):
+            _emit(settings, row)
+    del model
+    torch.cuda.empty_cache()
+    if settings.official is not None:
+        _emit(settings, _official_row(settings, inputs, decode_s))
+    _print_table(settings)
+    return settings.rows
+
+
+def _print_table(settings: RenderBenchSettings) -> None:
+    columns = ("row", "s_per_cfg_step", "s_per_step_without_cfg", "s_per_render", "s_per_distilled_render",
+               "s_render", "skipped_steps", "psnr_db_vs_exact", "peak_vram_gib")
+    print(f"render bench, {settings.resolution}x{settings.frames} (quality rows: "
+          f"{settings.quality_resolution}x{settings.quality_frames}), {torch.cuda.get_device_name()}")
+    print(" | ".join(columns))
+    for row in settings.rows:
+        print(" | ".join(str(row.get(c, "")) for c in columns))
+    print(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
+                                   for k, v in asdict(settings).items() if k != "rows"}}))
