@@ -1,6 +1,7 @@
-"""The extension tables (issue 26): LoRA file formats and attention backends each have one table of
-names (the config's, torch-free) and one of code keyed the same way; the config, the CLI and the
-code all read them, so a new entry cannot be half-registered."""
+"""The extension tables (issue 26): LoRA file formats and attention backends each have one table in
+the code (`LORA_FORMATS`, `ATTENTION_BACKENDS`) whose rows carry their own words; the config reads
+those rows as text (torch-free), and the config, the CLI and the code all ask the one table, so a new
+entry is one row."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from longcat_train.cli import EXIT_CONFIG_ERROR, app
 from longcat_train.config import ConfigError, TrainingConfig, load_config
+from longcat_train.config.extension_tables import ExtensionTableError, extension_choices
 from longcat_train.config.training import ATTENTION_CHOICES, LORA_FORMAT_CHOICES
 from longcat_train.lora.formats import (
     LORA_FORMATS,
@@ -61,6 +63,68 @@ def test_the_config_accepts_exactly_the_names_the_code_has():
             "lora_export_formats" if name in LORA_FORMAT_CHOICES else "attention_implementation"
         ].description
         assert f"`{name}`" in description
+
+
+def test_the_configs_tables_are_the_code_tables_rows_read_as_text():
+    assert list(LORA_FORMAT_CHOICES) == list(LORA_FORMATS)
+    for name, fmt in LORA_FORMATS.items():
+        choice = LORA_FORMAT_CHOICES[name]
+        assert (choice.title, choice.note, choice.requires) == (fmt.title, fmt.note, None), name
+    assert list(ATTENTION_CHOICES) == list(ATTENTION_BACKENDS)
+    for name, backend in ATTENTION_BACKENDS.items():
+        choice = ATTENTION_CHOICES[name]
+        assert (choice.title, choice.note, choice.requires) == ("", backend.note, backend.requirement), name
+    # the words made it through (an empty reading would pass the equalities above only if the code had none)
+    assert ATTENTION_CHOICES["flash"].requires.modules == ("flash_attn", "flash_attn_interface")
+    assert ATTENTION_CHOICES["flash"].requires.install == "pip install flash-attn --no-build-isolation"
+    assert LORA_FORMAT_CHOICES["official"].note == "LongCat's own format"
+
+
+def _table_source(tmp_path: Path, last_row: str) -> Path:
+    source = tmp_path / "formats.py"
+    source.write_text("from somewhere import Row, write\n\n"
+                      "TABLE: dict = {\n"
+                      '    "good": Row(write, lambda keys: True, title="Good", claims=lambda keys: True),\n'
+                      f'    "last": {last_row},\n'
+                      "}\n")
+    return source
+
+
+def test_the_reader_takes_the_literal_words_and_skips_the_rows_code(tmp_path):
+    source = _table_source(tmp_path, 'Row(write, requires=("a", "b"), install="pip install ab", note="N")')
+    choices = extension_choices(source, "TABLE")
+    assert list(choices) == ["good", "last"]
+    assert choices["good"].title == "Good" and choices["good"].requires is None
+    assert choices["last"].note == "N" and choices["last"].requires.modules == ("a", "b")
+    assert choices["last"].requires.install == "pip install ab"
+
+
+@pytest.mark.parametrize(
+    ("last_row", "complaint"),
+    [
+        ('Row(write, title="Last " + "one")', "title= is not a literal string"),
+        ('Row(write, title=TITLE)', "title= is not a literal string"),
+        ('Row(write, requires="a", install="pip install a")', "requires= is not a literal tuple of strings"),
+        ('Row(write, **WORDS)', "unpacks keywords"),
+        ("ROW", "is not a call"),
+        ('Row(write, requires=("a",))', "has `requires` but no `install`"),
+    ],
+)
+def test_a_row_the_config_cannot_read_as_text_is_a_clear_error(tmp_path, last_row, complaint):
+    source = _table_source(tmp_path, last_row)
+    with pytest.raises(ExtensionTableError) as caught:
+        extension_choices(source, "TABLE")
+    message = str(caught.value)
+    assert str(source) in message and "TABLE['last']" in message and complaint in message, message
+
+
+def test_a_table_the_reader_cannot_find_is_a_clear_error(tmp_path):
+    source = _table_source(tmp_path, "Row(write)")
+    with pytest.raises(ExtensionTableError, match=r"no module-level `OTHER = \{\.\.\.\}`"):
+        extension_choices(source, "OTHER")
+    source.write_text("TABLE = dict(good=Row(write))\n")
+    with pytest.raises(ExtensionTableError, match=r"no module-level `TABLE = \{\.\.\.\}` \(a dict literal\)"):
+        extension_choices(source, "TABLE")
 
 
 @pytest.mark.parametrize(
@@ -183,6 +247,7 @@ def test_every_backend_is_available_or_says_what_to_install(name):
     backend = ATTENTION_BACKENDS[name]
     assert callable(backend.dense)
     requirement = ATTENTION_CHOICES[name].requires
+    assert requirement == backend.requirement
     if requirement is not None and not requirement.available():
         assert requirement.install.startswith("pip install")
         with pytest.raises(AttentionBackendUnavailable, match=f"attention_implementation='{name}'"):
