@@ -99,7 +99,7 @@ def _word(keyword: ast.keyword, kind: type, where: str) -> object:
     strings = not isinstance(value, tuple) or all(isinstance(item, str) for item in value)
     if not isinstance(value, kind) or not strings:
         raise ExtensionTableError(
-            f"{where}: {keyword.arg}= is not a literal {'tuple of strings' if kind is tuple else 'string'}; the "
-            "config reads it as text (without importing the module), so write the value itself, not a name or an expression"
+            f"{where}: {keyword.arg}= is not a literal {'tuple of strings' if kind is tuple else 'string'}; the config "
+            "reads it as text (without importing the module), so write the value itself, not a name or an expression"
         )
     return value
