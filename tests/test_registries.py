@@ -18,6 +18,8 @@ from longcat_train.cli import EXIT_CONFIG_ERROR, app
 from longcat_train.config import ConfigError, TrainingConfig, load_config
 from longcat_train.config.extension_tables import ExtensionTableError, extension_choices
 from longcat_train.config.training import ATTENTION_CHOICES, LORA_FORMAT_CHOICES
+from longcat_train.data.buckets import Bucket, Placement
+from longcat_train.data.items import ClipItem, FileStamp
 from longcat_train.lora.formats import (
     LORA_FORMATS,
     LoraModule,
@@ -34,6 +36,7 @@ from longcat_train.model.attention import (
     AttentionDispatcher,
     check_backend_available,
 )
+from longcat_train.objective.strategy import STRATEGIES, choose_strategy, drawn_strategy, fixed_strategy
 from tests.config_factory import base_datasets, base_training, write_pair
 
 RUNNER = CliRunner()
@@ -258,3 +261,57 @@ def test_every_backend_is_available_or_says_what_to_install(name):
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)  # with a mask flash and xformers run SDPA: CPU-safe
     expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert torch.allclose(dispatcher.dense(q, q, q, mask), expected, atol=1e-6)
+
+
+# --- conditioning modes -------------------------------------------------------------------------
+
+
+def _clip(is_i2v: bool, i2v_probability: float = 1.0) -> ClipItem:
+    bucket = Bucket(32, 32, 5)
+    return ClipItem(
+        dataset_id="d", source=FileStamp(Path("/data/a.mp4"), 1, 1, ""), caption="", bucket=bucket,
+        frame_indices=tuple(range(5)), fps=15.0, window_index=0, source_size=(32, 32),
+        placement=Placement((32, 32), (0, 0, 32, 32)), is_i2v=is_i2v, i2v_probability=i2v_probability,
+    )
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_mode_keeps_its_clean_frames_and_leaves_them_out_of_the_loss(name):
+    strategy = STRATEGIES[name]
+    assert strategy.name == name and isinstance(strategy.start_frames, bool)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 3, 2, 2, generator=g), torch.randn(1, 4, 3, 2, 2, generator=g)
+    batch = strategy.prepare(x0, noise, torch.tensor([0.5]))
+    c = strategy.num_cond_latents
+    assert batch.num_cond_latents == c
+    assert torch.equal(batch.hidden_states[:, :, :c], x0[:, :, :c]) and not batch.timestep[:, :c].any()
+    assert batch.frame_weights.tolist() == [0.0] * c + [1.0] * (3 - c)
+    assert batch.timestep[:, c:].eq(500).all()
+
+
+def test_the_draw_is_the_mean_i2v_probability_and_takes_the_generator_only_when_uncertain():
+    untouched = torch.Generator().manual_seed(0).get_state()
+    for items, expected in [([_clip(True)], "i2v"), ([_clip(False)], "t2v"), ([_clip(True, 0.0)], "t2v"),
+                            ([_clip(True, 1.0), _clip(True, 1.0)], "i2v")]:
+        g = torch.Generator().manual_seed(0)
+        assert choose_strategy(items, g).name == expected
+        assert torch.equal(g.get_state(), untouched)
+    items = [_clip(True, 0.8), _clip(False, 0.8)]  # i2v with the mean of 0.8 and 0 (a t2v item)
+    chosen = set()
+    for seed in range(12):
+        reference = torch.Generator().manual_seed(seed)
+        draw = torch.rand((), generator=reference).item()
+        g = torch.Generator().manual_seed(seed)
+        name = choose_strategy(items, g).name
+        assert name == ("i2v" if draw < 0.4 else "t2v") and torch.equal(g.get_state(), reference.get_state())
+        chosen.add(name)
+    assert chosen == {"i2v", "t2v"}
+
+
+def test_the_held_out_mode_and_the_warmed_mode_follow_the_items_datasets():
+    assert fixed_strategy(_clip(True), latent_frames=2).name == "i2v"
+    assert fixed_strategy(_clip(True, 0.0), latent_frames=2).name == "i2v"  # held out as marked, as before
+    assert fixed_strategy(_clip(True), latent_frames=1).name == "t2v"  # no noisy frame after the clean one
+    assert fixed_strategy(_clip(False), latent_frames=2).name == "t2v"
+    assert drawn_strategy([_clip(False), _clip(True, 0.3)]).name == "i2v"
+    assert drawn_strategy([_clip(False), _clip(True, 0.0)]).name == "t2v"
