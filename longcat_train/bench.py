@@ -132,7 +132,7 @@ def bench_train(settings: BenchSettings, device: str = "cuda", before_lora=None,
         dit_config=dict(RELEASE_DIT_CONFIG), dtype=torch.bfloat16, autocast=settings.autocast,
         attention=settings.attention, checkpointing=settings.checkpointing,
         keep_projections=tuple(settings.keep_projections), lora_rank=settings.rank,
-        lora_targets=tuple(DEFAULT_LORA_TARGETS), batch_size=1, image_to_video=True,
+        lora_targets=tuple(DEFAULT_LORA_TARGETS), batch_size=1, conditioning=strategy.name,
     ), [(*settings.pixel_size, settings.frames)], torch.device(device))
     # pinned ahead, as `train` pins it while loading: the warm-up times then show the first step alone
     pin_started = time.perf_counter()

@@ -1,6 +1,7 @@
-"""The extension tables (issue 26): LoRA file formats and attention backends each have one table of
-names (the config's, torch-free) and one of code keyed the same way; the config, the CLI and the
-code all read them, so a new entry cannot be half-registered."""
+"""The extension tables (issue 26): LoRA file formats and attention backends each have one table in
+the code (`LORA_FORMATS`, `ATTENTION_BACKENDS`) whose rows carry their own words; the config reads
+those rows as text (torch-free), and the config, the CLI and the code all ask the one table, so a new
+entry is one row."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from typer.testing import CliRunner
 
 from longcat_train.cli import EXIT_CONFIG_ERROR, app
 from longcat_train.config import ConfigError, TrainingConfig, load_config
+from longcat_train.config.extension_tables import ExtensionTableError, extension_choices
 from longcat_train.config.training import ATTENTION_CHOICES, LORA_FORMAT_CHOICES
+from longcat_train.data.buckets import Bucket, Placement
+from longcat_train.data.items import ClipItem, FileStamp
 from longcat_train.lora.formats import (
     LORA_FORMATS,
     LoraModule,
@@ -32,6 +36,7 @@ from longcat_train.model.attention import (
     AttentionDispatcher,
     check_backend_available,
 )
+from longcat_train.objective.strategy import STRATEGIES, choose_strategy, drawn_strategy, fixed_strategy
 from tests.config_factory import base_datasets, base_training, write_pair
 
 RUNNER = CliRunner()
@@ -61,6 +66,68 @@ def test_the_config_accepts_exactly_the_names_the_code_has():
             "lora_export_formats" if name in LORA_FORMAT_CHOICES else "attention_implementation"
         ].description
         assert f"`{name}`" in description
+
+
+def test_the_configs_tables_are_the_code_tables_rows_read_as_text():
+    assert list(LORA_FORMAT_CHOICES) == list(LORA_FORMATS)
+    for name, fmt in LORA_FORMATS.items():
+        choice = LORA_FORMAT_CHOICES[name]
+        assert (choice.title, choice.note, choice.requires) == (fmt.title, fmt.note, None), name
+    assert list(ATTENTION_CHOICES) == list(ATTENTION_BACKENDS)
+    for name, backend in ATTENTION_BACKENDS.items():
+        choice = ATTENTION_CHOICES[name]
+        assert (choice.title, choice.note, choice.requires) == ("", backend.note, backend.requirement), name
+    # the words made it through (an empty reading would pass the equalities above only if the code had none)
+    assert ATTENTION_CHOICES["flash"].requires.modules == ("flash_attn", "flash_attn_interface")
+    assert ATTENTION_CHOICES["flash"].requires.install == "pip install flash-attn --no-build-isolation"
+    assert LORA_FORMAT_CHOICES["official"].note == "LongCat's own format"
+
+
+def _table_source(tmp_path: Path, last_row: str) -> Path:
+    source = tmp_path / "formats.py"
+    source.write_text("from somewhere import Row, write\n\n"
+                      "TABLE: dict = {\n"
+                      '    "good": Row(write, lambda keys: True, title="Good", claims=lambda keys: True),\n'
+                      f'    "last": {last_row},\n'
+                      "}\n")
+    return source
+
+
+def test_the_reader_takes_the_literal_words_and_skips_the_rows_code(tmp_path):
+    source = _table_source(tmp_path, 'Row(write, requires=("a", "b"), install="pip install ab", note="N")')
+    choices = extension_choices(source, "TABLE")
+    assert list(choices) == ["good", "last"]
+    assert choices["good"].title == "Good" and choices["good"].requires is None
+    assert choices["last"].note == "N" and choices["last"].requires.modules == ("a", "b")
+    assert choices["last"].requires.install == "pip install ab"
+
+
+@pytest.mark.parametrize(
+    ("last_row", "complaint"),
+    [
+        ('Row(write, title="Last " + "one")', "title= is not a literal string"),
+        ('Row(write, title=TITLE)', "title= is not a literal string"),
+        ('Row(write, requires="a", install="pip install a")', "requires= is not a literal tuple of strings"),
+        ('Row(write, **WORDS)', "unpacks keywords"),
+        ("ROW", "is not a call"),
+        ('Row(write, requires=("a",))', "has `requires` but no `install`"),
+    ],
+)
+def test_a_row_the_config_cannot_read_as_text_is_a_clear_error(tmp_path, last_row, complaint):
+    source = _table_source(tmp_path, last_row)
+    with pytest.raises(ExtensionTableError) as caught:
+        extension_choices(source, "TABLE")
+    message = str(caught.value)
+    assert str(source) in message and "TABLE['last']" in message and complaint in message, message
+
+
+def test_a_table_the_reader_cannot_find_is_a_clear_error(tmp_path):
+    source = _table_source(tmp_path, "Row(write)")
+    with pytest.raises(ExtensionTableError, match=r"no module-level `OTHER = \{\.\.\.\}`"):
+        extension_choices(source, "OTHER")
+    source.write_text("TABLE = dict(good=Row(write))\n")
+    with pytest.raises(ExtensionTableError, match=r"no module-level `TABLE = \{\.\.\.\}` \(a dict literal\)"):
+        extension_choices(source, "TABLE")
 
 
 @pytest.mark.parametrize(
@@ -183,6 +250,7 @@ def test_every_backend_is_available_or_says_what_to_install(name):
     backend = ATTENTION_BACKENDS[name]
     assert callable(backend.dense)
     requirement = ATTENTION_CHOICES[name].requires
+    assert requirement == backend.requirement
     if requirement is not None and not requirement.available():
         assert requirement.install.startswith("pip install")
         with pytest.raises(AttentionBackendUnavailable, match=f"attention_implementation='{name}'"):
@@ -193,3 +261,57 @@ def test_every_backend_is_available_or_says_what_to_install(name):
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)  # with a mask flash and xformers run SDPA: CPU-safe
     expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert torch.allclose(dispatcher.dense(q, q, q, mask), expected, atol=1e-6)
+
+
+# --- conditioning modes -------------------------------------------------------------------------
+
+
+def _clip(is_i2v: bool, i2v_probability: float = 1.0) -> ClipItem:
+    bucket = Bucket(32, 32, 5)
+    return ClipItem(
+        dataset_id="d", source=FileStamp(Path("/data/a.mp4"), 1, 1, ""), caption="", bucket=bucket,
+        frame_indices=tuple(range(5)), fps=15.0, window_index=0, source_size=(32, 32),
+        placement=Placement((32, 32), (0, 0, 32, 32)), is_i2v=is_i2v, i2v_probability=i2v_probability,
+    )
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_mode_keeps_its_clean_frames_and_leaves_them_out_of_the_loss(name):
+    strategy = STRATEGIES[name]
+    assert strategy.name == name and isinstance(strategy.start_frames, bool)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 3, 2, 2, generator=g), torch.randn(1, 4, 3, 2, 2, generator=g)
+    batch = strategy.prepare(x0, noise, torch.tensor([0.5]))
+    c = strategy.num_cond_latents
+    assert batch.num_cond_latents == c
+    assert torch.equal(batch.hidden_states[:, :, :c], x0[:, :, :c]) and not batch.timestep[:, :c].any()
+    assert batch.frame_weights.tolist() == [0.0] * c + [1.0] * (3 - c)
+    assert batch.timestep[:, c:].eq(500).all()
+
+
+def test_the_draw_is_the_mean_i2v_probability_and_takes_the_generator_only_when_uncertain():
+    untouched = torch.Generator().manual_seed(0).get_state()
+    for items, expected in [([_clip(True)], "i2v"), ([_clip(False)], "t2v"), ([_clip(True, 0.0)], "t2v"),
+                            ([_clip(True, 1.0), _clip(True, 1.0)], "i2v")]:
+        g = torch.Generator().manual_seed(0)
+        assert choose_strategy(items, g).name == expected
+        assert torch.equal(g.get_state(), untouched)
+    items = [_clip(True, 0.8), _clip(False, 0.8)]  # i2v with the mean of 0.8 and 0 (a t2v item)
+    chosen = set()
+    for seed in range(12):
+        reference = torch.Generator().manual_seed(seed)
+        draw = torch.rand((), generator=reference).item()
+        g = torch.Generator().manual_seed(seed)
+        name = choose_strategy(items, g).name
+        assert name == ("i2v" if draw < 0.4 else "t2v") and torch.equal(g.get_state(), reference.get_state())
+        chosen.add(name)
+    assert chosen == {"i2v", "t2v"}
+
+
+def test_the_held_out_mode_and_the_warmed_mode_follow_the_items_datasets():
+    assert fixed_strategy(_clip(True), latent_frames=2).name == "i2v"
+    assert fixed_strategy(_clip(True, 0.0), latent_frames=2).name == "i2v"  # held out as marked, as before
+    assert fixed_strategy(_clip(True), latent_frames=1).name == "t2v"  # no noisy frame after the clean one
+    assert fixed_strategy(_clip(False), latent_frames=2).name == "t2v"
+    assert drawn_strategy([_clip(False), _clip(True, 0.3)]).name == "i2v"
+    assert drawn_strategy([_clip(False), _clip(True, 0.0)]).name == "t2v"

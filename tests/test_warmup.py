@@ -11,7 +11,7 @@ from longcat_train.training.warmup import MAX_WARM_BUCKETS, WarmupSpec, warm_up_
 def _spec(**changes) -> WarmupSpec:
     values = dict(dit_config=dict(TINY_DIT_CONFIG), dtype=torch.float32,
                   autocast=False, attention="sdpa", checkpointing="selective", keep_projections=("qkv",),
-                  lora_rank=4, lora_targets=("attn.qkv", "ffn.w1"), batch_size=2, image_to_video=True)
+                  lora_rank=4, lora_targets=("attn.qkv", "ffn.w1"), batch_size=2, conditioning="i2v")
     return WarmupSpec(**(values | changes))
 
 

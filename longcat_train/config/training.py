@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from longcat_train.release_facts import BLOCK_LINEARS, PROJECTION_MODULES
-from longcat_train.config.dependencies import Requirement
+from longcat_train.config.extension_tables import PACKAGE, Choice, extension_choices
 from longcat_train.config.rules import (
     Flag,
     check_alignment,
@@ -23,34 +22,10 @@ ModelFlavour = Literal["final"]
 BasePrecision = Literal["bf16", "no_change", "int8-quanto", "int4-quanto", "fp8-torchao"]
 
 
-@dataclass(frozen=True)
-class Choice:
-    """One name of an extension table below, with the words the docs and the CLI use for it."""
-
-    note: str = ""  # said after the name in the key's description: "`official` (LongCat's own format)"
-    title: str = ""  # the name in a sentence ("official LongCat"); LoRA formats need one (CLI, errors)
-    requires: Requirement | None = None  # an optional package it needs (checked when the config loads)
-
-
-# The extension tables: the names the config accepts, `config.md` and the CLI list, without torch
-# (the config loads before any heavy import and `lora`/`model` import the config, not the other
-# way round). The code behind each name is the table of the same keys in `lora/formats.py`
-# (`LORA_FORMATS`) and `model/attention.py` (`ATTENTION_BACKENDS`); each refuses to import when
-# its names differ from these, so a name cannot be accepted here without code behind it.
-LORA_FORMAT_CHOICES: dict[str, Choice] = {
-    "comfyui": Choice("ComfyUI-WanVideoWrapper's module names", title="ComfyUI"),  # first: the default
-    "longcat-names": Choice("LongCat's module names under `diffusion_model.`", title="LongCat-named"),
-    "official": Choice("LongCat's own format", title="official LongCat"),
-    "diffusers": Choice(title="diffusers"),
-}
-ATTENTION_CHOICES: dict[str, Choice] = {
-    "auto": Choice("fastest available per shape; block-sparse where the released model uses it"),
-    "sdpa": Choice(),
-    "flash": Choice(requires=Requirement(("flash_attn", "flash_attn_interface"),
-                                         "pip install flash-attn --no-build-isolation")),
-    "xformers": Choice(requires=Requirement(("xformers",), "pip install xformers")),
-    "bsa": Choice(requires=Requirement(("triton",), "pip install triton (Linux)")),
-}
+# The names the config accepts, with their words, read as text from the code's tables (see
+# `extension_tables`): a new LoRA format or attention backend is its row there alone.
+LORA_FORMAT_CHOICES = extension_choices(PACKAGE / "lora" / "formats.py", "LORA_FORMATS")
+ATTENTION_CHOICES = extension_choices(PACKAGE / "model" / "attention.py", "ATTENTION_BACKENDS")
 
 
 def described_choices(choices: dict[str, Choice]) -> str:

@@ -1,6 +1,6 @@
 """LoRA files in the formats users meet, through one in-memory form (`weights.LoraWeights`).
-`LORA_FORMATS` is the table of formats: a new one is a writer and a reader here, its row there and
-its name in the config's `LORA_FORMAT_CHOICES`.
+`LORA_FORMATS` is the table of formats: a new one is a writer and a reader here and its row there,
+with its words (the config reads the row's name, `title` and `note` as text: `config/extension_tables.py`).
 
 - `comfyui` (default): for ComfyUI-WanVideoWrapper, the route ComfyUI users have for LongCat-Video:
   `diffusion_model.<module in the wrapper's names>.lora_A.weight` / `.lora_B.weight` / `.alpha`
@@ -28,7 +28,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +36,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..file_modes import write_aside
-from ..config.training import LORA_FORMAT_CHOICES
 from .split import join_projections, projection_parts, split_count, trim_padding
 from .wan_names import is_longcat_linear, longcat_name, wan_names
 from .weights import LoraModule, LoraWeights
@@ -237,8 +236,9 @@ def _any_keys(keys: list[str]) -> bool:
 
 @dataclass(frozen=True)
 class LoraFileFormat:
-    """What one LoRA file format needs: the key prefix that tells its files apart, and its writer
-    and reader (both between `LoraWeights` and the file's tensors)."""
+    """What one LoRA file format needs: the key prefix that tells its files apart, its writer and
+    reader (both between `LoraWeights` and the file's tensors), and its words. The words are
+    keywords with literal values: the config reads them from this file's text, without torch."""
 
     key_prefix: str  # every tensor key of the format starts with it; `detect_format` goes by it
     write: Callable[[LoraWeights], dict[str, torch.Tensor]]
@@ -248,19 +248,23 @@ class LoraFileFormat:
     header: Callable[[LoraWeights, dict], dict[str, str]] = _no_header
     # for formats sharing a prefix: whether a file's keys (all with the prefix) are this format's
     claims: Callable[[list[str]], bool] = _any_keys
+    _: KW_ONLY
+    title: str  # the name in a sentence: `export-lora --help`, error messages
+    note: str = ""  # said after the name in `lora_export_formats`' description (config.md)
 
 
-# The formats, in the order of the config's `LORA_FORMAT_CHOICES` (the names `lora_export_formats`
-# accepts and `export-lora --format` offers, with their descriptions).
+# The formats: the names `lora_export_formats` accepts and `export-lora --format` offers, in this
+# order (the first is the default), through the config's `LORA_FORMAT_CHOICES`, read from here.
 LORA_FORMATS: dict[str, LoraFileFormat] = {
-    "comfyui": LoraFileFormat("diffusion_model.", _to_comfyui, _read_comfyui, claims=_claims_wan_names),
-    "longcat-names": LoraFileFormat("diffusion_model.", _to_longcat_names, _read_longcat_names),
-    "official": LoraFileFormat(OFFICIAL_PREFIX, _to_official, _read_official, _official_header),
-    "diffusers": LoraFileFormat(DIFFUSERS_PREFIX, _to_diffusers, _read_diffusers, _diffusers_header),
+    "comfyui": LoraFileFormat("diffusion_model.", _to_comfyui, _read_comfyui, claims=_claims_wan_names,
+                              title="ComfyUI", note="ComfyUI-WanVideoWrapper's module names"),
+    "longcat-names": LoraFileFormat("diffusion_model.", _to_longcat_names, _read_longcat_names,
+                                    title="LongCat-named", note="LongCat's module names under `diffusion_model.`"),
+    "official": LoraFileFormat(OFFICIAL_PREFIX, _to_official, _read_official, _official_header,
+                               title="official LongCat", note="LongCat's own format"),
+    "diffusers": LoraFileFormat(DIFFUSERS_PREFIX, _to_diffusers, _read_diffusers, _diffusers_header,
+                                title="diffusers"),
 }
-if list(LORA_FORMATS) != list(LORA_FORMAT_CHOICES):  # a name the config accepts needs code, and back
-    raise RuntimeError(f"LORA_FORMATS {list(LORA_FORMATS)} and the config's LORA_FORMAT_CHOICES "
-                       f"{list(LORA_FORMAT_CHOICES)} must name the same formats in the same order")
 FORMATS = tuple(LORA_FORMATS)
 
 
@@ -273,7 +277,7 @@ def detect_format(keys) -> str:
         prefixed = [k for k in keys if k.startswith(fmt.key_prefix)]
         if prefixed and fmt.claims(prefixed):
             return name
-    expected = [f"'{fmt.key_prefix}' ({LORA_FORMAT_CHOICES[name].title})" for name, fmt in LORA_FORMATS.items()]
+    expected = [f"'{fmt.key_prefix}' ({fmt.title})" for name, fmt in LORA_FORMATS.items()]
     raise ValueError("unrecognised LoRA file: expected keys starting with "
                      f"{', '.join(expected[:-1])} or {expected[-1]}")
 
@@ -315,7 +319,7 @@ def read_lora(path: str | Path) -> LoraFile:
         weights = LORA_FORMATS[fmt].read(state, meta, header)
         _check_module_names(weights)
     except ValueError as error:
-        raise ValueError(f"{path} ({LORA_FORMAT_CHOICES[fmt].title} format): {error}") from None
+        raise ValueError(f"{path} ({LORA_FORMATS[fmt].title} format): {error}") from None
     if not weights.modules:
         raise ValueError(f"{path}: no LoRA modules found")
     return LoraFile(weights=weights, format=fmt, metadata=meta)

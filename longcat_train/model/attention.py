@@ -2,20 +2,21 @@
 
 Every call site in the transformer goes through `AttentionDispatcher`, so choosing a backend is a
 config key (`attention_implementation`), never a code change. Tensors are `[B, heads, N, D]`.
-`ATTENTION_BACKENDS` is the table of backends: a new one is its row there (function, what it needs
-installed, the ops selective checkpointing keeps) and its name in the config's `ATTENTION_CHOICES`.
+`ATTENTION_BACKENDS` is the table of backends: a new one is its row there (function, the ops
+selective checkpointing keeps, what it needs installed), which the config reads as text
+(`config/extension_tables.py`) for the names `attention_implementation` accepts.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..config.training import ATTENTION_CHOICES
+from ..config.dependencies import Requirement
 from .activation_offload import keep_on_host
 from .bsa_settings import BsaSettings
 
@@ -89,28 +90,36 @@ def _xformers(q, k, v, attn_mask=None):
 @dataclass(frozen=True)
 class AttentionBackend:
     """One `attention_implementation`: its dense attention function, the ops whose outputs selective
-    checkpointing keeps (a kernel missing here is silently recomputed). What it needs installed is
-    the config's (`ATTENTION_CHOICES[name].requires`), so `config check` can say so without torch."""
+    checkpointing keeps (a kernel missing here is silently recomputed), and its words. The words
+    are keywords with literal values: the config reads them from this file's text, so `config check`
+    names a missing package without torch."""
 
     dense: Callable  # (q, k, v, attn_mask=None) -> out: cross-attention, and self-attention when not block-sparse
     kept_ops: frozenset[str]  # its attention ops ("namespace::name") whose outputs checkpointing keeps
+    _: KW_ONLY
+    note: str = ""  # said after the name in `attention_implementation`'s description (config.md)
+    requires: tuple[str, ...] = ()  # modules it needs, any one of them (none: PyTorch's own)
+    install: str = ""  # the command that installs them
+
+    @property
+    def requirement(self) -> Requirement | None:
+        return Requirement(self.requires, self.install) if self.requires else None
 
 
-# Every backend, in the order of the config's `ATTENTION_CHOICES` (the names
-# `attention_implementation` accepts). `auto` and `bsa` run SDPA for dense attention and
+# Every backend: the names `attention_implementation` accepts, in this order, through the config's
+# `ATTENTION_CHOICES`, read from here. `auto` and `bsa` run SDPA for dense attention and
 # block-sparse attention for video self-attention where `AttentionDispatcher.bsa_decision` says so.
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
-    "auto": AttentionBackend(_sdpa, _SDPA_OPS | _BSA_OPS),
+    "auto": AttentionBackend(_sdpa, _SDPA_OPS | _BSA_OPS,
+                             note="fastest available per shape; block-sparse where the released model uses it"),
     "sdpa": AttentionBackend(_sdpa, _SDPA_OPS),
     # flash and xformers fall back to SDPA with a mask; their own kernels are not listed, so
     # selective checkpointing recomputes them (as it always has)
-    "flash": AttentionBackend(_flash, _SDPA_OPS),
-    "xformers": AttentionBackend(_xformers, _SDPA_OPS),
-    "bsa": AttentionBackend(_sdpa, _SDPA_OPS | _BSA_OPS),
+    "flash": AttentionBackend(_flash, _SDPA_OPS, requires=("flash_attn", "flash_attn_interface"),
+                              install="pip install flash-attn --no-build-isolation"),
+    "xformers": AttentionBackend(_xformers, _SDPA_OPS, requires=("xformers",), install="pip install xformers"),
+    "bsa": AttentionBackend(_sdpa, _SDPA_OPS | _BSA_OPS, requires=("triton",), install="pip install triton (Linux)"),
 }
-if list(ATTENTION_BACKENDS) != list(ATTENTION_CHOICES):  # a name the config accepts needs code, and back
-    raise RuntimeError(f"ATTENTION_BACKENDS {list(ATTENTION_BACKENDS)} and the config's ATTENTION_CHOICES "
-                       f"{list(ATTENTION_CHOICES)} must name the same backends in the same order")
 BACKENDS = tuple(ATTENTION_BACKENDS)
 
 # The ops whose outputs selective activation checkpointing keeps instead of recomputing: every
@@ -124,7 +133,7 @@ def check_backend_available(name: str) -> None:
         raise AttentionBackendUnavailable(
             f"attention_implementation={name!r} is unknown; choose one of {', '.join(BACKENDS)}"
         )
-    requirement = ATTENTION_CHOICES[name].requires
+    requirement = ATTENTION_BACKENDS[name].requirement
     if requirement is not None and not requirement.available():
         raise AttentionBackendUnavailable(
             f"attention_implementation={name!r} needs {requirement.modules[0]} ({requirement.install}); "

@@ -1,5 +1,7 @@
 """Conditioning strategies: one object per mode owns which latent frames are clean, the per-frame
-timesteps and the loss mask, so the training loop has no image-to-video branches.
+timesteps and the loss mask, which data its clean frames come from and which items take it, so
+the training loop, the held-out loss and the warm-up have no image-to-video branches: a new mode
+is its class and its row in `STRATEGIES`.
 
 `prepare(x0, noise, sigmas, start_latents) -> ModelBatch`; the loop feeds `ModelBatch` to the
 transformer and takes `masked_flow_loss(prediction, batch)`.
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.items import ClipItem
 from .flow import noisy_latents, velocity_target
 
 
@@ -32,8 +35,11 @@ def masked_flow_loss(prediction: torch.Tensor, batch: ModelBatch) -> torch.Tenso
 
 
 class TextToVideo:
+    """No clean frame: the default mode, for every batch no other mode is drawn for."""
+
     name = "t2v"
     num_cond_latents = 0
+    start_frames = False  # needs nothing beyond the clip and its caption
 
     def prepare(self, x0, noise, sigmas, start_latents=None) -> ModelBatch:
         B, _, T = x0.shape[:3]
@@ -52,6 +58,16 @@ class ImageToVideo:
 
     name = "i2v"
     num_cond_latents = 1
+    # its clean frame is the start-frame image's cached latent (a conditioning dataset's), where
+    # the item has one; else the clip's own first frame
+    start_frames = True
+
+    def takes(self, item: ClipItem) -> bool:
+        return item.is_i2v  # a dataset marked image-to-video
+
+    def probability(self, item: ClipItem) -> float:
+        """How often a batch of `item` is trained in this mode (its dataset's setting)."""
+        return item.i2v_probability
 
     def prepare(self, x0, noise, sigmas, start_latents=None) -> ModelBatch:
         batch = TextToVideo().prepare(x0, noise, sigmas)
@@ -64,14 +80,44 @@ class ImageToVideo:
         return batch
 
 
+# Every mode, the default first. The others (conditioned) each have `takes(item)` (whether an item
+# can be trained in it, from its dataset) and `probability(item)` (how often, where it can).
 STRATEGIES = {"t2v": TextToVideo(), "i2v": ImageToVideo()}
+DEFAULT_STRATEGY, *CONDITIONED_STRATEGIES = STRATEGIES.values()
 
 
-def choose_strategy(i2v_probability: float, generator: torch.Generator):
-    """One mode per batch (the forward shares `num_cond_latents` across the batch); at batch size 1
-    this is the per-sample mix."""
-    if i2v_probability >= 1.0:
-        return STRATEGIES["i2v"]
-    if i2v_probability <= 0.0:
-        return STRATEGIES["t2v"]
-    return STRATEGIES["i2v"] if torch.rand((), generator=generator).item() < i2v_probability else STRATEGIES["t2v"]
+def choose_strategy(items: list[ClipItem], generator: torch.Generator):
+    """One mode per batch (the forward shares `num_cond_latents` across the batch): each conditioned
+    mode with its items' mean probability (0 for an item it does not take), the default the rest; at
+    batch size 1 this is the per-sample mix. One draw from `generator`, none when the mode is certain."""
+    shares = [(strategy, sum(strategy.probability(i) if strategy.takes(i) else 0.0 for i in items) / len(items))
+              for strategy in CONDITIONED_STRATEGIES]
+    shares = [(strategy, share) for strategy, share in shares if share > 0.0]
+    if not shares:
+        return DEFAULT_STRATEGY
+    if len(shares) == 1 and shares[0][1] >= 1.0:
+        return shares[0][0]
+    draw = torch.rand((), generator=generator).item()
+    for strategy, share in shares:
+        if draw < share:
+            return strategy
+        draw -= share
+    return DEFAULT_STRATEGY
+
+
+def fixed_strategy(item: ClipItem, latent_frames: int):
+    """The mode of an item's held-out loss (no draw: the same inputs every validation): the first
+    conditioned mode it takes that leaves a noisy frame of its `latent_frames`, else the default."""
+    for strategy in CONDITIONED_STRATEGIES:
+        if strategy.takes(item) and latent_frames > strategy.num_cond_latents:
+            return strategy
+    return DEFAULT_STRATEGY
+
+
+def drawn_strategy(items: list[ClipItem]):
+    """The first conditioned mode some item may be drawn in, else the default: the mode whose
+    kernels the warm-up sets up."""
+    for strategy in CONDITIONED_STRATEGIES:
+        if any(strategy.takes(i) and strategy.probability(i) > 0 for i in items):
+            return strategy
+    return DEFAULT_STRATEGY

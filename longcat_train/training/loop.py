@@ -81,7 +81,7 @@ from .prepare import PreparedData, prepare_data
 from .loss_plot import write_loss_curve
 from .progress import PlainProgress, RunLog, peak_vram_gib, progress_bar, startup_table
 from ..objective.loss import flow_matching_loss
-from ..objective.strategy import choose_strategy
+from ..objective.strategy import choose_strategy, drawn_strategy
 from .interrupts import RunInterrupted, StopRequest, stop_on_signals
 from .trackers import open_trackers
 from .warmup import WarmupReport, WarmupSpec, start_kernel_warmup
@@ -198,8 +198,8 @@ def start_warmup(cfg: TrainingConfig, data: PreparedData, dit_config: dict | Non
     if device.type != "cuda" or dit_config is None:
         return None
     buckets = sorted({(i.bucket.height, i.bucket.width, i.bucket.num_frames) for i in data.items})
-    image_to_video = any(i.is_i2v and i.i2v_probability > 0 for i in data.items)
-    return start_kernel_warmup(WarmupSpec.from_config(cfg, dit_config, image_to_video), buckets, device)
+    spec = WarmupSpec.from_config(cfg, dit_config, drawn_strategy(data.items).name)
+    return start_kernel_warmup(spec, buckets, device)
 
 
 def max_steps(cfg, batches_per_epoch: int, batches_per_step: int) -> int:
@@ -213,15 +213,14 @@ def max_steps(cfg, batches_per_epoch: int, batches_per_step: int) -> int:
 def assemble_batch(items: list[ClipItem], data: PreparedData, generator: torch.Generator, text_len: int | None):
     """Draws, in a fixed order from `generator`: the conditioning mode, caption dropout per item,
     then each clip latent from its cached posterior."""
-    i2v_probability = sum(i.i2v_probability if i.is_i2v else 0.0 for i in items) / len(items)
-    strategy = choose_strategy(i2v_probability, generator)
+    strategy = choose_strategy(items, generator)
     texts = []
     for item in items:
         dropped = torch.rand((), generator=generator).item() < item.caption_dropout_probability
         texts.append(data.text("" if dropped else item.caption))
     x0 = torch.stack([data.clip_latent(item).sample(generator) for item in items])
     start = None
-    if strategy.num_cond_latents:
+    if strategy.start_frames:
         starts = [data.start_latent(item) for item in items]
         if all(s is not None for s in starts):
             start = torch.stack([s.mean for s in starts])

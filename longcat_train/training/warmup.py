@@ -27,7 +27,7 @@ from ..model.release import random_transformer
 from ..release_facts import TEXT_TOKENS, latent_shape
 from ..objective.flow import sample_sigmas
 from ..objective.loss import flow_matching_loss
-from ..objective.strategy import ImageToVideo, TextToVideo
+from ..objective.strategy import STRATEGIES
 
 MAX_WARM_BUCKETS = 3  # the largest ones; each adds a second or two
 
@@ -45,10 +45,10 @@ class WarmupSpec:
     lora_rank: int
     lora_targets: tuple[str, ...]
     batch_size: int
-    image_to_video: bool
+    conditioning: str  # the name of the conditioning mode (`STRATEGIES`) training draws
 
     @classmethod
-    def from_config(cls, cfg, dit_config: dict, image_to_video: bool) -> WarmupSpec:
+    def from_config(cls, cfg, dit_config: dict, conditioning: str) -> WarmupSpec:
         return cls(
             dit_config=dict(dit_config),
             dtype=torch.float32 if cfg.base_model_precision == "no_change" else torch.bfloat16,
@@ -56,7 +56,7 @@ class WarmupSpec:
             checkpointing=cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else "none",
             keep_projections=tuple(cfg.keep_projections), lora_rank=cfg.lora_rank,
             lora_targets=tuple(cfg.lora_target_modules), batch_size=cfg.train_batch_size,
-            image_to_video=image_to_video,
+            conditioning=conditioning,
         )
 
 
@@ -81,7 +81,7 @@ def _forward_backward(spec: WarmupSpec, buckets: list[tuple[int, int, int]], dev
     if spec.autocast:
         compute_lora_in_autocast_dtype(model)
     model.train()
-    strategy = ImageToVideo() if spec.image_to_video else TextToVideo()
+    strategy = STRATEGIES[spec.conditioning]
     generator = torch.Generator().manual_seed(0)
     for height, width, frames in sorted(buckets, key=lambda b: b[0] * b[1] * b[2], reverse=True)[:MAX_WARM_BUCKETS]:
         shape = (spec.batch_size, model.config.in_channels, *latent_shape(frames, height, width))

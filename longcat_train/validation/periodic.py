@@ -37,7 +37,7 @@ from longcat_train.config.prompt_file import PromptEntry
 from longcat_train.data import ClipItem, load_start_frame_pixels
 from longcat_train.objective.flow import shift_sigmas
 from longcat_train.objective.loss import flow_matching_loss
-from longcat_train.objective.strategy import STRATEGIES
+from longcat_train.objective.strategy import fixed_strategy
 from longcat_train.release_facts import TEXT_TOKENS
 
 from .outputs import contact_sheet, render_stem, write_render
@@ -236,8 +236,7 @@ class Validator:
         totals = torch.zeros(len(self.heldout_sigmas), dtype=torch.float64)
         for item, latents in zip(self.heldout_items, self.heldout_latents, strict=True):
             x0 = latents.clip.mean[None].float()
-            # i2v needs a noisy frame after the clean one; a one-latent clip trains text-to-video
-            strategy = STRATEGIES["i2v" if item.is_i2v and x0.shape[2] > 1 else "t2v"]
+            strategy = fixed_strategy(item, x0.shape[2])
             start = None if latents.start is None else latents.start.mean[None].to(device)
             embeds, mask = (t.to(device) for t in self._text[item.caption])
             for index, sigma in enumerate(self.heldout_sigmas):
