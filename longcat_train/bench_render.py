@@ -87,6 +87,7 @@ def _step_seconds(model, inputs: _Inputs, steps: int, guidance: float, cache_con
 
 
 def _condition_seconds(model, inputs: _Inputs) -> float:
+    model.cache_condition(inputs.latents[:, :, :1])  # warm-up (kernels for the condition's shape)
     start = _synchronized()
     model.cache_condition(inputs.latents[:, :, :1])
     return _synchronized() - start
