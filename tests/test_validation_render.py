@@ -17,7 +17,7 @@ from longcat_train.lora import LoraWeights, apply_loras
 from longcat_train.lora.formats import LoraModule
 from longcat_train.model import LongCatVideoTransformer3DModel
 from longcat_train.validation.outputs import contact_sheet, write_render
-from longcat_train.validation.render import encode_start_latent, fit_pixels, render_video
+from longcat_train.validation.render import encode_condition, fit_pixels, render_video
 
 SIZE = {"height": 64, "width": 64, "num_frames": 9, "steps": 2, "guidance": 4.0}
 
@@ -43,7 +43,7 @@ def test_image_to_video_keeps_the_start_latent_frame_bit_identical(parts) -> Non
     start = _start_pixels()
     result = render_video(transformer, vae, *text, **SIZE, seed=1, start_pixels=start)
     assert result.latents.shape == (1, 16, 3, 8, 8)
-    assert torch.equal(result.latents[:, :, :1], encode_start_latent(vae, start))
+    assert torch.equal(result.latents[:, :, :1], encode_condition(vae, start))
     noise_only = render_video(transformer, vae, *text, **SIZE, seed=1)
     assert not torch.equal(result.latents[:, :, 1:], noise_only.latents[:, :, 1:])
     assert result.frames.shape == (9, 64, 64, 3) and result.frames.dtype == np.uint8
