@@ -170,8 +170,6 @@ def check_datasets(
         else:
             by_id[entry.raw_id] = entry
 
-    if training.validation_video is not None:
-        check_validation_video(training.validation_video, training.validation_video_cond_frames, config_file, problems)
     for entry in entries:
         dataset = entry.dataset
         if dataset is None or dataset.disabled:
