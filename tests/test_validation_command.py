@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -19,15 +18,8 @@ from longcat_train.model import LongCatVideoTransformer3DModel
 from longcat_train.release_facts import CFG_STEP_LORA
 from longcat_train.validation.command import run_validate
 
-from .media_factory import read_index, write_clip
+from .media_factory import read_index, read_video, write_clip
 from .validation_project import write_project
-
-
-def _read_video(path: Path) -> tuple[np.ndarray, float]:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
-        return frames, float(stream.average_rate)
 
 
 def sheet_pixels(paths: list[Path]) -> np.ndarray:
@@ -64,7 +56,7 @@ def test_image_to_video_mp4_reads_back_with_the_requested_frames_fps_and_size(tm
     options = {"image": image, "prompt": "a boat on a lake", "resolution": "64x96", "frames": 13, "steps": 1}
     paths = run_validate(loaded, output=tmp_path / "plain", **options)
     video, sheet = paths
-    frames, fps = _read_video(video)
+    frames, fps = read_video(video)
     assert frames.shape == (13, 64, 96, 3) and fps == 15
     assert video.suffix == ".mp4" and sheet.suffix == ".png" and Image.open(sheet).size == (4 * 96, 2 * 64)
 
@@ -85,7 +77,7 @@ def test_without_image_or_prompt_it_renders_the_eval_split(tmp_path, tiny_model)
         "01_a-blue-square-turns-green-1.mp4", "01_a-blue-square-turns-green-1.png",
     ]
     assert all(p.parent.parent == loaded.training.output_dir / "validation" for p in paths)
-    assert _read_video(paths[0])[0].shape == (9, 64, 64, 3)
+    assert read_video(paths[0])[0].shape == (9, 64, 64, 3)
 
 
 def test_an_image_without_any_prompt_is_refused_by_name(tmp_path, tiny_model) -> None:
@@ -102,7 +94,7 @@ def test_prompt_file_renders_each_prompt_with_its_start_image(tmp_path, tiny_mod
     paths = run_validate(loaded, resolution="32x48", frames=5, steps=1, output=tmp_path / "renders")
     assert [p.name for p in paths] == ["00_a-red-ball.mp4", "00_a-red-ball.png",
                                        "01_a-green-field.mp4", "01_a-green-field.png"]
-    assert _read_video(paths[0])[0].shape == (5, 32, 48, 3)
+    assert read_video(paths[0])[0].shape == (5, 32, 48, 3)
 
 
 def test_validate_video_writes_the_condition_frames_then_the_continuation(tmp_path, tiny_model) -> None:
@@ -112,7 +104,7 @@ def test_validate_video_writes_the_condition_frames_then_the_continuation(tmp_pa
                                  "--cond-frames", "5", "--resolution", "32x48", "--frames", "13", "--steps", "2"])
     assert result.exit_code == 0, result.output
     [video] = (loaded.training.output_dir / "validation").glob("validate_*/*.mp4")
-    frames, fps = _read_video(video)
+    frames, fps = read_video(video)
     assert frames.shape == (13, 32, 48, 3) and fps == 15
     # the clip's last five frames (index-coded flat colours) open the render, then new frames follow
     assert [read_index(frame) for frame in frames[:5]] == [15, 16, 17, 18, 19]
