@@ -267,6 +267,9 @@ def validate(
               for p in error.problems),
             *problems,
         ]))
+    if cond_frames is not None and video is None and loaded.training.validation_video is None:
+        problems.append(_argument_problem("--cond-frames", cond_frames, "there is no clip to continue",
+                                          "add --video CLIP, or set validation_video"))
     missing_lora = missing_distill_lora(loaded.model_dir) if distilled else None
     if missing_lora is not None:
         problems.append(_argument_problem("--distilled", *missing_lora))

@@ -121,6 +121,7 @@ def test_validate_video_problems_name_the_options_before_loading_the_model(tmp_p
         (["--video", str(tmp_path / "missing.mp4")], "--video", "file does not exist"),
         (["--video", str(short), "--cond-frames", "6"], "--cond-frames", "(frames - 1) % 4 == 0"),
         (["--video", str(short), "--cond-frames", "9", "--frames", "9"], "--cond-frames", "leave no new frame"),
+        (["--cond-frames", "5"], "--cond-frames", "there is no clip to continue"),
     ):
         result = RUNNER.invoke(app, ["validate", "--config", str(loaded.config_path), *args], env={"COLUMNS": "250"})
         assert result.exit_code == EXIT_CONFIG_ERROR, result.output
