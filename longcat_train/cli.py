@@ -218,7 +218,7 @@ def validate(
         help="A clip to continue (video continuation, as the official generate_vc): its last --cond-frames frames "
              "at 15 fps condition the render, which shows them and then the new frames.")] = None,
     cond_frames: Annotated[int | None, typer.Option(
-        help="Frames of --video that condition the render, 1 + 4k (default: validation_video_cond_frames, 13 as "
+        help="Frames of --video that condition the render, 1 + 4k (default: validation_continuation_cond_frames, 13 as "
              "the official demo).")] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt (default: validation_prompt).")] = None,
     prompt_file: Annotated[Path | None, typer.Option(
@@ -243,8 +243,8 @@ def validate(
         "validation_num_inference_steps": ("--steps", steps),
         "validation_guidance": ("--guidance", guidance),
         "validation_seed": ("--seed", seed),
-        "validation_video": ("--video", None if video is None else str(video)),
-        "validation_video_cond_frames": ("--cond-frames", cond_frames),
+        "validation_continuation_video": ("--video", None if video is None else str(video)),
+        "validation_continuation_cond_frames": ("--cond-frames", cond_frames),
     }
     if prompt_file is not None:  # its prompts only: no dataset renders, no validation_prompt
         options["validation_prompt_file"] = ("--prompt-file", str(prompt_file.resolve()))
@@ -267,9 +267,9 @@ def validate(
               for p in error.problems),
             *problems,
         ]))
-    if cond_frames is not None and video is None and loaded.training.validation_video is None:
+    if cond_frames is not None and video is None and loaded.training.validation_continuation_video is None:
         problems.append(_argument_problem("--cond-frames", cond_frames, "there is no clip to continue",
-                                          "add --video CLIP, or set validation_video"))
+                                          "add --video CLIP, or set validation_continuation_video"))
     missing_lora = missing_distill_lora(loaded.model_dir) if distilled else None
     if missing_lora is not None:
         problems.append(_argument_problem("--distilled", *missing_lora))

@@ -101,12 +101,13 @@ def test_heldout_loss_follows_the_model_without_rendering(project, transformer, 
     assert validator.run(transformer, step=2)["validation/heldout_loss"] != before
 
 
-def test_a_validation_video_renders_its_continuation_in_place_of_the_prompt_alone(
+def test_a_validation_continuation_video_renders_its_continuation_in_place_of_the_prompt_alone(
     transformer, tiny_model, tmp_path
 ) -> None:
     clip = write_clip(tmp_path / "drive.mp4", count=12, fps=15, height=48, width=64)
-    loaded = write_project(tmp_path, tiny_model, validation_video=str(clip), validation_video_cond_frames=5,
-                           validation_resolution="32x32", validation_num_inference_steps=1)
+    loaded = write_project(tmp_path, tiny_model, validation_continuation_video=str(clip),
+                           validation_continuation_cond_frames=5, validation_resolution="32x32",
+                           validation_num_inference_steps=1)
     text = TextCache(tmp_path / "text_cache", load_tokenizer(tiny_model), load_text_encoder(tiny_model))
     features = {prompt: text.get(prompt) for prompt in Validator.required_prompts(loaded)}
     validator = Validator(loaded, features, lambda: load_vae(tiny_model))

@@ -250,7 +250,7 @@ def _resolve_training_paths(training: TrainingConfig, base_for: Any) -> tuple[Tr
         if checkpoint is None
         else resolve_path(checkpoint, base_for("pretrained_model_name_or_path")),
     }
-    for key in ("validation_prompt_file", "validation_video"):
+    for key in ("validation_prompt_file", "validation_continuation_video"):
         if getattr(training, key) is not None:
             update[key] = resolve_path(getattr(training, key), base_for(key))
     resume = training.resume_from_checkpoint

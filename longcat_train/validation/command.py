@@ -72,7 +72,7 @@ def _cases(loaded: LoadedConfig, training: TrainingConfig, image: Path | None, v
             option = "--image" if image is not None else "--video"
             raise ValueError(f"{option} {source} needs a prompt: pass --prompt TEXT or set validation_prompt")
         if video is not None:
-            return [continuation_case(0, text, video, training.validation_video_cond_frames, size)]
+            return [continuation_case(0, text, video, training.validation_continuation_cond_frames, size)]
         return [ValidationCase(render_stem(0, text), text, load_start_image(source, *size), size)]
     if prompt is not None:
         return [ValidationCase(render_stem(0, prompt), prompt, None, size)]
@@ -107,7 +107,7 @@ def run_validate(
     Options left None come from the `validation_*` keys (`--distilled`: 16 steps, guidance 1
     unless given, and the checkpoint's cfg_step LoRA, applied once even when also in `loras`).
     With `image` it renders image-to-video from it with `prompt` (or `validation_prompt`); with
-    `video`, the continuation of its last `validation_video_cond_frames` frames; with only
+    `video`, the continuation of its last `validation_continuation_cond_frames` frames; with only
     `prompt`, text-to-video; with none, what periodic validation renders. LoRAs apply as forward
     hooks with their strengths (0 = no effect).
     Output goes to `output`, default `output_dir/validation/validate_<time>/`.

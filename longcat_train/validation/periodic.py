@@ -98,10 +98,10 @@ def validation_cases(
 ) -> list[ValidationCase]:
     """With `validation_using_datasets`, the start frames and captions of the first eval clips (one
     window per file), each rendered at `validation_resolution` turned to its clip's orientation;
-    else `validation_prompt` as text-to-video, or with `validation_video` as its continuation (also
-    beside the dataset renders); then each prompt of `validation_prompt_file` (with its start image:
+    else `validation_prompt` as text-to-video, or with `validation_continuation_video` as that
+    clip's continuation (also beside the dataset renders); then each prompt of `validation_prompt_file` (with its start image:
     image-to-video). A start image or clip that cannot be read is skipped and logged."""
-    size = training.validation_size
+    size, video = training.validation_size, training.validation_continuation_video
     cases: list[ValidationCase] = []
     if training.validation_using_datasets:
         seen: set[Path] = set()
@@ -116,14 +116,14 @@ def validation_cases(
             if item.is_i2v and start is None:
                 continue
             cases.append(ValidationCase(render_stem(len(cases), item.caption), item.caption, start, item_size))
-    elif training.validation_prompt is not None and training.validation_video is None:
+    elif training.validation_prompt is not None and video is None:
         cases.append(ValidationCase(render_stem(0, training.validation_prompt), training.validation_prompt, None, size))
-    if training.validation_video is not None and training.validation_prompt is not None:
+    if video is not None and training.validation_prompt is not None:
         try:
-            cases.append(continuation_case(len(cases), training.validation_prompt, training.validation_video,
-                                           training.validation_video_cond_frames, size))
+            cases.append(continuation_case(len(cases), training.validation_prompt, video,
+                                           training.validation_continuation_cond_frames, size))
         except ValueError as error:  # checked at config load; a clip changed since is skipped, never a crash
-            logger.warning("validation skips the continuation of %s: %s", training.validation_video, error)
+            logger.warning("validation skips the continuation of %s: %s", video, error)
     for entry in prompt_entries:
         image = entry.image
         start = None if image is None else _start_pixels(lambda image=image: load_start_image(image, *size), image)

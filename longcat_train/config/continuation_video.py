@@ -1,4 +1,4 @@
-"""`validation_video`: the clip a validation continues, checked when the config loads.
+"""`validation_continuation_video`: the clip a validation continues, checked when the config loads.
 
 PyAV directly rather than `data/decode.py`: the config sits below the data layer and loads
 without torch. The clip is decoded once (a validation clip is short), so a broken or short file
@@ -46,10 +46,10 @@ def frames_at_rate(path: Path, fps: float) -> int:
     return math.floor(end * fps - _TIME_EPSILON) + 1
 
 
-def check_validation_video(path: Path, cond_frames: int, file: Path | str, problems: ProblemList) -> None:
-    """Add a problem with `validation_video` when `path` is missing, undecodable, or shows fewer
+def check_continuation_video(path: Path, cond_frames: int, file: Path | str, problems: ProblemList) -> None:
+    """Add a problem with `validation_continuation_video` when `path` is missing, undecodable, or shows fewer
     than `cond_frames` frames at the render rate."""
-    key, frames_key = "validation_video", "validation_video_cond_frames"
+    key, frames_key = "validation_continuation_video", "validation_continuation_cond_frames"
     if not path.is_file():
         problems.add(file, key, str(path), "is a directory, not a clip" if path.exists() else "file does not exist",
                      "give a video clip (mp4, mov, mkv, webm); relative paths start at the config file's folder")
