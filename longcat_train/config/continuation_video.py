@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import av
-
 from longcat_train.config.problems import ProblemList
 from longcat_train.release_facts import DEFAULT_FPS
 
@@ -22,9 +20,11 @@ class _Unusable(Exception):
     pass
 
 
-def frames_at_rate(path: Path, fps: float) -> int:
+def _frames_at_rate(path: Path, fps: float) -> int:
     """How many frames `path` shows at `fps` (ticks k / fps before its last frame ends), counted by
     decoding it; raises `_Unusable` with the reason when it cannot be decoded."""
+    import av  # here: every command imports the config, few configs name a clip
+
     times: list[float] = []
     last_duration = 0.0
     try:
@@ -55,7 +55,7 @@ def check_continuation_video(path: Path, cond_frames: int, file: Path | str, pro
                      "give a video clip (mp4, mov, mkv, webm); relative paths start at the config file's folder")
         return
     try:
-        available = frames_at_rate(path, DEFAULT_FPS)
+        available = _frames_at_rate(path, DEFAULT_FPS)
     except _Unusable as unusable:
         problems.add(file, key, str(path), f"the clip {unusable}",
                      "give a clip PyAV can decode, or re-encode it: ffmpeg -i CLIP -c:v libx264 clip.mp4")
