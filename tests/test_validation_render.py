@@ -50,6 +50,20 @@ def test_image_to_video_keeps_the_start_latent_frame_bit_identical(parts) -> Non
     assert np.isfinite(result.first_frame_psnr) and noise_only.first_frame_psnr is None
 
 
+def test_a_continuation_keeps_its_condition_latents_and_shows_its_condition_frames(parts) -> None:
+    transformer, vae, text = parts
+    frames = torch.cat([_start_pixels(seed) for seed in range(5)], dim=1)  # [3, 5, 64, 64]: 2 latent frames
+    result = render_video(transformer, vae, *text, **SIZE, seed=1, condition_frames=frames)
+    assert torch.equal(result.latents[:, :, :2], encode_condition(vae, frames))
+    shown = torch.from_numpy(result.frames[:5]).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert (shown - frames).abs().max() <= 1 / 127.5  # the given frames, not their VAE reconstruction
+    assert result.first_frame_psnr is None
+    with pytest.raises(ValueError, match=r"condition_frames must be \[3, 1 \+ 4·k, 64, 64\]"):
+        render_video(transformer, vae, *text, **SIZE, seed=1, condition_frames=frames[:, :4])
+    with pytest.raises(ValueError, match="leave no new frame"):
+        render_video(transformer, vae, *text, **SIZE, seed=1, condition_frames=torch.cat([frames, frames[:, :4]], 1))
+
+
 def test_a_seed_reproduces_a_render_and_another_seed_changes_it(parts) -> None:
     transformer, vae, text = parts
     first = render_video(transformer, vae, *text, **SIZE, seed=5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from longcat_train.config.orientation import follow_orientation
-from longcat_train.data import ClipDecodeError, decode_frames, probe_clip, resample_timestamps
+from longcat_train.data import ClipDecodeError, ClipInfo, decode_frames, probe_clip, resample_timestamps
 from longcat_train.release_facts import DEFAULT_FPS
 
 from .render import fit_pixels
@@ -40,7 +40,7 @@ def load_condition_frames(path: Path, count: int, height: int, width: int) -> to
     return fit_pixels(pixels, height, width)
 
 
-def _probe(path: Path):
+def _probe(path: Path) -> ClipInfo:
     try:
         return probe_clip(path)
     except ClipDecodeError as error:

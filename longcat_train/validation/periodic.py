@@ -99,8 +99,9 @@ def validation_cases(
     """With `validation_using_datasets`, the start frames and captions of the first eval clips (one
     window per file), each rendered at `validation_resolution` turned to its clip's orientation;
     else `validation_prompt` as text-to-video, or with `validation_continuation_video` as that
-    clip's continuation (also beside the dataset renders); then each prompt of `validation_prompt_file` (with its start image:
-    image-to-video). A start image or clip that cannot be read is skipped and logged."""
+    clip's continuation (also beside the dataset renders); then each prompt of
+    `validation_prompt_file` (with its start image: image-to-video). A start image or clip that
+    cannot be read is skipped and logged."""
     size, video = training.validation_size, training.validation_continuation_video
     cases: list[ValidationCase] = []
     if training.validation_using_datasets:
