@@ -48,6 +48,7 @@ def allocator_settings(current: str) -> str:
 
 os.environ["PYTORCH_CUDA_ALLOC_CONF"] = allocator_settings(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 from longcat_train.config.examples import ExistingFilesError, write_example_configs
+from longcat_train.config.model_paths import missing_distill_lora
 from longcat_train.config.problems import problems_document, warnings_table
 from longcat_train.config.rules import check_frames, parse_resolution
 from longcat_train.config.summary import config_summary, differing_defaults
@@ -213,6 +214,12 @@ def validate(
     config: ConfigOption,
     lora: Annotated[list[str] | None, typer.Option(metavar="PATH[:STRENGTH]", help="LoRA to apply (repeatable).")] = None,
     image: Annotated[Path | None, typer.Option(help="Start image: renders image-to-video.")] = None,
+    video: Annotated[Path | None, typer.Option(
+        help="A clip to continue (video continuation, as the official generate_vc): its last --cond-frames frames "
+             "at 15 fps condition the render, which shows them and then the new frames.")] = None,
+    cond_frames: Annotated[int | None, typer.Option(
+        help="Frames of --video that condition the render, 1 + 4k (default: validation_continuation_cond_frames, 13 as "
+             "the official demo).")] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt (default: validation_prompt).")] = None,
     prompt_file: Annotated[Path | None, typer.Option(
         help="Render each prompt of this file instead (one per line, ` --i PATH` after a prompt for its start "
@@ -222,7 +229,8 @@ def validate(
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     guidance: Annotated[float | None, typer.Option(help="CFG scale (1 disables CFG).")] = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
-    distilled: Annotated[bool, _flag("--distilled", help="16-step distilled schedule (with the cfg_step LoRA).")] = False,
+    distilled: Annotated[bool, _flag("--distilled", help="16 steps without CFG with the checkpoint's "
+                                                        "lora/cfg_step_lora.safetensors (the official distilled mode).")] = False,
     fp8: Annotated[bool, _flag("--fp8", help="FP8 matmuls in the DiT's blocks (Ada/Hopper GPUs): faster, approximate.")] = False,
     step_cache: Annotated[float | None, typer.Option(
         metavar="FRACTION", help="Skip the later blocks at steps whose first block changed less than this "
@@ -240,6 +248,8 @@ def validate(
         "validation_guidance": ("--guidance", guidance),
         "validation_seed": ("--seed", seed),
         "validation_step_cache": ("--step-cache", step_cache),
+        "validation_continuation_video": ("--video", None if video is None else str(video)),
+        "validation_continuation_cond_frames": ("--cond-frames", cond_frames),
     }
     if prompt_file is not None:  # its prompts only: no dataset renders, no validation_prompt
         options["validation_prompt_file"] = ("--prompt-file", str(prompt_file.resolve()))
@@ -251,6 +261,9 @@ def validate(
     loras, problems = _lora_specs(lora or [])
     if image is not None and not image.is_file():
         problems.append(_argument_problem("--image", str(image), "image file does not exist", "give an existing PNG/JPEG"))
+    if image is not None and video is not None:
+        problems.append(_argument_problem("--video", str(video), "--image and --video both condition the render",
+                                          "give --image (image-to-video) or --video (continuation)"))
     try:
         loaded = load_config(config, tuple(overrides))
     except ConfigError as error:
@@ -259,12 +272,19 @@ def validate(
               for p in error.problems),
             *problems,
         ]))
+    if cond_frames is not None and video is None and loaded.training.validation_continuation_video is None:
+        problems.append(_argument_problem("--cond-frames", cond_frames, "there is no clip to continue",
+                                          "add --video CLIP, or set validation_continuation_video"))
+    missing_lora = missing_distill_lora(loaded.model_dir) if distilled else None
+    if missing_lora is not None:
+        problems.append(_argument_problem("--distilled", *missing_lora))
     if problems:
         _fail(ConfigError(problems))
     from longcat_train.validation.command import run_validate
 
     try:
-        run_validate(loaded, loras, image, prompt, resolution, frames, steps, guidance, seed, distilled, fp8)
+        run_validate(loaded, loras, image, prompt, resolution, frames, steps, guidance, seed, distilled, fp8=fp8,
+                     video=video)
     except ValueError as error:
         _fail(ConfigError([_argument_problem("validate", None, str(error), "see `longcat validate --help`")]))
 

@@ -1,7 +1,7 @@
 """Facts of the released LongCat-Video checkpoint that several layers need, in one torch-free place
 (config rules, data decoding, caches, the memory plan, training and validation all read it):
-the VAE's compression, the DiT's patch, the text length, the flow shift, the render defaults and
-the DiT / umT5-XXL configs."""
+the VAE's compression, the DiT's patch, the text length, the flow shift, the render defaults, the
+distillation LoRA's place and the DiT / umT5-XXL configs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ TEXT_TOKENS = 512  # umT5 pads and truncates to this; the DiT was trained on pad
 FLOW_SHIFT = 12.0  # the scheduler's shift, used where no scheduler config is at hand
 DEFAULT_FRAMES = 93  # what the base model renders, at 15 fps
 DEFAULT_FPS = 15
+# The release's CFG-and-step distillation LoRA (16 steps, no CFG), inside the checkpoint folder
+CFG_STEP_LORA = "lora/cfg_step_lora.safetensors"
 
 # The block linears whose outputs selective checkpointing may keep (`keep_projections`), by role:
 # role → the linear's path inside a block

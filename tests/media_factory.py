@@ -37,6 +37,14 @@ def read_index(frame: np.ndarray) -> int:
     return high * _STEP + low
 
 
+def read_video(path: Path) -> tuple[np.ndarray, float]:
+    """Every frame of `path` as uint8 [F, H, W, 3] (RGB), and its average frame rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+        return frames, float(stream.average_rate)
+
+
 def write_clip(
     path: Path, count: int, fps: float = 24, height: int = 48, width: int = 64,
     codec: str = "libx264", pix_fmt: str = "yuv420p",

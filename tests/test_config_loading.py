@@ -96,6 +96,24 @@ def test_paths_resolve_against_their_files(tmp_path: Path, monkeypatch: pytest.M
     assert loaded.model_dir == root / "ckpt"  # a --set path starts at the current directory
 
 
+def test_continuation_video_resolves_against_the_config_and_is_checked_at_load(tmp_path: Path) -> None:
+    from tests.media_factory import write_clip
+
+    root = tmp_path / "project"
+    root.mkdir()
+    write_clip(root / "clips" / "tail.mp4", count=14, fps=30)  # 7 frames at the render's 15 fps
+    training = {**base_training(root), "validation_continuation_video": "clips/tail.mp4",
+                "validation_prompt": "it drives on", "validation_continuation_cond_frames": 5}
+    config = write_pair(root, training, base_datasets())
+    assert load_config(config).training.validation_continuation_video == root / "clips" / "tail.mp4"
+    nine = "validation_continuation_cond_frames=9"
+    with pytest.raises(ConfigError) as error:
+        load_config(config, [nine, "validation_prompt=null"])
+    rules = [p.rule for p in error.value.problems if p.key == "validation_continuation_video"]
+    assert any("has 7 frames at 15 fps" in rule for rule in rules) and any("validation_prompt" in rule for rule in rules)
+    assert load_config(config, [nine], check_files=False).training.validation_continuation_cond_frames == 9
+
+
 def test_simpletuner_style_cwd_relative_backend(tmp_path: Path) -> None:
     # SimpleTuner configs say "config/multidatabackend.json", relative to where it runs.
     (tmp_path / "config").mkdir()

@@ -6,7 +6,7 @@ import torch
 from longcat_train.model.step_cache import StepCache
 from longcat_train.validation import cfg_zero_star, denoise, make_scheduler
 
-from .reference import load_reference, reference_model, rel_l2
+from .reference import load_official_modes, load_reference, reference_model, rel_l2
 
 
 @pytest.mark.parametrize("case, num_cond", [("i2v", 1), ("t2v", 0)])
@@ -21,6 +21,38 @@ def test_denoise_matches_official_sampler(case, num_cond):
     )
     assert rel_l2(out, t[f"sampler.{case}.output"]) <= 1e-5
     assert torch.equal(make_scheduler(4).timesteps, t[f"sampler.{case}.timesteps"])
+
+
+def test_distilled_sampling_matches_the_official_distilled_image_to_video_loop():
+    t, settings = load_official_modes("distill_i2v")
+    assert (settings["use_distill"], settings["guidance_scale"], settings["num_inference_steps"]) == (True, 1.0, 16)
+    out = denoise(reference_model(), t["init_latents"], t["prompt_embeds"], t["prompt_mask"], None, None,
+                  num_inference_steps=16, guidance_scale=1.0, num_cond_latents=1, distilled=True)
+    assert rel_l2(out, t["output"]) <= 1e-5
+    assert torch.equal(out[:, :, :1], t["init_latents"][:, :, :1])
+    scheduler = make_scheduler(16, distilled=True)
+    assert torch.equal(scheduler.timesteps, t["timesteps"]) and torch.equal(scheduler.sigmas, t["sigmas"])
+
+
+def test_continuation_matches_the_official_video_continuation_loop():
+    t, settings = load_official_modes("continuation")
+    cond = settings["num_cond_latents"]
+    assert cond >= 2 and settings["use_kv_cache"] and settings["enhance_hf"]
+    out = denoise(reference_model(), t["init_latents"], t["prompt_embeds"], t["prompt_mask"], t["negative_embeds"],
+                  t["negative_mask"], settings["num_inference_steps"], settings["guidance_scale"],
+                  num_cond_latents=cond, continuation=True)
+    assert rel_l2(out, t["output"]) <= 1e-5
+    assert torch.equal(out[:, :, :cond], t["init_latents"][:, :, :cond])
+    scheduler = make_scheduler(settings["num_inference_steps"], uniform_tail=True)
+    assert torch.equal(scheduler.timesteps, t["timesteps"]) and torch.equal(scheduler.sigmas, t["sigmas"])
+
+
+def test_distilled_continuation_keeps_the_distilled_schedule():
+    steps = []
+    t, _ = load_official_modes("continuation")
+    denoise(reference_model(), t["init_latents"], t["prompt_embeds"], t["prompt_mask"], None, None, 16, 1.0,
+            num_cond_latents=2, distilled=True, continuation=True, on_step=lambda done, total: steps.append(total))
+    assert steps == [16] * 16  # the official distilled continuation runs without the uniform tail
 
 
 def test_image_to_video_never_changes_the_first_latent_frame():
@@ -66,16 +98,17 @@ def test_guidance_above_one_without_negative_is_a_clear_error():
                 None, None, 2, 4.0)
 
 
-@pytest.mark.parametrize("num_cond, guidance", [(1, 4.0), (2, 4.0), (2, 1.0)])
-def test_cached_condition_frames_give_the_uncached_render(num_cond, guidance):
+@pytest.mark.parametrize("num_cond, guidance, continuation", [(1, 4.0, False), (2, 4.0, False), (2, 1.0, False),
+                                                            (2, 4.0, True)])
+def test_cached_condition_frames_give_the_uncached_render(num_cond, guidance, continuation):
     """The condition frames' keys and values computed once per render (each step then runs the
     noisy frames only) give the render of the full forward at every step."""
     t, _ = load_reference()
     model = reference_model()
     args = (model, t["sampler.init_latents"], t["inputs.encoder_hidden_states"][:1], t["inputs.encoder_attention_mask"][:1],
             t["sampler.negative_embeds"], t["sampler.negative_mask"], 3, guidance)
-    cached = denoise(*args, num_cond_latents=num_cond, cache_condition=True)
-    full = denoise(*args, num_cond_latents=num_cond, cache_condition=False)
+    cached = denoise(*args, num_cond_latents=num_cond, cache_condition=True, continuation=continuation)
+    full = denoise(*args, num_cond_latents=num_cond, cache_condition=False, continuation=continuation)
     assert rel_l2(cached, full) <= 1e-6
     assert torch.equal(cached[:, :, :num_cond], t["sampler.init_latents"][:, :, :num_cond])
 

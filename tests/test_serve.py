@@ -361,6 +361,16 @@ def test_a_render_predicted_not_to_fit_is_refused(project) -> None:
     assert not render_fits(render_peak_gib("bf16", 480, 832, 93, 4.0), 24.0)
 
 
+def test_a_distilled_render_without_the_cfg_step_lora_is_refused_by_name(project) -> None:
+    service = PreviewService(load_config(project), "cpu")
+    try:
+        with pytest.raises(RenderRefused, match="cfg_step_lora.safetensors: distilled previews need"):
+            service.submit(RenderRequest(prompt="x", **RENDER, distilled=True))
+        assert service.queue.jobs() == []
+    finally:
+        service.close()
+
+
 def test_serve_and_validate_render_the_same_video(project, tmp_path) -> None:
     """One render path: the served render and `validate`'s, same settings and LoRA, same pixels."""
     loaded = load_config(project)

@@ -4,41 +4,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from rich.console import Console
 
+from typer.testing import CliRunner
+
+from longcat_train.cli import EXIT_CONFIG_ERROR, app
 from longcat_train.lora import write_lora
 from longcat_train.lora.formats import LoraModule, LoraWeights
 from longcat_train.model import LongCatVideoTransformer3DModel
+from longcat_train.release_facts import CFG_STEP_LORA
 from longcat_train.validation.command import run_validate
 
+from .media_factory import read_index, read_video, write_clip
 from .validation_project import write_project
-
-
-def _read_video(path: Path) -> tuple[np.ndarray, float]:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
-        return frames, float(stream.average_rate)
 
 
 def sheet_pixels(paths: list[Path]) -> np.ndarray:
     return np.asarray(Image.open(paths[1]))
 
 
-def _lora_file(path: Path, checkpoint: Path) -> Path:
+def _lora_file(path: Path, checkpoint: Path, scale: float = 0.5, file_format: str = "comfyui") -> Path:
     transformer = LongCatVideoTransformer3DModel.from_pretrained(checkpoint, subfolder="dit")
     generator = torch.Generator().manual_seed(1)
     modules = {
         name: LoraModule(torch.randn(4, m.in_features, generator=generator) * 0.5,
-                         torch.randn(m.out_features, 4, generator=generator) * 0.5, alpha=4.0)
+                         torch.randn(m.out_features, 4, generator=generator) * scale, alpha=4.0)
         for name, m in transformer.named_modules() if name.endswith("ffn.w2")
     }
-    return write_lora(path, LoraWeights(modules), "comfyui")
+    return write_lora(path, LoraWeights(modules), file_format)
+
+
+def _checkpoint_with_distill_lora(root: Path, tiny_model: Path, scale: float) -> Path:
+    """The tiny checkpoint (its folders linked) with an official-format cfg_step LoRA of `scale`."""
+    root.mkdir()
+    for folder in tiny_model.iterdir():
+        (root / folder.name).symlink_to(folder)
+    _lora_file(root / CFG_STEP_LORA, tiny_model, scale, "official")
+    return root
+
+
+RUNNER = CliRunner()
 
 
 def test_image_to_video_mp4_reads_back_with_the_requested_frames_fps_and_size(tmp_path, tiny_model) -> None:
@@ -48,7 +57,7 @@ def test_image_to_video_mp4_reads_back_with_the_requested_frames_fps_and_size(tm
     options = {"image": image, "prompt": "a boat on a lake", "resolution": "64x96", "frames": 13, "steps": 1}
     paths = run_validate(loaded, output=tmp_path / "plain", **options)
     video, sheet = paths
-    frames, fps = _read_video(video)
+    frames, fps = read_video(video)
     assert frames.shape == (13, 64, 96, 3) and fps == 15
     assert video.suffix == ".mp4" and sheet.suffix == ".png" and Image.open(sheet).size == (4 * 96, 2 * 64)
 
@@ -69,7 +78,7 @@ def test_without_image_or_prompt_it_renders_the_eval_split(tmp_path, tiny_model)
         "01_a-blue-square-turns-green-1.mp4", "01_a-blue-square-turns-green-1.png",
     ]
     assert all(p.parent.parent == loaded.training.output_dir / "validation" for p in paths)
-    assert _read_video(paths[0])[0].shape == (9, 64, 64, 3)
+    assert read_video(paths[0])[0].shape == (9, 64, 64, 3)
 
 
 def test_an_image_without_any_prompt_is_refused_by_name(tmp_path, tiny_model) -> None:
@@ -86,7 +95,67 @@ def test_prompt_file_renders_each_prompt_with_its_start_image(tmp_path, tiny_mod
     paths = run_validate(loaded, resolution="32x48", frames=5, steps=1, output=tmp_path / "renders")
     assert [p.name for p in paths] == ["00_a-red-ball.mp4", "00_a-red-ball.png",
                                        "01_a-green-field.mp4", "01_a-green-field.png"]
-    assert _read_video(paths[0])[0].shape == (5, 32, 48, 3)
+    assert read_video(paths[0])[0].shape == (5, 32, 48, 3)
+
+
+def test_validate_video_writes_the_condition_frames_then_the_continuation(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model)
+    clip = write_clip(tmp_path / "long.mp4", count=20, fps=15, height=48, width=64)
+    result = RUNNER.invoke(app, ["validate", "--config", str(loaded.config_path), "--video", str(clip),
+                                 "--cond-frames", "5", "--resolution", "32x48", "--frames", "13", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    [video] = (loaded.training.output_dir / "validation").glob("validate_*/*.mp4")
+    frames, fps = read_video(video)
+    assert frames.shape == (13, 32, 48, 3) and fps == 15
+    # the clip's last five frames (index-coded flat colours) open the render, then new frames follow
+    assert [read_index(frame) for frame in frames[:5]] == [15, 16, 17, 18, 19]
+    assert np.abs(frames[5:].astype(int) - frames[4].astype(int)).mean() > 10
+
+
+def test_validate_video_problems_name_the_options_before_loading_the_model(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model)
+    short = write_clip(tmp_path / "short.mp4", count=3, fps=15)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    for args, option, expected in (
+        (["--video", str(short)], "--video", "has 3 frames at 15 fps"),
+        (["--video", str(tmp_path / "broken.mp4")], "--video", "cannot be decoded"),
+        (["--video", str(tmp_path / "missing.mp4")], "--video", "file does not exist"),
+        (["--video", str(short), "--cond-frames", "6"], "--cond-frames", "(frames - 1) % 4 == 0"),
+        (["--video", str(short), "--cond-frames", "9", "--frames", "9"], "--cond-frames", "leave no new frame"),
+        (["--cond-frames", "5"], "--cond-frames", "there is no clip to continue"),
+    ):
+        result = RUNNER.invoke(app, ["validate", "--config", str(loaded.config_path), *args], env={"COLUMNS": "250"})
+        assert result.exit_code == EXIT_CONFIG_ERROR, result.output
+        rows = [line for line in result.output.splitlines() if "│" in line]
+        assert any(option in row and expected in row for row in rows), result.output
+    assert not (loaded.training.output_dir / "validation").exists()
+
+
+def test_distilled_without_the_cfg_step_lora_is_refused_by_name_before_loading(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model)
+    result = RUNNER.invoke(app, ["validate", "--config", str(loaded.config_path), "--distilled"],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == EXIT_CONFIG_ERROR, result.output
+    assert "--distilled" in result.output and "cfg_step_lora.safetensors" in result.output
+    assert not (loaded.training.output_dir / "validation").exists()
+
+
+def test_distilled_renders_apply_the_checkpoints_cfg_step_lora_once(tmp_path, tiny_model) -> None:
+    options = {"prompt": "a boat on a lake", "resolution": "32x48", "frames": 5, "distilled": True}
+    base = _checkpoint_with_distill_lora(tmp_path / "zero_lora", tiny_model, 0.0)  # a LoRA that changes nothing
+    plain = run_validate(write_project(tmp_path / "a", base), output=tmp_path / "plain", **options)
+    checkpoint = _checkpoint_with_distill_lora(tmp_path / "with_lora", tiny_model, 0.5)
+    loaded = write_project(tmp_path / "b", checkpoint)
+    distilled = run_validate(loaded, output=tmp_path / "distilled", **options)
+    assert not np.array_equal(sheet_pixels(distilled), sheet_pixels(plain))
+    # passed again with --lora, the checkpoint's own file is not applied twice
+    again = run_validate(loaded, [(checkpoint / CFG_STEP_LORA, 1.0)], output=tmp_path / "again", **options)
+    assert np.array_equal(sheet_pixels(again), sheet_pixels(distilled))
+    # a copy elsewhere at strength −1 takes the checkpoint's LoRA back out: it was applied at strength 1
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes((checkpoint / CFG_STEP_LORA).read_bytes())
+    undone = run_validate(loaded, [(copy, -1.0)], output=tmp_path / "undone", **options)
+    assert np.abs(sheet_pixels(undone).astype(int) - sheet_pixels(plain).astype(int)).max() <= 1
 
 
 def test_fp8_matmuls_off_a_gpu_are_refused_before_anything_loads(tmp_path, tiny_model) -> None:

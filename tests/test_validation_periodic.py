@@ -20,6 +20,7 @@ from longcat_train.objective.flow import shift_sigmas
 from longcat_train.validation.command import _eval_items
 from longcat_train.validation.periodic import HeldOutLatents, Validator, sigma_quantiles
 
+from .media_factory import read_index, read_video, write_clip
 from .validation_project import write_project
 
 
@@ -98,6 +99,23 @@ def test_heldout_loss_follows_the_model_without_rendering(project, transformer, 
     with torch.no_grad():
         transformer.final_layer.linear.weight.mul_(3.0)
     assert validator.run(transformer, step=2)["validation/heldout_loss"] != before
+
+
+def test_a_validation_continuation_video_renders_its_continuation_in_place_of_the_prompt_alone(
+    transformer, tiny_model, tmp_path
+) -> None:
+    clip = write_clip(tmp_path / "drive.mp4", count=12, fps=15, height=48, width=64)
+    loaded = write_project(tmp_path, tiny_model, validation_continuation_video=str(clip),
+                           validation_continuation_cond_frames=5, validation_resolution="32x32",
+                           validation_num_inference_steps=1)
+    text = TextCache(tmp_path / "text_cache", load_tokenizer(tiny_model), load_text_encoder(tiny_model))
+    features = {prompt: text.get(prompt) for prompt in Validator.required_prompts(loaded)}
+    validator = Validator(loaded, features, lambda: load_vae(tiny_model))
+    assert validator.run(transformer, step=3) == {}  # no image-to-video render: no first-frame PSNR
+    [video] = (loaded.training.output_dir / "validation" / "step_3").glob("*.mp4")
+    frames, _ = read_video(video)
+    assert video.name == "00_a-cat-walks-slowly.mp4" and frames.shape == (9, 32, 32, 3)
+    assert [read_index(frame) for frame in frames[:5]] == [7, 8, 9, 10, 11]
 
 
 def test_missing_text_features_are_named(project, tiny_model) -> None:

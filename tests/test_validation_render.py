@@ -17,7 +17,7 @@ from longcat_train.lora import LoraWeights, apply_loras
 from longcat_train.lora.formats import LoraModule
 from longcat_train.model import LongCatVideoTransformer3DModel
 from longcat_train.validation.outputs import contact_sheet, write_render
-from longcat_train.validation.render import encode_start_latent, fit_pixels, render_video
+from longcat_train.validation.render import encode_condition, fit_pixels, render_video
 
 SIZE = {"height": 64, "width": 64, "num_frames": 9, "steps": 2, "guidance": 4.0}
 
@@ -43,11 +43,25 @@ def test_image_to_video_keeps_the_start_latent_frame_bit_identical(parts) -> Non
     start = _start_pixels()
     result = render_video(transformer, vae, *text, **SIZE, seed=1, start_pixels=start)
     assert result.latents.shape == (1, 16, 3, 8, 8)
-    assert torch.equal(result.latents[:, :, :1], encode_start_latent(vae, start))
+    assert torch.equal(result.latents[:, :, :1], encode_condition(vae, start))
     noise_only = render_video(transformer, vae, *text, **SIZE, seed=1)
     assert not torch.equal(result.latents[:, :, 1:], noise_only.latents[:, :, 1:])
     assert result.frames.shape == (9, 64, 64, 3) and result.frames.dtype == np.uint8
     assert np.isfinite(result.first_frame_psnr) and noise_only.first_frame_psnr is None
+
+
+def test_a_continuation_keeps_its_condition_latents_and_shows_its_condition_frames(parts) -> None:
+    transformer, vae, text = parts
+    frames = torch.cat([_start_pixels(seed) for seed in range(5)], dim=1)  # [3, 5, 64, 64]: 2 latent frames
+    result = render_video(transformer, vae, *text, **SIZE, seed=1, condition_frames=frames)
+    assert torch.equal(result.latents[:, :, :2], encode_condition(vae, frames))
+    shown = torch.from_numpy(result.frames[:5]).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert (shown - frames).abs().max() <= 1 / 127.5  # the given frames, not their VAE reconstruction
+    assert result.first_frame_psnr is None
+    with pytest.raises(ValueError, match=r"condition_frames must be \[3, 1 \+ 4·k, 64, 64\]"):
+        render_video(transformer, vae, *text, **SIZE, seed=1, condition_frames=frames[:, :4])
+    with pytest.raises(ValueError, match="leave no new frame"):
+        render_video(transformer, vae, *text, **SIZE, seed=1, condition_frames=torch.cat([frames, frames[:, :4]], 1))
 
 
 def test_a_seed_reproduces_a_render_and_another_seed_changes_it(parts) -> None:

@@ -17,6 +17,7 @@ from longcat_train.config.model_paths import check_checkpoint_dir
 from longcat_train.config.problems import ProblemList
 from longcat_train.config.rules import PIXEL_MULTIPLE
 from longcat_train.config.training import ATTENTION_CHOICES, TrainingConfig
+from longcat_train.config.continuation_video import check_continuation_video
 from longcat_train.release_facts import BLOCK_LINEARS, PROJECTION_MODULES
 
 
@@ -72,6 +73,22 @@ def check_training(training: TrainingConfig, file: Path, problems: ProblemList) 
             "validation_using_datasets is true but no eval_dataset_id names the validation split",
             "set eval_dataset_id to the id of a held-out dataset in multidatabackend.json",
         )
+    _check_continuation(training, file, problems)
+
+
+def _check_continuation(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
+    """A continuation needs a prompt and at least one new latent frame after its condition frames."""
+    if training.validation_continuation_video is None:
+        return
+    if training.validation_prompt is None:
+        problems.add(file, "validation_continuation_video", str(training.validation_continuation_video),
+                     "a continuation renders with validation_prompt, which is not set",
+                     "set validation_prompt to what happens next in the clip")
+    cond, frames = training.validation_continuation_cond_frames, training.validation_num_video_frames
+    if cond >= frames:
+        problems.add(file, "validation_continuation_cond_frames", cond,
+                     f"{cond} condition frames leave no new frame in a render of validation_num_video_frames {frames}",
+                     f"use fewer condition frames (1 + 4k, below {frames}) or render more frames")
 
 
 def _check_dependencies(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
@@ -367,7 +384,7 @@ def check_paths(
     backend_file: Path, problems: ProblemList,
 ) -> None:
     """Filesystem checks: the checkpoint (unless `checkpoint_from_default` is None),
-    `resume_from_checkpoint`, every dataset directory."""
+    `resume_from_checkpoint`, `validation_continuation_video` (decoded), every dataset directory."""
     if checkpoint_from_default is not None and training.pretrained_model_name_or_path is not None:
         check_checkpoint_dir(
             training.pretrained_model_name_or_path, "pretrained_model_name_or_path", config_file,
@@ -379,6 +396,9 @@ def check_paths(
             config_file, "resume_from_checkpoint", resume, "checkpoint directory does not exist",
             f'use "latest" to continue from the newest checkpoint in {training.output_dir}, a path that exists, or null',
         )
+    video = training.validation_continuation_video
+    if video is not None:
+        check_continuation_video(video, training.validation_continuation_cond_frames, config_file, problems)
     for entry in entries:
         dataset = entry.dataset
         if dataset is None or dataset.disabled:

@@ -250,8 +250,9 @@ def _resolve_training_paths(training: TrainingConfig, base_for: Any) -> tuple[Tr
         if checkpoint is None
         else resolve_path(checkpoint, base_for("pretrained_model_name_or_path")),
     }
-    if training.validation_prompt_file is not None:
-        update["validation_prompt_file"] = resolve_path(training.validation_prompt_file, base_for("validation_prompt_file"))
+    for key in ("validation_prompt_file", "validation_continuation_video"):
+        if getattr(training, key) is not None:
+            update[key] = resolve_path(getattr(training, key), base_for(key))
     resume = training.resume_from_checkpoint
     if resume is not None and resume != "latest":
         update["resume_from_checkpoint"] = str(resolve_path(Path(resume), base_for("resume_from_checkpoint")))

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from longcat_train.config.problems import ProblemList
+from longcat_train.release_facts import CFG_STEP_LORA
 
 LONGCAT_HOME_ENV = "LONGCAT_HOME"
 HUB_REPOSITORY = "meituan-longcat/LongCat-Video"
@@ -44,6 +45,16 @@ def download_hint(target: Path) -> str:
         f"download the release into it: `hf download {HUB_REPOSITORY} --local-dir {target}` "
         f"(or set pretrained_model_name_or_path to where it already is; `longcat demo` makes a tiny one)"
     )
+
+
+def missing_distill_lora(root: Path) -> tuple[str, str, str] | None:
+    """(path, rule, fix) when checkpoint `root` lacks the cfg_step LoRA that distilled previews
+    apply (16 steps without CFG of the base model alone render noise, not a preview); else None."""
+    path = root / CFG_STEP_LORA
+    if path.is_file():
+        return None
+    return (str(path), "distilled previews need the official cfg_step LoRA, which is not there",
+            f"copy {CFG_STEP_LORA} of the LongCat-Video release into {root}, or render without distilled")
 
 
 def is_umt5_config(config: dict[str, object]) -> bool:

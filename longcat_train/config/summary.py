@@ -11,6 +11,7 @@ from rich.table import Column
 from longcat_train.config.loading import LoadedConfig
 from longcat_train.config.problems import ValueTable
 from longcat_train.config.simpletuner import SIMPLETUNER_DATASET_DEFAULTS, defaults_left_unset
+from longcat_train.config.training import TrainingConfig
 
 
 def _length(loaded: LoadedConfig) -> str:
@@ -18,6 +19,11 @@ def _length(loaded: LoadedConfig) -> str:
     if training.max_train_steps is not None:
         return f"{training.max_train_steps} steps"
     return f"{training.num_train_epochs} epoch(s)"
+
+
+def _continuation(training: TrainingConfig) -> str:
+    video = training.validation_continuation_video
+    return "" if video is None else f", continuing {video.name} from its last {training.validation_continuation_cond_frames} frames"
 
 
 def config_summary(loaded: LoadedConfig) -> Group:
@@ -35,7 +41,8 @@ def config_summary(loaded: LoadedConfig) -> Group:
                      f"lr {training.learning_rate:g} ({training.lr_scheduler}), seed {training.seed}"),
         ("validation", f"{training.validation_resolution} x {training.validation_num_video_frames} frames, "
                        f"{training.validation_num_inference_steps} steps, guidance {training.validation_guidance:g}, "
-                       f"every {training.validation_step_interval or '-'} steps"),
+                       f"every {training.validation_step_interval or '-'} steps"
+                       + _continuation(training)),
         ("memory", f"block swap {training.musubi_blocks_to_swap}, group offload "
                    f"{training.group_offload_type if training.enable_group_offload else 'off'}, "
                    f"gradient checkpointing {'on' if training.gradient_checkpointing else 'off'}"),

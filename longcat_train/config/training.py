@@ -186,6 +186,18 @@ class TrainingConfig(BaseModel):
         "gives that prompt a start image, rendered image-to-video), or a `.json` prompt library as "
         "SimpleTuner's `user_prompt_library` writes it (`{\"name\": \"prompt\"}`). Relative to the config file.",
     )
+    validation_continuation_video: Annotated[Path | None, BeforeValidator(check_path_text)] = Field(
+        None,
+        description="A clip to continue at each validation (video continuation, as the official `generate_vc`): "
+        "its last `validation_continuation_cond_frames` frames at 15 fps, fitted to `validation_resolution` turned to the "
+        "clip's orientation, condition a render of `validation_num_video_frames` frames with `validation_prompt`; "
+        "the render shows those frames, then the new ones. Relative to the config file.",
+    )
+    validation_continuation_cond_frames: Frames = Field(
+        13,
+        description="Frames of `validation_continuation_video` (and of `longcat validate --video`) that condition the "
+        "continuation, fewer than `validation_num_video_frames`; 13 (4 latent frames) as the official demo.",
+    )
     validation_negative_prompt: str | None = Field(
         None, description="Negative prompt for CFG; null uses the empty prompt, as the official sampler."
     )

@@ -18,7 +18,7 @@ from longcat_train.memory import render_fits, render_peak_gib
 from longcat_train.training.loss_plot import read_events
 from longcat_train.validation.command import DISTILLED_GUIDANCE, DISTILLED_STEPS
 from longcat_train.validation.outputs import render_stem, write_render
-from longcat_train.validation.previews import PreviewRenderer
+from longcat_train.validation.previews import PreviewRenderer, distill_lora_path
 from longcat_train.validation.render import RenderSettings, load_start_image
 
 from .folders import PathRefused, RunFolders
@@ -92,6 +92,11 @@ class PreviewService:
             self._file(request.image, self.folders.uploads)
         if request.lora is not None and request.lora not in {c.path for c in self.folders.loras()}:
             raise RenderRefused(f"LoRA {request.lora!r} is not one of the run's LoRAs or uploads")
+        if request.distilled:
+            try:
+                distill_lora_path(self.loaded.model_dir)
+            except ValueError as error:
+                raise RenderRefused(str(error)) from error
         if self.gpu_memory_gib is not None:
             precision = self.renderer.precision
             peak = render_peak_gib(precision, height, width, request.frames, request.guidance, self.dit_config)

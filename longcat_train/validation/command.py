@@ -16,8 +16,8 @@ from longcat_train.data import ClipItem, DataSpec, scan_dataset
 from longcat_train.lora import read_lora
 
 from .outputs import render_stem, write_render
-from .periodic import ValidationCase, validation_cases
-from .previews import PreviewRenderer
+from .periodic import ValidationCase, continuation_case, validation_cases
+from .previews import PreviewRenderer, distill_lora_path
 from .render import RenderSettings, load_start_image
 
 # The cfg_step LoRA was distilled for 16 steps without CFG (the official pipeline's defaults for it).
@@ -60,13 +60,20 @@ def _eval_items(loaded: LoadedConfig) -> list[ClipItem]:
     return scan_dataset(specs[loaded.eval_dataset.id], start_frames, seed=training.seed).items
 
 
-def _cases(loaded: LoadedConfig, training: TrainingConfig, image: Path | None, prompt: str | None) -> list[ValidationCase]:
+def _cases(loaded: LoadedConfig, training: TrainingConfig, image: Path | None, video: Path | None,
+           prompt: str | None) -> list[ValidationCase]:
     size = training.validation_size
-    if image is not None:
+    if image is not None and video is not None:
+        raise ValueError("give --image (image-to-video) or --video (continuation), not both")
+    source = image if image is not None else video
+    if source is not None:
         text = prompt if prompt is not None else training.validation_prompt
         if text is None:
-            raise ValueError(f"--image {image} needs a prompt: pass --prompt TEXT or set validation_prompt")
-        return [ValidationCase(render_stem(0, text), text, load_start_image(image, *size), size)]
+            option = "--image" if image is not None else "--video"
+            raise ValueError(f"{option} {source} needs a prompt: pass --prompt TEXT or set validation_prompt")
+        if video is not None:
+            return [continuation_case(0, text, video, training.validation_continuation_cond_frames, size)]
+        return [ValidationCase(render_stem(0, text), text, load_start_image(source, *size), size)]
     if prompt is not None:
         return [ValidationCase(render_stem(0, prompt), prompt, None, size)]
     cases = validation_cases(training, _eval_items(loaded), loaded.prompt_entries)
@@ -94,19 +101,25 @@ def run_validate(
     output: Path | None = None,
     device: str | torch.device | None = None,
     console: Console | None = None,
+    video: Path | None = None,
 ) -> list[Path]:
     """Render and write mp4 + contact sheet per video; returns the written paths (mp4, png, ...).
 
     Options left None come from the `validation_*` keys (`--distilled`: 16 steps, guidance 1
-    unless given). With `image` it renders image-to-video from it with `prompt` (or
-    `validation_prompt`); with only `prompt`, text-to-video; with neither, what periodic
-    validation renders. LoRAs apply as forward hooks with their strengths (0 = no effect).
+    unless given, and the checkpoint's cfg_step LoRA, applied once even when also in `loras`).
+    With `image` it renders image-to-video from it with `prompt` (or `validation_prompt`); with
+    `video`, the continuation of its last `validation_continuation_cond_frames` frames; with only
+    `prompt`, text-to-video; with none, what periodic validation renders. LoRAs apply as forward
+    hooks with their strengths (0 = no effect).
     Output goes to `output`, default `output_dir/validation/validate_<time>/`.
     """
     console = console or Console()
     renderer = PreviewRenderer(loaded, device, fp8=fp8)
+    if distilled:  # the renderer applies the checkpoint's own copy
+        distill_lora = distill_lora_path(loaded.model_dir).resolve()
+        loras = [(path, strength) for path, strength in loras if path.resolve() != distill_lora]
     training = _render_training(loaded.training, prompt, resolution, frames, steps, guidance, seed, distilled)
-    cases = _cases(loaded, training, image, prompt)
+    cases = _cases(loaded, training, image, video, prompt)
     settings = replace(RenderSettings.from_training(training, shift=renderer.shift), distilled=distilled)
     negative_prompt = training.validation_negative_prompt or ""
     # every prompt before the model loads: one text-encoder load, never beside the DiT
@@ -121,7 +134,8 @@ def run_validate(
             task = progress.add_task(f"render {case.stem}", total=settings.steps)
             result = renderer.render(
                 case.prompt, settings.sized(*case.size), case.start_pixels, lora_weights, negative_prompt,
-                on_step=lambda done, _total, task=task: progress.update(task, completed=done),
+                on_step=lambda done, total, task=task: progress.update(task, completed=done, total=total),
+                condition_frames=case.condition_frames,
             )
             files = write_render(directory, case.stem, result.frames)
             written.extend(files.paths())

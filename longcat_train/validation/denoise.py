@@ -17,6 +17,10 @@ from longcat_train.release_facts import FLOW_SHIFT
 
 NUM_TRAIN_TIMESTEPS = 1000
 DISTILL_GRID_STEPS = 50  # the cfg_step_lora was distilled on this 50-step grid
+# The official video continuation (`generate_vc`, `enhance_hf`) keeps the shifted timesteps above
+# 500 and ends with 10 uniform ones, 500, 450, …, 50, for sharper detail.
+UNIFORM_TAIL_START = 500
+UNIFORM_TAIL_STEPS = 10
 
 
 def sampling_sigmas(num_inference_steps: int, distilled: bool = False) -> torch.Tensor:
@@ -31,10 +35,19 @@ def sampling_sigmas(num_inference_steps: int, distilled: bool = False) -> torch.
 
 
 def make_scheduler(num_inference_steps: int, shift: float = FLOW_SHIFT, distilled: bool = False,
-                   device: torch.device | str = "cpu") -> FlowMatchEulerDiscreteScheduler:
-    """A fresh diffusers scheduler holding the shifted schedule (σ' = shift·σ / (1 + (shift−1)·σ))."""
+                   device: torch.device | str = "cpu", uniform_tail: bool = False) -> FlowMatchEulerDiscreteScheduler:
+    """A fresh diffusers scheduler holding the shifted schedule (σ' = shift·σ / (1 + (shift−1)·σ));
+    with `uniform_tail`, the continuation schedule: the timesteps above `UNIFORM_TAIL_START`, then
+    `UNIFORM_TAIL_STEPS` evenly spaced ones from there down (unshifted), σ = timestep / 1000."""
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
     scheduler.set_timesteps(sigmas=sampling_sigmas(num_inference_steps, distilled).tolist(), device=device)
+    if uniform_tail:
+        tail = np.linspace(UNIFORM_TAIL_START, 0, UNIFORM_TAIL_STEPS, endpoint=False, dtype=np.float32)
+        kept = scheduler.timesteps[scheduler.timesteps > UNIFORM_TAIL_START]
+        timesteps = torch.cat([kept, torch.from_numpy(tail).to(kept.device)])
+        # set_timesteps would shift these sigmas; the scheduler steps along whatever it holds
+        scheduler.timesteps = timesteps
+        scheduler.sigmas = torch.cat([timesteps / NUM_TRAIN_TIMESTEPS, timesteps.new_zeros(1)])
     return scheduler
 
 
@@ -61,6 +74,7 @@ def denoise(
     num_cond_latents: int = 0,
     shift: float = FLOW_SHIFT,
     distilled: bool = False,
+    continuation: bool = False,
     on_step: Optional[Callable[[int, int], None]] = None,
     cache_condition: bool = True,
     step_cache: Optional[StepCache] = None,
@@ -71,7 +85,13 @@ def denoise(
     (`transformer.cache_condition`) and every step then runs the noisy frames only, as the official
     pipeline does (False: every step runs all frames; the same result to bf16 rounding). CFG runs
     only when guidance_scale > 1; the caller passes the empty prompt's embedding as the negative when
-    the user gave none. `step_cache` (opt-in, approximate) lets steps skip the later blocks."""
+    the user gave none. `step_cache` (opt-in, approximate) lets steps skip the later blocks.
+
+    `continuation` samples as the official video continuation (`generate_vc` with its defaults):
+    its KV cache leaves the condition frames out of the prediction, so CFG-Zero*'s scale comes from
+    the generated frames alone, and (unless `distilled`) the schedule ends in the uniform tail of
+    `make_scheduler`. Image-to-video scales over every frame, as the official `generate_i2v`.
+    `on_step(done, total)` follows the steps."""
     do_cfg = guidance_scale > 1.0
     if do_cfg and negative_embeds is None:
         raise ValueError("guidance_scale > 1 needs negative_embeds (encode the empty prompt \"\" when no "
@@ -79,8 +99,10 @@ def denoise(
     dtype = next(transformer.parameters()).dtype
     latents = latents.float().clone()
     batch = latents.shape[0]
-    scheduler = make_scheduler(num_inference_steps, shift, distilled, device=latents.device)
+    scheduler = make_scheduler(num_inference_steps, shift, distilled, device=latents.device,
+                               uniform_tail=continuation and not distilled)
     c = num_cond_latents
+    first_guided = c if continuation else 0  # the frames CFG-Zero* scales over start here
 
     if do_cfg:
         embeds = torch.cat([negative_embeds.expand_as(prompt_embeds), prompt_embeds])
@@ -105,13 +127,16 @@ def denoise(
             timestep[:, :c] = 0
         pred = transformer(model_in.to(dtype), timestep, embeds, mask, num_cond_latents=c, condition=condition,
                            step_cache=step_cache).float()
-        if condition is not None:  # the condition frames' output, the same in both CFG halves
+        if condition is None:
+            pred = pred[:, :, first_guided:]
+        elif not first_guided:  # image-to-video: the condition frames' output (the same in both CFG halves)
             pred = torch.cat([condition.prediction.repeat(pred.shape[0] // batch, 1, 1, 1, 1), pred], dim=2)
         if do_cfg:
             uncond, cond = pred.chunk(2)
             pred = cfg_zero_star(cond, uncond, guidance_scale)
         # the scheduler integrates dx/dσ = ε − x0, the negative of the model's x0 − ε
-        latents[:, :, c:] = scheduler.step(-pred[:, :, c:], t, latents[:, :, c:], return_dict=False)[0]
+        noisy = pred[:, :, c - first_guided:]
+        latents[:, :, c:] = scheduler.step(-noisy, t, latents[:, :, c:], return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(scheduler.timesteps))
     assert latents.shape[0] == batch

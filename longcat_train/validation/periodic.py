@@ -40,6 +40,7 @@ from longcat_train.objective.loss import flow_matching_loss
 from longcat_train.objective.strategy import fixed_strategy
 from longcat_train.release_facts import TEXT_TOKENS
 
+from .continuation import continuation_size, load_condition_frames
 from .outputs import contact_sheet, render_stem, write_render
 from .render import RenderSettings, fit_pixels, load_start_image, render_video
 
@@ -61,13 +62,26 @@ class ScalarImageWriter(Protocol):
 
 @dataclass(frozen=True)
 class ValidationCase:
-    """One render: its file stem, prompt, start frame (`[3, 1, H, W]`, None for text-to-video) and
-    size (height, width)."""
+    """One render: its file stem, prompt, start frame (`[3, 1, H, W]`, None for text-to-video),
+    size (height, width), and for a video continuation its condition frames (`[3, N, H, W]`)."""
 
     stem: str
     prompt: str
     start_pixels: torch.Tensor | None
     size: tuple[int, int]
+    condition_frames: torch.Tensor | None = None
+
+    def render_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments of `render_video` that condition this render."""
+        return {"start_pixels": self.start_pixels, "condition_frames": self.condition_frames}
+
+
+def continuation_case(index: int, prompt: str, video: Path, cond_frames: int, size: tuple[int, int]) -> ValidationCase:
+    """A render continuing `video` from its last `cond_frames` frames, at `size` turned to its
+    orientation; raises ValueError naming the clip when it cannot be used."""
+    height, width = continuation_size(video, size)
+    frames = load_condition_frames(video, cond_frames, height, width)
+    return ValidationCase(render_stem(index, prompt), prompt, None, (height, width), frames)
 
 
 @dataclass(frozen=True)
@@ -84,9 +98,11 @@ def validation_cases(
 ) -> list[ValidationCase]:
     """With `validation_using_datasets`, the start frames and captions of the first eval clips (one
     window per file), each rendered at `validation_resolution` turned to its clip's orientation;
-    else `validation_prompt` as text-to-video; then each prompt of `validation_prompt_file` (with
-    its start image: image-to-video). A start image that cannot be read is skipped and logged."""
-    size = training.validation_size
+    else `validation_prompt` as text-to-video, or with `validation_continuation_video` as that
+    clip's continuation (also beside the dataset renders); then each prompt of
+    `validation_prompt_file` (with its start image: image-to-video). A start image or clip that
+    cannot be read is skipped and logged."""
+    size, video = training.validation_size, training.validation_continuation_video
     cases: list[ValidationCase] = []
     if training.validation_using_datasets:
         seen: set[Path] = set()
@@ -101,8 +117,14 @@ def validation_cases(
             if item.is_i2v and start is None:
                 continue
             cases.append(ValidationCase(render_stem(len(cases), item.caption), item.caption, start, item_size))
-    elif training.validation_prompt is not None:
+    elif training.validation_prompt is not None and video is None:
         cases.append(ValidationCase(render_stem(0, training.validation_prompt), training.validation_prompt, None, size))
+    if video is not None and training.validation_prompt is not None:
+        try:
+            cases.append(continuation_case(len(cases), training.validation_prompt, video,
+                                           training.validation_continuation_cond_frames, size))
+        except ValueError as error:  # checked at config load; a clip changed since is skipped, never a crash
+            logger.warning("validation skips the continuation of %s: %s", video, error)
     for entry in prompt_entries:
         image = entry.image
         start = None if image is None else _start_pixels(lambda image=image: load_start_image(image, *size), image)
@@ -214,7 +236,7 @@ class Validator:
                 embeds, mask = self._text[case.prompt]
                 result = render_video(
                     transformer, vae, embeds, mask, *self.negative,
-                    start_pixels=case.start_pixels, **self.settings.sized(*case.size).as_kwargs(),
+                    **case.render_inputs(), **self.settings.sized(*case.size).as_kwargs(),
                 )
                 if self.writes_renders:
                     write_render(directory, case.stem, result.frames)

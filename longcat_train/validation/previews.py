@@ -21,10 +21,11 @@ import torch
 from longcat_train.cache import TextCache, clean_prompt, collate_text
 from longcat_train.components import free_device_memory, load_scheduler, load_text_encoder, load_tokenizer, load_vae
 from longcat_train.config import LoadedConfig
-from longcat_train.lora import LoraWeights, apply_loras
+from longcat_train.config.model_paths import missing_distill_lora
+from longcat_train.lora import LoraWeights, apply_loras, read_lora
 from longcat_train.memory import load_frozen_transformer
 from longcat_train.memory.quantize import fp8_matmuls_unavailable, use_fp8_matmuls
-from longcat_train.release_facts import TEXT_TOKENS
+from longcat_train.release_facts import CFG_STEP_LORA, TEXT_TOKENS
 
 from .render import RenderResult, RenderSettings, render_video
 
@@ -42,6 +43,15 @@ def render_device(name: str | torch.device | None) -> torch.device:
     if not present():
         raise ValueError(f"device {name!r}: this machine's torch has no {device.type.upper()} device")
     return device
+
+
+def distill_lora_path(model_dir: Path) -> Path:
+    """The checkpoint's cfg_step LoRA, which distilled previews apply; ValueError when it is missing."""
+    missing = missing_distill_lora(Path(model_dir))
+    if missing is not None:
+        path, rule, fix = missing
+        raise ValueError(f"{path}: {rule}. Fix: {fix}")
+    return Path(model_dir) / CFG_STEP_LORA
 
 
 def render_dtype(device: torch.device) -> torch.dtype:
@@ -66,6 +76,7 @@ class PreviewRenderer:
         self._transformer: torch.nn.Module | None = None
         self._vae: torch.nn.Module | None = None
         self._text: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._distill_lora: LoraWeights | None = None
 
     @property
     def model_loaded(self) -> bool:
@@ -131,6 +142,12 @@ class PreviewRenderer:
         self._transformer = self._vae = None
         free_device_memory(self.device)
 
+    def distill_lora(self) -> LoraWeights:
+        """The checkpoint's cfg_step LoRA (read once); ValueError naming the file when it is missing."""
+        if self._distill_lora is None:
+            self._distill_lora = read_lora(distill_lora_path(self.root)).weights
+        return self._distill_lora
+
     def render(
         self,
         prompt: str,
@@ -139,18 +156,23 @@ class PreviewRenderer:
         loras: Sequence[tuple[LoraWeights, float]] = (),
         negative_prompt: str | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        condition_frames: torch.Tensor | None = None,
     ) -> RenderResult:
-        """One video: image-to-video from `start_pixels` `[3, 1, H, W]` in [-1, 1], else text-to-video;
-        the negative prompt defaults to `validation_negative_prompt` (empty when unset)."""
+        """One video: image-to-video from `start_pixels` `[3, 1, H, W]` in [-1, 1], a continuation of
+        `condition_frames` `[3, N, H, W]`, else text-to-video; the negative prompt defaults to
+        `validation_negative_prompt` (empty when unset). Distilled settings add the checkpoint's
+        cfg_step LoRA (strength 1, as the official pipeline) before `loras`."""
         if negative_prompt is None:
             negative_prompt = self.loaded.training.validation_negative_prompt or ""
+        distill = [(self.distill_lora(), 1.0)] if settings.distilled else []
         self.encode([negative_prompt, prompt])
         self.load()
-        handle = apply_loras(self._transformer, list(loras))
+        handle = apply_loras(self._transformer, [*distill, *loras])
         try:
             return render_video(
                 self._transformer, self._vae, *self._text[prompt], *self._text[negative_prompt],
-                start_pixels=start_pixels, on_step=on_step, **settings.as_kwargs(),
+                start_pixels=start_pixels, condition_frames=condition_frames, on_step=on_step,
+                **settings.as_kwargs(),
             )
         finally:
             handle.remove()

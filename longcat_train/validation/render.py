@@ -114,11 +114,12 @@ def _vae_place(vae: AutoencoderKLWan) -> tuple[torch.device, torch.dtype]:
 
 
 @torch.no_grad()
-def encode_start_latent(vae: AutoencoderKLWan, start_pixels: torch.Tensor) -> torch.Tensor:
-    """The start image's normalised latent `[1, 16, 1, H/8, W/8]` float32: the posterior mean (its
-    argmax), as the official pipeline conditions on it."""
+def encode_condition(vae: AutoencoderKLWan, pixels: torch.Tensor) -> torch.Tensor:
+    """The normalised latents `[1, 16, 1 + (F − 1) // 4, H/8, W/8]` float32 of condition frames
+    `[3, F, H, W]` (a start image: F = 1): the posterior mean (its argmax), so a seed's render does
+    not depend on an encoder draw."""
     device, dtype = _vae_place(vae)
-    posterior = vae.encode(start_pixels[None].to(device=device, dtype=dtype)).latent_dist
+    posterior = vae.encode(pixels[None].to(device=device, dtype=dtype)).latent_dist
     mean, std = vae_latent_stats(vae)
     return normalize_latents(posterior.mode().float(), mean, std)
 
@@ -145,6 +146,16 @@ def psnr(reference: torch.Tensor, image: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+def _check_condition_frames(vae: AutoencoderKLWan, frames: torch.Tensor, height: int, width: int,
+                            num_frames: int) -> None:
+    temporal = _vae_factors(vae)[0]
+    count = frames.shape[1] if frames.ndim == 4 else 0
+    if tuple(frames.shape) != (3, count, height, width) or (count - 1) % temporal:
+        raise ValueError(f"condition_frames must be [3, 1 + {temporal}·k, {height}, {width}], got {list(frames.shape)}")
+    if count >= num_frames:
+        raise ValueError(f"{count} condition frames leave no new frame in a render of {num_frames} frames")
+
+
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Gaussian noise drawn on the CPU so a seed means the same render on every device."""
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
@@ -166,6 +177,7 @@ def render_video(
     guidance: float,
     seed: int,
     start_pixels: Optional[torch.Tensor] = None,
+    condition_frames: Optional[torch.Tensor] = None,
     distilled: bool = False,
     shift: float = FLOW_SHIFT,
     tiling: bool = False,
@@ -174,18 +186,27 @@ def render_video(
 ) -> RenderResult:
     """Render one video. Text features are `[1, 1, L, C]` / `[1, L]` (pad to 512 with
     `collate_text(..., max_len=TEXT_TOKENS)` to match the release). `start_pixels` `[3, 1, H, W]` in [-1, 1]
-    makes it image-to-video (its latent is frame 0, never changed); None makes it text-to-video.
+    makes it image-to-video (its latent is frame 0, never changed); `condition_frames` `[3, N, H, W]`
+    (N = 1 + 4k < num_frames) a video continuation, sampled as the official `generate_vc`, whose
+    first N frames are these; neither makes it text-to-video.
     `tiling` decodes (and encodes) with the VAE in tiles, for large renders."""
     shape = latent_shape(vae, height, width, num_frames)
     vae.enable_tiling() if tiling else vae.disable_tiling()
     device = next(transformer.parameters()).device
     latents = initial_noise(shape, seed)
     num_cond = 0
+    if start_pixels is not None and condition_frames is not None:
+        raise ValueError("give start_pixels (image-to-video) or condition_frames (continuation), not both")
     if start_pixels is not None:
         if tuple(start_pixels.shape) != (3, 1, height, width):
             raise ValueError(f"start_pixels must be [3, 1, {height}, {width}], got {list(start_pixels.shape)}")
-        latents[:, :, :I2V_COND_LATENTS] = encode_start_latent(vae, start_pixels).cpu()
+        latents[:, :, :I2V_COND_LATENTS] = encode_condition(vae, start_pixels).cpu()
         num_cond = I2V_COND_LATENTS
+    if condition_frames is not None:
+        _check_condition_frames(vae, condition_frames, height, width, num_frames)
+        cond_latents = encode_condition(vae, condition_frames).cpu()
+        num_cond = cond_latents.shape[2]
+        latents[:, :, :num_cond] = cond_latents
 
     def place(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if tensor is None else tensor.to(device)
@@ -194,9 +215,12 @@ def render_video(
     latents = denoise(
         transformer, latents.to(device), place(prompt_embeds), place(prompt_mask),
         place(negative_embeds), place(negative_mask), steps, guidance,
-        num_cond_latents=num_cond, shift=shift, distilled=distilled, on_step=on_step, step_cache=cache,
+        num_cond_latents=num_cond, shift=shift, distilled=distilled, continuation=condition_frames is not None,
+        on_step=on_step, step_cache=cache,
     ).cpu()
     pixels = decode_latents(vae, latents)
+    if condition_frames is not None:  # the given frames, then the new ones (as the official demo writes it)
+        pixels[:, : condition_frames.shape[1]] = condition_frames.float()
     fidelity = None if start_pixels is None else psnr(start_pixels[:, 0], pixels[:, 0])
     return RenderResult(frames=to_uint8_frames(pixels), latents=latents, first_frame_psnr=fidelity,
                         skipped_steps=cache.skipped if cache else 0)
