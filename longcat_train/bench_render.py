@@ -220,7 +220,8 @@ def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
     inputs = _Inputs(settings, height, width, settings.frames)
     vae = AutoencoderKLWan().to("cuda", torch.bfloat16).eval()  # the Wan 2.1 VAE's architecture
     decode_s = _decode_seconds(vae, inputs)
-    model = random_transformer("cuda", torch.bfloat16, seed=settings.seed).eval()
+    # frozen, as `validate` loads it (`load_dit`)
+    model = random_transformer("cuda", torch.bfloat16, seed=settings.seed).eval().requires_grad_(False)
     _emit(settings, _speed_row(settings, "exact", model, inputs, decode_s))
     uncached = _step_seconds(model, inputs, settings.steps, CFG_GUIDANCE, cache_condition=False)
     _emit(settings, {"row": "exact, condition recomputed each step", "s_per_cfg_step": round(uncached, 3)})

@@ -33,7 +33,7 @@ def profile_training(depth: int, overrides: dict) -> profile:
 def profile_render(depth: int) -> profile:
     from longcat_train.model.release import random_transformer
 
-    model = random_transformer("cuda", torch.bfloat16, depth).eval()
+    model = random_transformer("cuda", torch.bfloat16, depth).eval().requires_grad_(False)  # as `validate` loads it
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 16, 24, 60, 104, generator=g).cuda().bfloat16()
     text = torch.randn(2, 1, 512, 4096, generator=g).cuda().bfloat16()

@@ -170,6 +170,17 @@ def _block_errors() -> dict[str, list[float]]:
     return {"block_i2v/float32": [_rel(a, b) for a, b in zip(fused_out + fused_grads, eager_out + eager_grads)]}
 
 
+
+def test_weights_that_require_grad_stop_the_kernels_only_where_autograd_runs(monkeypatch):
+    """A render's model may keep trainable norm weights (a LoRA run's, a benchmark's): under no_grad
+    nothing needs their gradient, so the fused kernels still run."""
+    monkeypatch.setattr(fused_ops, "_interpreting", lambda: True)
+    x, weight = torch.randn(2, 4), torch.ones(4, requires_grad=True)
+    assert not fused_ops._fusable(x, weight)
+    with torch.no_grad():
+        assert fused_ops._fusable(x, weight)
+    assert fused_ops._fusable(x, weight.detach())
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     errors = _layouts() | _op_errors(torch.float32) | _op_errors(torch.bfloat16) | _block_errors()  # last: it swaps _fusable

@@ -54,7 +54,9 @@ def _fusable(x: torch.Tensor, *small: torch.Tensor | None) -> bool:
         return False
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    return not any(t is not None and t.requires_grad for t in small)
+    # the kernels give no gradient for these small operands (norm weights, affine parameters); where
+    # autograd would want one, take the eager path (under no_grad, as in renders, nothing needs it)
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in small))
 
 
 # ----- eager reference (the official numerics) -------------------------------------------------
