@@ -199,3 +199,6 @@ def test_refine_without_the_refinement_lora_is_refused_by_name_before_loading(tm
     assert result.exit_code == EXIT_CONFIG_ERROR, result.output
     assert "--refine" in result.output and "refinement_lora.safetensors" in result.output
     assert not (loaded.training.output_dir / "validation").exists()
+    result = RUNNER.invoke(app, ["validate", "--config", str(loaded.config_path), "--spatial-only"],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == EXIT_CONFIG_ERROR and "--spatial-only" in result.output, result.output

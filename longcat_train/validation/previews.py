@@ -200,14 +200,16 @@ class PreviewRenderer:
         `spatial_only`) with the checkpoint's refinement LoRA at strength 1 and no other (as the
         official demos: `enable_loras(["refinement_lora"])`) and block-sparse attention on (the
         official `enable_bsa()`; dense off CUDA, where the kernel does not run), both for this
-        render only. `condition_pixels` `[3, N, H, W]` at the refined size stay clean."""
+        render only; the run's attention setting comes back after it. `condition_pixels` `[3, N, H, W]` at the refined size stay clean."""
         lora = self.release_lora(refinement_lora_path(self.root))
         self.encode([prompt])
         self.load()
         transformer = self._transformer
         handle = apply_loras(transformer, [(lora, 1.0)])
         dense = transformer.attention
-        transformer.set_attention_implementation(self.loaded.training.attention_implementation, use_bsa=True)
+        # `auto` with BSA enabled: block-sparse self-attention on CUDA whatever dense kernel the run
+        # chose (a `sdpa` / `flash` run would otherwise stay dense), SDPA for the rest
+        transformer.set_attention_implementation("auto", use_bsa=True)
         try:
             return refine_video(transformer, self._vae, *self._text[prompt], stage1.frames, seed=seed,
                                 condition_pixels=condition_pixels, spatial_only=spatial_only, shift=self.shift,
