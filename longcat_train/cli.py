@@ -48,7 +48,7 @@ def allocator_settings(current: str) -> str:
 
 os.environ["PYTORCH_CUDA_ALLOC_CONF"] = allocator_settings(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 from longcat_train.config.examples import ExistingFilesError, write_example_configs
-from longcat_train.config.model_paths import missing_distill_lora
+from longcat_train.config.model_paths import missing_distill_lora, missing_refinement_lora
 from longcat_train.config.problems import problems_document, warnings_table
 from longcat_train.config.rules import check_frames, parse_resolution
 from longcat_train.config.summary import config_summary, differing_defaults
@@ -231,6 +231,11 @@ def validate(
     seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
     distilled: Annotated[bool, _flag("--distilled", help="16 steps without CFG with the checkpoint's "
                                                         "lora/cfg_step_lora.safetensors (the official distilled mode).")] = False,
+    refine: Annotated[bool, _flag("--refine", help="Then refine each render as the official refinement stage: "
+                                                  "720p, 30 fps, with the checkpoint's lora/refinement_lora.safetensors "
+                                                  "and block-sparse attention; written beside it as <name>_refined.mp4 "
+                                                  "(the official demos refine a --distilled render).")] = False,
+    spatial_only: Annotated[bool, _flag("--spatial-only", help="With --refine: 720p only, at 15 fps (no 2x frames).")] = False,
     fp8: Annotated[bool, _flag("--fp8", help="FP8 matmuls in the DiT's blocks (Ada/Hopper GPUs): faster, approximate.")] = False,
     step_cache: Annotated[float | None, typer.Option(
         metavar="FRACTION", help="Skip the later blocks at steps whose first block changed less than this "
@@ -275,16 +280,21 @@ def validate(
     if cond_frames is not None and video is None and loaded.training.validation_continuation_video is None:
         problems.append(_argument_problem("--cond-frames", cond_frames, "there is no clip to continue",
                                           "add --video CLIP, or set validation_continuation_video"))
-    missing_lora = missing_distill_lora(loaded.model_dir) if distilled else None
-    if missing_lora is not None:
-        problems.append(_argument_problem("--distilled", *missing_lora))
+    for option, wanted, missing_lora in (("--distilled", distilled, missing_distill_lora),
+                                         ("--refine", refine, missing_refinement_lora)):
+        missing = missing_lora(loaded.model_dir) if wanted else None
+        if missing is not None:
+            problems.append(_argument_problem(option, *missing))
+    if spatial_only and not refine:
+        problems.append(_argument_problem("--spatial-only", True, "it only changes a refined render",
+                                          "add --refine, or leave --spatial-only out"))
     if problems:
         _fail(ConfigError(problems))
     from longcat_train.validation.command import run_validate
 
     try:
         run_validate(loaded, loras, image, prompt, resolution, frames, steps, guidance, seed, distilled, fp8=fp8,
-                     video=video)
+                     video=video, refine=refine, spatial_only=spatial_only)
     except ValueError as error:
         _fail(ConfigError([_argument_problem("validate", None, str(error), "see `longcat validate --help`")]))
 

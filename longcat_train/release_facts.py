@@ -1,7 +1,7 @@
 """Facts of the released LongCat-Video checkpoint that several layers need, in one torch-free place
 (config rules, data decoding, caches, the memory plan, training and validation all read it):
 the VAE's compression, the DiT's patch, the text length, the flow shift, the render defaults, the
-distillation LoRA's place and the DiT / umT5-XXL configs."""
+official LoRAs' places, the refinement stage's sizes and the DiT / umT5-XXL configs."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ DEFAULT_FRAMES = 93  # what the base model renders, at 15 fps
 DEFAULT_FPS = 15
 # The release's CFG-and-step distillation LoRA (16 steps, no CFG), inside the checkpoint folder
 CFG_STEP_LORA = "lora/cfg_step_lora.safetensors"
+# The release's refinement LoRA (480p → 720p, 15 → 30 fps, with block-sparse attention)
+REFINEMENT_LORA = "lora/refinement_lora.safetensors"
+# The refinement stage's output sizes (height, width): the official 720p bucket table at 64-pixel
+# granularity (VAE 8 × patch 2 × BSA block 4), one size per aspect ratio; a stage-1 video takes the
+# size whose height/width, rounded to two decimals as the table labels it, is nearest its own.
+REFINE_SIZES = (
+    (448, 2048), (512, 1792), (576, 1600), (640, 1408), (704, 1280), (768, 1216), (832, 1088),
+    (896, 1024), (960, 960), (1024, 896), (1088, 832), (1152, 768), (1216, 768), (1280, 704),
+    (1344, 704), (1408, 640), (1472, 640), (1536, 576), (1664, 576), (1856, 512), (1920, 512),
+)
 
 # The block linears whose outputs selective checkpointing may keep (`keep_projections`), by role:
 # role → the linear's path inside a block

@@ -42,3 +42,26 @@ def reference_model() -> LongCatVideoTransformer3DModel:
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# The official LoRA format's fused layers: one down of n·rank rows, n up blocks (q|k|v, k|v).
+OFFICIAL_FUSED = {"attn.qkv": 3, "cross_attn.kv_linear": 2}
+
+
+def official_lora_state(linears: dict[str, torch.nn.Linear], rank: int, alpha_scale: float,
+                        generator: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
+    """What the official `LoRANetwork` saves for these linears (random weights of `scale`): per
+    module a down of n·rank rows and n up blocks for the fused layers (`OFFICIAL_FUSED`), so the
+    ranks read back as qkv 3r, kv 2r, rest r, and a scalar `alpha_scale`."""
+    state = {}
+    for name, linear in linears.items():
+        n = next((k for suffix, k in OFFICIAL_FUSED.items() if name.endswith(suffix)), 1)
+        key = "lora___lorahyphen___" + name.replace(".", "___lorahyphen___")
+        state[f"{key}.lora_down.weight"] = torch.randn(n * rank, linear.in_features, generator=generator) * scale
+        ups = [torch.randn(linear.out_features // n, rank, generator=generator) * scale for _ in range(n)]
+        if n == 1:
+            state[f"{key}.lora_up.weight"] = ups[0]
+        else:
+            state.update({f"{key}.lora_up.blocks.{j}.weight": up for j, up in enumerate(ups)})
+        state[f"{key}.alpha_scale"] = torch.tensor(alpha_scale)
+    return state

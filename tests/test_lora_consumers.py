@@ -27,10 +27,9 @@ from longcat_train.lora import LoraModule, LoraWeights, apply_loras, read_lora, 
 from longcat_train.lora.adapters import add_lora, lora_state
 
 from .config_factory import base_datasets, base_training, write_pair
-from .reference import load_reference, reference_model, rel_l2
+from .reference import OFFICIAL_FUSED, load_reference, official_lora_state, reference_model, rel_l2
 
 RUNNER = CliRunner()
-FUSED = {"attn.qkv": 3, "cross_attn.kv_linear": 2}
 
 
 def _inputs():
@@ -61,21 +60,8 @@ def _trained_lora(rank=8, alpha=4.0, targets=None, seed=0) -> LoraWeights:
 
 def _official_style_state(rank=8, alpha_scale=0.5, seed=1) -> dict[str, torch.Tensor]:
     """What the official `LoRANetwork` saves when it adapts every linear (as the released
-    cfg_step / refinement LoRAs adapt the modulation and final layers too): one down of n·rank
-    rows and n up blocks for the fused layers, so the ranks read back as qkv 3r, kv 2r, rest r."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, linear in _linears(reference_model()).items():
-        n = next((k for suffix, k in FUSED.items() if name.endswith(suffix)), 1)
-        key = "lora___lorahyphen___" + name.replace(".", "___lorahyphen___")
-        state[f"{key}.lora_down.weight"] = torch.randn(n * rank, linear.in_features, generator=g) * 0.1
-        ups = [torch.randn(linear.out_features // n, rank, generator=g) * 0.1 for _ in range(n)]
-        if n == 1:
-            state[f"{key}.lora_up.weight"] = ups[0]
-        else:
-            state.update({f"{key}.lora_up.blocks.{j}.weight": up for j, up in enumerate(ups)})
-        state[f"{key}.alpha_scale"] = torch.tensor(alpha_scale)
-    return state
+    cfg_step / refinement LoRAs adapt the modulation and final layers too)."""
+    return official_lora_state(_linears(reference_model()), rank, alpha_scale, torch.Generator().manual_seed(seed), 0.1)
 
 
 def _official_deltas(state: dict[str, torch.Tensor], multiplier=1.0) -> dict[str, torch.Tensor]:
@@ -246,7 +232,7 @@ def test_comfyui_file_loads_completely_in_the_wanvideo_wrapper_and_merges_to_our
     base = _wan_state_dict(reference_model())
     changed = [k for k in expected if not torch.equal(expected[k], base[k])]
     assert len(changed) == len(weights.modules) + sum(  # every adapted weight, a split one per projection
-        n - 1 for name in weights.modules for suffix, n in FUSED.items() if name.endswith(suffix))
+        n - 1 for name in weights.modules for suffix, n in OFFICIAL_FUSED.items() if name.endswith(suffix))
     for k in expected:
         torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
 

@@ -16,8 +16,9 @@ from longcat_train.cli import EXIT_CONFIG_ERROR, app
 from longcat_train.lora import write_lora
 from longcat_train.lora.formats import LoraModule, LoraWeights
 from longcat_train.model import LongCatVideoTransformer3DModel
-from longcat_train.release_facts import CFG_STEP_LORA
+from longcat_train.release_facts import CFG_STEP_LORA, REFINEMENT_LORA
 from longcat_train.validation.command import run_validate
+from longcat_train.validation.refine import refine_size
 
 from .media_factory import read_index, read_video, write_clip
 from .validation_project import write_project
@@ -38,12 +39,13 @@ def _lora_file(path: Path, checkpoint: Path, scale: float = 0.5, file_format: st
     return write_lora(path, LoraWeights(modules), file_format)
 
 
-def _checkpoint_with_distill_lora(root: Path, tiny_model: Path, scale: float) -> Path:
-    """The tiny checkpoint (its folders linked) with an official-format cfg_step LoRA of `scale`."""
+def _checkpoint_with_distill_lora(root: Path, tiny_model: Path, scale: float, relative: str = CFG_STEP_LORA) -> Path:
+    """The tiny checkpoint (its folders linked) with an official-format LoRA of `scale` at
+    `relative` (default the cfg_step LoRA)."""
     root.mkdir()
     for folder in tiny_model.iterdir():
         (root / folder.name).symlink_to(folder)
-    _lora_file(root / CFG_STEP_LORA, tiny_model, scale, "official")
+    _lora_file(root / relative, tiny_model, scale, "official")
     return root
 
 
@@ -171,3 +173,32 @@ def test_the_step_cache_option_reports_the_steps_it_skipped(tmp_path, tiny_model
     run_validate(loaded, prompt="a boat", resolution="64x96", frames=5,
                  steps=3, output=tmp_path / "out", console=console)
     assert "step cache skipped 2 of 3 steps" in " ".join(console.export_text().split())
+
+
+@pytest.mark.slow  # ~80 s on two CPU cores: the tiny VAE encodes 16 and decodes 13 frames of 960x960
+def test_refine_writes_the_720p_render_at_30_fps_with_twice_the_frames_beside_the_render(tmp_path, tiny_model) -> None:
+    checkpoint = _checkpoint_with_distill_lora(tmp_path / "checkpoint", tiny_model, 0.5, REFINEMENT_LORA)
+    loaded = write_project(tmp_path / "project", checkpoint)
+    result = RUNNER.invoke(app, ["validate", "--config", str(loaded.config_path), "--prompt", "a boat on a lake",
+                                 "--resolution", "64x64", "--frames", "5", "--steps", "1", "--refine"],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    render, refined = sorted((loaded.training.output_dir / "validation").glob("validate_*/*.mp4"))
+    assert refined.name == render.name.replace(".mp4", "_refined.mp4")
+    frames, fps = read_video(render)
+    assert (frames.shape, fps) == ((5, 64, 64, 3), 15.0)
+    frames, fps = read_video(refined)
+    assert (frames.shape, fps) == ((10, *refine_size(64, 64), 3), 30.0)
+    assert refine_size(64, 64) == (960, 960)
+    assert refined.with_suffix(".png").is_file()
+
+
+def test_refine_without_the_refinement_lora_is_refused_by_name_before_loading(tmp_path, tiny_model) -> None:
+    loaded = write_project(tmp_path, tiny_model)
+    result = RUNNER.invoke(app, ["validate", "--config", str(loaded.config_path), "--refine"], env={"COLUMNS": "250"})
+    assert result.exit_code == EXIT_CONFIG_ERROR, result.output
+    assert "--refine" in result.output and "refinement_lora.safetensors" in result.output
+    assert not (loaded.training.output_dir / "validation").exists()
+    result = RUNNER.invoke(app, ["validate", "--config", str(loaded.config_path), "--spatial-only"],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == EXIT_CONFIG_ERROR and "--spatial-only" in result.output, result.output

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from longcat_train.config.problems import ProblemList
-from longcat_train.release_facts import CFG_STEP_LORA
+from longcat_train.release_facts import CFG_STEP_LORA, REFINEMENT_LORA
 
 LONGCAT_HOME_ENV = "LONGCAT_HOME"
 HUB_REPOSITORY = "meituan-longcat/LongCat-Video"
@@ -50,11 +50,23 @@ def download_hint(target: Path) -> str:
 def missing_distill_lora(root: Path) -> tuple[str, str, str] | None:
     """(path, rule, fix) when checkpoint `root` lacks the cfg_step LoRA that distilled previews
     apply (16 steps without CFG of the base model alone render noise, not a preview); else None."""
-    path = root / CFG_STEP_LORA
+    return _missing_release_lora(root, CFG_STEP_LORA, "distilled previews need the official cfg_step LoRA",
+                                 "distilled")
+
+
+def missing_refinement_lora(root: Path) -> tuple[str, str, str] | None:
+    """(path, rule, fix) when checkpoint `root` lacks the refinement LoRA that the 720p refinement
+    stage applies (the base model was not trained to refine); else None."""
+    return _missing_release_lora(root, REFINEMENT_LORA, "refined previews need the official refinement LoRA",
+                                 "refine")
+
+
+def _missing_release_lora(root: Path, relative: str, rule: str, option: str) -> tuple[str, str, str] | None:
+    path = root / relative
     if path.is_file():
         return None
-    return (str(path), "distilled previews need the official cfg_step LoRA, which is not there",
-            f"copy {CFG_STEP_LORA} of the LongCat-Video release into {root}, or render without distilled")
+    return (str(path), f"{rule}, which is not there",
+            f"copy {relative} of the LongCat-Video release into {root}, or render without {option}")
 
 
 def is_umt5_config(config: dict[str, object]) -> bool:

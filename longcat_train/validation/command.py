@@ -15,10 +15,11 @@ from longcat_train.config import LoadedConfig, TrainingConfig, parse_resolution
 from longcat_train.data import ClipItem, DataSpec, scan_dataset
 from longcat_train.lora import read_lora
 
-from .outputs import render_stem, write_render
+from .outputs import RENDER_FPS, RenderFiles, render_stem, write_render
 from .periodic import ValidationCase, continuation_case, validation_cases
-from .previews import PreviewRenderer, distill_lora_path
-from .render import RenderSettings, load_start_image
+from .previews import PreviewRenderer, distill_lora_path, refinement_lora_path
+from .refine import REFINED_FPS, refine_size
+from .render import RenderResult, RenderSettings, fit_pixels, load_start_image
 
 # The cfg_step LoRA was distilled for 16 steps without CFG (the official pipeline's defaults for it).
 DISTILLED_STEPS = 16
@@ -102,6 +103,8 @@ def run_validate(
     device: str | torch.device | None = None,
     console: Console | None = None,
     video: Path | None = None,
+    refine: bool = False,
+    spatial_only: bool = False,
 ) -> list[Path]:
     """Render and write mp4 + contact sheet per video; returns the written paths (mp4, png, ...).
 
@@ -111,10 +114,16 @@ def run_validate(
     `video`, the continuation of its last `validation_continuation_cond_frames` frames; with only
     `prompt`, text-to-video; with none, what periodic validation renders. LoRAs apply as forward
     hooks with their strengths (0 = no effect).
+    `refine`: each render then goes through the official refinement stage (`PreviewRenderer.refine`:
+    720p, 30 fps, or 15 with `spatial_only`), written beside it as `<stem>_refined`; an
+    image-to-video render's start image conditions its refinement too. (The official demos refine
+    a distilled stage 1; any stage 1 is refined here.)
     Output goes to `output`, default `output_dir/validation/validate_<time>/`.
     """
     console = console or Console()
     renderer = PreviewRenderer(loaded, device, fp8=fp8)
+    if refine:  # a missing refinement LoRA stops the command before any render
+        refinement_lora_path(loaded.model_dir)
     if distilled:  # the renderer applies the checkpoint's own copy
         distill_lora = distill_lora_path(loaded.model_dir).resolve()
         loras = [(path, strength) for path, strength in loras if path.resolve() != distill_lora]
@@ -144,4 +153,22 @@ def run_validate(
                 notes.append(f"step cache skipped {result.skipped_steps} of {settings.steps} steps")
             noted = f" ({'; '.join(notes)})" if notes else ""
             progress.console.print(f"wrote {files.video} and {files.sheet}{noted}")
+            if refine:
+                written.extend(_refine(renderer, progress, directory, case, result, settings, spatial_only).paths())
     return written
+
+
+def _refine(renderer: PreviewRenderer, progress: Progress, directory: Path, case: ValidationCase,
+            stage1: RenderResult, settings: RenderSettings, spatial_only: bool) -> RenderFiles:
+    """The refined render of `case`'s stage-1 render, written as `<stem>_refined`."""
+    task = progress.add_task(f"refine {case.stem}", total=None)
+    size = refine_size(*case.size)
+    condition = None if case.start_pixels is None else fit_pixels(case.start_pixels, *size)
+    result = renderer.refine(
+        case.prompt, stage1, settings.seed, condition, spatial_only=spatial_only, tiling=settings.tiling,
+        on_step=lambda done, total: progress.update(task, completed=done, total=total),
+    )
+    files = write_render(directory, f"{case.stem}_refined", result.frames,
+                         fps=RENDER_FPS if spatial_only else REFINED_FPS)
+    progress.console.print(f"wrote {files.video} and {files.sheet} ({size[0]}x{size[1]})")
+    return files

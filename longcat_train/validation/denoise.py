@@ -35,20 +35,31 @@ def sampling_sigmas(num_inference_steps: int, distilled: bool = False) -> torch.
 
 
 def make_scheduler(num_inference_steps: int, shift: float = FLOW_SHIFT, distilled: bool = False,
-                   device: torch.device | str = "cpu", uniform_tail: bool = False) -> FlowMatchEulerDiscreteScheduler:
+                   device: torch.device | str = "cpu", uniform_tail: bool = False,
+                   t_thresh: float = 0.0) -> FlowMatchEulerDiscreteScheduler:
     """A fresh diffusers scheduler holding the shifted schedule (σ' = shift·σ / (1 + (shift−1)·σ));
     with `uniform_tail`, the continuation schedule: the timesteps above `UNIFORM_TAIL_START`, then
-    `UNIFORM_TAIL_STEPS` evenly spaced ones from there down (unshifted), σ = timestep / 1000."""
+    `UNIFORM_TAIL_STEPS` evenly spaced ones from there down (unshifted); with `t_thresh` > 0, the
+    refinement schedule (`generate_refine`): t_thresh·1000, then the schedule's timesteps below it.
+    Both hold σ = timestep / 1000."""
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
     scheduler.set_timesteps(sigmas=sampling_sigmas(num_inference_steps, distilled).tolist(), device=device)
+    timesteps = scheduler.timesteps
     if uniform_tail:
         tail = np.linspace(UNIFORM_TAIL_START, 0, UNIFORM_TAIL_STEPS, endpoint=False, dtype=np.float32)
-        kept = scheduler.timesteps[scheduler.timesteps > UNIFORM_TAIL_START]
-        timesteps = torch.cat([kept, torch.from_numpy(tail).to(kept.device)])
-        # set_timesteps would shift these sigmas; the scheduler steps along whatever it holds
-        scheduler.timesteps = timesteps
-        scheduler.sigmas = torch.cat([timesteps / NUM_TRAIN_TIMESTEPS, timesteps.new_zeros(1)])
+        kept = timesteps[timesteps > UNIFORM_TAIL_START]
+        _hold(scheduler, torch.cat([kept, torch.from_numpy(tail).to(kept.device)]))
+    if t_thresh:
+        start = torch.tensor(t_thresh * NUM_TRAIN_TIMESTEPS, dtype=timesteps.dtype, device=timesteps.device)
+        _hold(scheduler, torch.cat([start[None], timesteps[timesteps < start]]))
     return scheduler
+
+
+def _hold(scheduler: FlowMatchEulerDiscreteScheduler, timesteps: torch.Tensor) -> None:
+    """Make the scheduler step along `timesteps` with σ = timestep / 1000 (set_timesteps would
+    shift these sigmas; the scheduler steps along whatever it holds)."""
+    scheduler.timesteps = timesteps
+    scheduler.sigmas = torch.cat([timesteps / NUM_TRAIN_TIMESTEPS, timesteps.new_zeros(1)])
 
 
 def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -78,6 +89,7 @@ def denoise(
     on_step: Optional[Callable[[int, int], None]] = None,
     cache_condition: bool = True,
     step_cache: Optional[StepCache] = None,
+    t_thresh: float = 0.0,
 ) -> torch.Tensor:
     """Run the sampler from `latents` ([B,16,T,H,W], normalised; frames `:num_cond_latents` hold the
     clean condition latents) and return the denoised latents in float32. The condition frames are
@@ -91,7 +103,8 @@ def denoise(
     its KV cache leaves the condition frames out of the prediction, so CFG-Zero*'s scale comes from
     the generated frames alone, and (unless `distilled`) the schedule ends in the uniform tail of
     `make_scheduler`. Image-to-video scales over every frame, as the official `generate_i2v`.
-    `on_step(done, total)` follows the steps."""
+    `t_thresh` > 0 samples the refinement stage's truncated schedule (`make_scheduler`) from
+    latents already noised to that level. `on_step(done, total)` follows the steps."""
     do_cfg = guidance_scale > 1.0
     if do_cfg and negative_embeds is None:
         raise ValueError("guidance_scale > 1 needs negative_embeds (encode the empty prompt \"\" when no "
@@ -100,7 +113,7 @@ def denoise(
     latents = latents.float().clone()
     batch = latents.shape[0]
     scheduler = make_scheduler(num_inference_steps, shift, distilled, device=latents.device,
-                               uniform_tail=continuation and not distilled)
+                               uniform_tail=continuation and not distilled, t_thresh=t_thresh)
     c = num_cond_latents
     first_guided = c if continuation else 0  # the frames CFG-Zero* scales over start here
 

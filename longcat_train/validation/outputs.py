@@ -1,4 +1,4 @@
-"""What a render leaves on disk: an H.264 mp4 at 15 fps and a PNG contact sheet."""
+"""What a render leaves on disk: an H.264 mp4 (15 fps; refined renders 30) and a PNG contact sheet."""
 
 from __future__ import annotations
 
@@ -53,10 +53,11 @@ def contact_sheet(frames: np.ndarray, count: int = SHEET_FRAMES, columns: int = 
     return Image.fromarray(sheet)
 
 
-def write_render(directory: Path, stem: str, frames: np.ndarray) -> RenderFiles:
-    """`directory/stem.mp4` (15 fps) and `directory/stem.png` (contact sheet)."""
+def write_render(directory: Path, stem: str, frames: np.ndarray, fps: int = RENDER_FPS) -> RenderFiles:
+    """`directory/stem.mp4` (15 fps unless `fps`: a refined render's 30) and `directory/stem.png`
+    (contact sheet)."""
     directory.mkdir(parents=True, exist_ok=True)
-    video = write_video(directory / f"{stem}.mp4", even_frames(frames), RENDER_FPS)
+    video = write_video(directory / f"{stem}.mp4", even_frames(frames), fps)
     sheet = directory / f"{stem}.png"
     contact_sheet(frames).save(sheet)
     return RenderFiles(video=video, sheet=sheet)

@@ -21,12 +21,13 @@ import torch
 from longcat_train.cache import TextCache, clean_prompt, collate_text
 from longcat_train.components import free_device_memory, load_scheduler, load_text_encoder, load_tokenizer, load_vae
 from longcat_train.config import LoadedConfig
-from longcat_train.config.model_paths import missing_distill_lora
+from longcat_train.config.model_paths import missing_distill_lora, missing_refinement_lora
 from longcat_train.lora import LoraWeights, apply_loras, read_lora
 from longcat_train.memory import load_frozen_transformer
 from longcat_train.memory.quantize import fp8_matmuls_unavailable, use_fp8_matmuls
-from longcat_train.release_facts import CFG_STEP_LORA, TEXT_TOKENS
+from longcat_train.release_facts import CFG_STEP_LORA, REFINEMENT_LORA, TEXT_TOKENS
 
+from .refine import refine_video
 from .render import RenderResult, RenderSettings, render_video
 
 DEVICE_TYPES = ("cuda", "mps", "cpu")
@@ -47,11 +48,19 @@ def render_device(name: str | torch.device | None) -> torch.device:
 
 def distill_lora_path(model_dir: Path) -> Path:
     """The checkpoint's cfg_step LoRA, which distilled previews apply; ValueError when it is missing."""
-    missing = missing_distill_lora(Path(model_dir))
+    return _release_lora(missing_distill_lora(Path(model_dir)), Path(model_dir) / CFG_STEP_LORA)
+
+
+def refinement_lora_path(model_dir: Path) -> Path:
+    """The checkpoint's refinement LoRA, which refined previews apply; ValueError when it is missing."""
+    return _release_lora(missing_refinement_lora(Path(model_dir)), Path(model_dir) / REFINEMENT_LORA)
+
+
+def _release_lora(missing: tuple[str, str, str] | None, path: Path) -> Path:
     if missing is not None:
-        path, rule, fix = missing
-        raise ValueError(f"{path}: {rule}. Fix: {fix}")
-    return Path(model_dir) / CFG_STEP_LORA
+        where, rule, fix = missing
+        raise ValueError(f"{where}: {rule}. Fix: {fix}")
+    return path
 
 
 def render_dtype(device: torch.device) -> torch.dtype:
@@ -76,7 +85,7 @@ class PreviewRenderer:
         self._transformer: torch.nn.Module | None = None
         self._vae: torch.nn.Module | None = None
         self._text: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._distill_lora: LoraWeights | None = None
+        self._release_loras: dict[Path, LoraWeights] = {}  # the checkpoint's own LoRAs, read once
 
     @property
     def model_loaded(self) -> bool:
@@ -142,11 +151,11 @@ class PreviewRenderer:
         self._transformer = self._vae = None
         free_device_memory(self.device)
 
-    def distill_lora(self) -> LoraWeights:
-        """The checkpoint's cfg_step LoRA (read once); ValueError naming the file when it is missing."""
-        if self._distill_lora is None:
-            self._distill_lora = read_lora(distill_lora_path(self.root)).weights
-        return self._distill_lora
+    def release_lora(self, path: Path) -> LoraWeights:
+        """One of the checkpoint's own LoRAs (`distill_lora_path`, `refinement_lora_path`), read once."""
+        if path not in self._release_loras:
+            self._release_loras[path] = read_lora(path).weights
+        return self._release_loras[path]
 
     def render(
         self,
@@ -164,7 +173,7 @@ class PreviewRenderer:
         cfg_step LoRA (strength 1, as the official pipeline) before `loras`."""
         if negative_prompt is None:
             negative_prompt = self.loaded.training.validation_negative_prompt or ""
-        distill = [(self.distill_lora(), 1.0)] if settings.distilled else []
+        distill = [(self.release_lora(distill_lora_path(self.root)), 1.0)] if settings.distilled else []
         self.encode([negative_prompt, prompt])
         self.load()
         handle = apply_loras(self._transformer, [*distill, *loras])
@@ -175,4 +184,36 @@ class PreviewRenderer:
                 **settings.as_kwargs(),
             )
         finally:
+            handle.remove()
+
+    def refine(
+        self,
+        prompt: str,
+        stage1: RenderResult,
+        seed: int,
+        condition_pixels: torch.Tensor | None = None,
+        spatial_only: bool = False,
+        tiling: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> RenderResult:
+        """The official refinement stage on a render (`refine_video`: 720p, 30 fps unless
+        `spatial_only`) with the checkpoint's refinement LoRA at strength 1 and no other (as the
+        official demos: `enable_loras(["refinement_lora"])`) and block-sparse attention on (the
+        official `enable_bsa()`; dense off CUDA, where the kernel does not run), both for this
+        render only; the run's attention setting comes back after it. `condition_pixels` `[3, N, H, W]` at the refined size stay clean."""
+        lora = self.release_lora(refinement_lora_path(self.root))
+        self.encode([prompt])
+        self.load()
+        transformer = self._transformer
+        handle = apply_loras(transformer, [(lora, 1.0)])
+        dense = transformer.attention
+        # `auto` with BSA enabled: block-sparse self-attention on CUDA whatever dense kernel the run
+        # chose (a `sdpa` / `flash` run would otherwise stay dense), SDPA for the rest
+        transformer.set_attention_implementation("auto", use_bsa=True)
+        try:
+            return refine_video(transformer, self._vae, *self._text[prompt], stage1.frames, seed=seed,
+                                condition_pixels=condition_pixels, spatial_only=spatial_only, shift=self.shift,
+                                tiling=tiling, on_step=on_step)
+        finally:
+            transformer.attention = dense
             handle.remove()
