@@ -61,7 +61,8 @@ def test_simpletuner_order_against_landscape_clips_names_both_readings() -> None
 def test_dataset_renders_follow_each_clips_orientation() -> None:
     assert follow_orientation((480, 832), (832, 480)) == (832, 480)
     assert follow_orientation((480, 832), (512, 512)) == (480, 832)
-    training = SimpleNamespace(validation_size=(480, 832), validation_using_datasets=True, validation_prompt=None)
+    training = SimpleNamespace(validation_size=(480, 832), validation_using_datasets=True, validation_prompt=None,
+                               validation_continuation_video=None)
     cases = validation_cases(training, [_item(64, 32, "tall"), _item(32, 64, "wide")])
     assert [case.size for case in cases] == [(832, 480), (480, 832)]
 
