@@ -236,7 +236,7 @@ def validate(
                                                   "and block-sparse attention; written beside it as <name>_refined.mp4 "
                                                   "(the official demos refine a --distilled render).")] = False,
     spatial_only: Annotated[bool, _flag("--spatial-only", help="With --refine: 720p only, at 15 fps (no 2x frames).")] = False,
-    fp8: Annotated[bool, _flag("--fp8", help="FP8 matmuls in the DiT's blocks (Ada/Hopper GPUs): faster, approximate.")] = False,
+    fp8: Annotated[bool, _flag("--fp8", help="FP8 matmuls in the DiT's blocks (Ada/Hopper GPUs): less VRAM, approximate.")] = False,
     step_cache: Annotated[float | None, typer.Option(
         metavar="FRACTION", help="Skip the later blocks at steps whose first block changed less than this "
                                  "(e.g. 0.05): faster, approximate (default: validation_step_cache).")] = None,

@@ -78,8 +78,10 @@ def fp8_matmuls_unavailable(device: torch.device) -> str | None:
 
 def use_fp8_matmuls(model: LongCatVideoTransformer3DModel) -> None:
     """Renders, opt-in and approximate: every block's big linears become FP8 matmuls (torchao's
-    float8 weights, activations scaled per row as they come), about twice the bf16 tensor-core
-    rate on Hopper. Attention and the fp32 islands are untouched. Give it the bf16 model."""
+    float8 weights, activations scaled per row as they come). The weights take half the memory; the
+    GEMMs run at twice the bf16 rate on Hopper, but quantizing the activations costs about what
+    that saves at 480p (docs/benchmarks.md). Attention and the fp32 islands are untouched. Give it
+    the bf16 model."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
