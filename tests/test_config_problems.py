@@ -130,6 +130,8 @@ CASES: list[tuple[str, Mutation, str, str, str]] = [
     ("fsdp with group offload", _fsdp_with("enable_group_offload", True), "enable_group_offload", "false", "fsdp shards"),
     ("fsdp with quantized weights", _fsdp_with("base_model_precision", "int8-quanto"), "base_model_precision", '"bf16"',
      "quantized"),
+    ("fsdp with the step cache", _fsdp_with("validation_step_cache", 0.05), "validation_step_cache", '"ddp"',
+     "skip decisions"),
     ("unknown distributed strategy", _set("distributed_strategy", "zero3"), "distributed_strategy", "fsdp", ""),
 ]
 

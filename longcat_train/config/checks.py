@@ -128,6 +128,14 @@ def _check_sharding(training: TrainingConfig, file: Path, problems: ProblemList)
         problems.add(file, "base_model_precision", training.base_model_precision,
                      "fsdp shards plain bf16 weights; quantized ones are not shardable tensors",
                      'use "base_model_precision": "bf16" with fsdp, or "distributed_strategy": "ddp"')
+    if training.validation_step_cache:
+        # every process renders together under fsdp; each would decide on its own which steps skip
+        # the later blocks, and a step one skips and another runs leaves their weight gathers unmatched
+        problems.add(file, "validation_step_cache", training.validation_step_cache,
+                     "with fsdp every process renders each validation together, and the step cache's "
+                     "skip decisions are not shared between them",
+                     'set "validation_step_cache": 0 with fsdp (use it with `longcat validate` afterwards), '
+                     'or "distributed_strategy": "ddp"')
 
 
 def _check_kept_projections(training: TrainingConfig, file: Path, problems: ProblemList) -> None:
