@@ -197,14 +197,20 @@ class ConditionKeys:
         """Called at the start of each forward that uses the keys: blocks take them in order."""
         self._next = 0
 
-    def next_block(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This block's keys and values for a batch of `batch` rows (a CFG batch repeats the renders)."""
-        k, v = self._keys[self._next]
+    def prepend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noisy tokens' keys and values `[B, H, N, D]` of this block with the condition's in
+        front. B is a multiple of the cached batch (a CFG batch repeats the renders): the cached
+        rows are broadcast into the one concatenation, never copied on their own."""
+        cond_k, cond_v = self._keys[self._next]
         self._next += 1
-        if batch % self.batch:
-            raise ValueError(f"a batch of {batch} rows cannot use a condition cached for {self.batch}")
-        repeats = batch // self.batch
-        return (k, v) if repeats == 1 else (k.repeat(repeats, 1, 1, 1), v.repeat(repeats, 1, 1, 1))
+        if k.shape[0] % self.batch:
+            raise ValueError(f"a batch of {k.shape[0]} rows cannot use a condition cached for {self.batch}")
+
+        def joined(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            new = new.unflatten(0, (-1, self.batch))  # [repeats, batch, H, N, D], a view
+            return torch.cat([cached.expand(new.shape[0], *cached.shape), new], dim=3).flatten(0, 1)
+
+        return joined(cond_k, k), joined(cond_v, v)
 
 
 class SelfAttention(nn.Module):
@@ -232,8 +238,7 @@ class SelfAttention(nn.Module):
         if condition is not None and condition.recording:
             condition.record(k, v)
         elif condition is not None:  # x holds the noisy tokens; they see the cached condition too
-            cond_k, cond_v = condition.next_block(B)
-            k, v = torch.cat([cond_k, k], dim=2), torch.cat([cond_v, v], dim=2)
+            k, v = condition.prepend(k, v)
             noise_grid = (grid[0] - condition.num_latents, grid[1], grid[2])
             out = attention.self_attention(q, k, v, noise_grid, grid).transpose(1, 2)
             return self.proj(out.reshape(B, N, C))
