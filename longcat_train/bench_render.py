@@ -25,12 +25,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .lora import LoraModule, LoraWeights, apply_loras
 from .memory.quantize import use_fp8_matmuls
 from .model.release import RELEASE_DIT_CONFIG, random_transformer
+from .release_facts import BLOCK_LINEARS
 from .validation.denoise import denoise
+from .validation.refine import refine_size, refine_video, upsample_frames
 from .validation.render import decode_latents, psnr, render_video
 
 CFG_GUIDANCE = 4.0
+# the official release LoRAs' (cfg_step, refinement) rank and alpha, as its loader reads them
+RELEASE_LORA_RANK, RELEASE_LORA_ALPHA = 128, 64.0
 
 
 @dataclass
@@ -41,7 +46,7 @@ class RenderBenchSettings:
     render_steps: int = 50
     distilled_steps: int = 16
     official: Path | None = None
-    quality: bool = True
+    skipped: frozenset[str] = frozenset()  # phases left out: quality, fp8, distilled, refine
     quality_resolution: str = "256x448"
     quality_frames: int = 33
     step_cache_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
@@ -143,6 +148,77 @@ def _fast_modes(settings: RenderBenchSettings) -> list[tuple[str, dict]]:
             + [(f"{n} steps", {"steps": n}) for n in settings.fewer_steps])
 
 
+def _release_shaped_lora(model: torch.nn.Module, seed: int) -> LoraWeights:
+    """Random weights of the official release LoRAs' shape (rank 128, alpha 64) on every linear of
+    every block, made on the model's device: what applying the cfg_step or refinement LoRA costs a
+    render (which layers the real files cover is not known here; every block linear is the most)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+    modules = {}
+    for index, block in enumerate(model.blocks):
+        for path in BLOCK_LINEARS:
+            layer = block.get_submodule(path)
+            modules[f"blocks.{index}.{path}"] = LoraModule(
+                torch.randn(RELEASE_LORA_RANK, layer.in_features, generator=g, device=device) * 0.01,
+                torch.randn(layer.out_features, RELEASE_LORA_RANK, generator=g, device=device) * 0.01,
+                RELEASE_LORA_ALPHA)
+    return LoraWeights(modules)
+
+
+def _start_image(height: int, width: int, seed: int) -> torch.Tensor:
+    return torch.rand(3, 1, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _distilled_render_row(settings: RenderBenchSettings, model, vae, inputs: _Inputs, lora: LoraWeights) -> dict:
+    """A whole distilled preview as `validate --distilled` renders it: the cfg_step LoRA applied as
+    forward hooks, start image encoded, 16 steps without CFG, VAE decode."""
+    height, width = settings.size(settings.resolution)
+    handle = apply_loras(model, [(lora, 1.0)])
+    try:
+        marks: list[float] = []
+        begin = _synchronized()
+        render_video(model, vae, inputs.text, inputs.mask, None, None, height=height, width=width,
+                     num_frames=settings.frames, steps=settings.distilled_steps, guidance=1.0, seed=settings.seed,
+                     start_pixels=_start_image(height, width, settings.seed), distilled=True,
+                     on_step=lambda *_: marks.append(_synchronized()))
+        seconds = _synchronized() - begin
+    finally:
+        handle.remove()
+    return {"row": "distilled render, cfg_step-shaped LoRA hooks", "s_render": round(seconds, 1),
+            "s_per_step_without_cfg": round(statistics.median(b - a for a, b in zip(marks, marks[1:])), 3),
+            "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def _refine_render_row(settings: RenderBenchSettings, model, vae, inputs: _Inputs, lora: LoraWeights) -> dict:
+    """The refinement stage on a stage-1 render of the bench's size (random frames), as `validate
+    --refine` runs it: 720p-class size, 2x frames, the refinement LoRA's hooks, block-sparse
+    self-attention, the truncated schedule without CFG. Timed once, cold: the first call includes
+    the block-sparse kernels' Triton autotuning (the per-step figure leaves the first step out)."""
+    height, width = settings.size(settings.resolution)
+    stage1 = torch.randint(0, 256, (settings.frames, height, width, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(settings.seed)).numpy()
+    size = refine_size(height, width)
+    condition = upsample_frames(stage1[:1], *size, temporal=False)
+    dense = model.attention
+    model.set_attention_implementation("auto", use_bsa=True)
+    handle = apply_loras(model, [(lora, 1.0)])
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        marks: list[float] = []
+        begin = _synchronized()
+        result = refine_video(model, vae, inputs.text, inputs.mask, stage1, seed=settings.seed, size=size,
+                              condition_pixels=condition, on_step=lambda *_: marks.append(_synchronized()))
+        seconds = _synchronized() - begin
+    finally:
+        handle.remove()
+        model.attention = dense
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    return {"row": "refine render (BSA, refinement-LoRA-shaped hooks)",
+            "refined_shape": "x".join(map(str, (*size, len(result.frames)))), "refine_steps": len(marks),
+            "s_render": round(seconds, 1), "s_per_step_without_cfg": round(statistics.median(steps), 3) if steps else None,
+            "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
 def _sdpa_as_flash_attn() -> types.ModuleType:
     """A `flash_attn` module whose `flash_attn_func` is PyTorch SDPA ([B, S, H, D] layout), for an
     official checkout on a machine without flash-attn: the official code then runs its attention on
@@ -226,14 +302,23 @@ def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
     uncached = _step_seconds(model, inputs, settings.steps, CFG_GUIDANCE, cache_condition=False)
     _emit(settings, {"row": "exact, condition recomputed each step", "s_per_cfg_step": round(uncached, 3)})
     reference: dict = {}
-    if settings.quality:
+    runs = lambda phase: phase not in settings.skipped  # noqa: E731
+    if runs("quality"):
         for row in _quality_rows(settings, "exact", model, vae, [("", {}), *_fast_modes(settings)], reference):
             _emit(settings, row)
-    use_fp8_matmuls(model)
-    _emit(settings, _speed_row(settings, "fp8", model, inputs, decode_s))
-    if settings.quality:
-        for row in _quality_rows(settings, "fp8", model, vae, [("", {})], reference):
-            _emit(settings, row)
+    if runs("distilled") or runs("refine"):
+        lora = _release_shaped_lora(model, settings.seed)
+        if runs("distilled"):
+            _emit(settings, _distilled_render_row(settings, model, vae, inputs, lora))
+        if runs("refine"):
+            _emit(settings, _refine_render_row(settings, model, vae, inputs, lora))
+        del lora
+    if runs("fp8"):
+        use_fp8_matmuls(model)
+        _emit(settings, _speed_row(settings, "fp8", model, inputs, decode_s))
+        if runs("quality"):
+            for row in _quality_rows(settings, "fp8", model, vae, [("", {})], reference):
+                _emit(settings, row)
     del model
     torch.cuda.empty_cache()
     if settings.official is not None:
@@ -244,11 +329,11 @@ def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
 
 def _print_table(settings: RenderBenchSettings) -> None:
     columns = ("row", "s_per_cfg_step", "s_per_step_without_cfg", "s_per_render", "s_per_distilled_render",
-               "s_render", "skipped_steps", "psnr_db_vs_exact", "peak_vram_gib")
+               "refined_shape", "s_render", "skipped_steps", "psnr_db_vs_exact", "peak_vram_gib")
     print(f"render bench, {settings.resolution}x{settings.frames} (quality rows: "
           f"{settings.quality_resolution}x{settings.quality_frames}), {torch.cuda.get_device_name()}")
     print(" | ".join(columns))
     for row in settings.rows:
         print(" | ".join(str(row.get(c, "")) for c in columns))
-    print(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
+    print(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, frozenset) else v)
                                    for k, v in asdict(settings).items() if k != "rows"}}))

@@ -555,7 +555,8 @@ def bench(
     clips: Annotated[int, typer.Option(help="e2e: training clips written (one more is held out).")] = 5,
     skip: Annotated[str, typer.Option(help="e2e: phases left out, comma-separated: validate (the `validate "
                                            "--lora` render), bench (the `bench` comparison); render: quality "
-                                           "(the PSNR renders).")] = "",
+                                           "(the PSNR renders), fp8, distilled (a timed distilled render with "
+                                           "LoRA hooks), refine (a timed 720p refinement).")] = "",
     official: Annotated[Path | None, typer.Option(
         help="render: a checkout of meituan-longcat/LongCat-Video whose DiT step is timed beside ours.")] = None,
     rows: Annotated[str, typer.Option(help="memory: rows, comma-separated (default all): bf16, bf16-kept, "
@@ -602,7 +603,7 @@ def bench(
         problems.append(_argument_problem("--keep-projections", keep_projections, f"unknown projections {unknown}",
                                           f"use auto, none or names from {sorted(PROJECTION_MODULES)}"))
     skipped = set(filter(None, skip.split(",")))
-    phases = {"render": {"quality"}}.get(mode, {"validate", "bench"})
+    phases = {"render": {"quality", "fp8", "distilled", "refine"}}.get(mode, {"validate", "bench"})
     if skipped - phases:
         problems.append(_argument_problem("--skip", skip, f"unknown phases {sorted(skipped - phases)}",
                                           f"use {', '.join(sorted(phases))}, comma-separated"))
@@ -637,7 +638,7 @@ def bench(
             from longcat_train.bench_render import RenderBenchSettings, run_render_bench
 
             run_render_bench(RenderBenchSettings(resolution=resolution, frames=frames, steps=steps, official=official,
-                                                 quality="quality" not in skipped))
+                                                 skipped=frozenset(skipped)))
         elif mode == "bsa":
             from longcat_train.bench_bsa import BsaBenchSettings, run_bsa_bench
 

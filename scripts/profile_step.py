@@ -44,7 +44,8 @@ def profile_render(depth: int) -> profile:
         noisy = latents[:, :, 1:].repeat(2, 1, 1, 1, 1)
         model(noisy, timestep, text, mask, condition=condition)  # warm-up
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        # CPU activity too, with shapes: the op table below names which aten op launched each kernel
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             model(noisy, timestep, text, mask, condition=condition)
             torch.cuda.synchronize()
     return prof
@@ -61,6 +62,10 @@ def main(argv: list[str]) -> None:
     prof = profile_render(depth) if render else profile_training(depth, overrides)
     events = prof.key_averages()
     print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    if render:  # the aten ops (with their input shapes) whose own kernels take the most time
+        ops = prof.key_averages(group_by_input_shape=True)
+        print(ops.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=40,
+                        max_shapes_column_width=100))
     totals: dict[str, float] = {}
     for event in events:
         if event.device_type.name != "CUDA":

@@ -208,7 +208,7 @@ def test_commands_without_config(tmp_path: Path) -> None:
     official = RUNNER.invoke(app, ["bench", "--mode", "render", "--official", str(tmp_path), "--skip", "bench"], env=WIDE)
     assert official.exit_code == EXIT_CONFIG_ERROR and "--official" in official.output
     assert "not a LongCat-Video checkout" in official.output and "'quality'" not in official.output
-    assert "use quality" in " ".join(official.output.split())  # render's own phases, not e2e's
+    assert "use distilled, fp8, quality, refine" in " ".join(official.output.split())  # render's phases, not e2e's
     if not torch.cuda.is_available():
         for mode in ("train", "memory", "bsa", "render"):
             no_gpu = RUNNER.invoke(app, ["bench", "--mode", mode], env=WIDE)

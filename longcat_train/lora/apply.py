@@ -38,7 +38,12 @@ def apply_loras(model: torch.nn.Module, loras: list[tuple[LoraWeights, float]]) 
                 # as the official loader does: the input rounded to the LoRA's (the model's) dtype,
                 # then computed where the layer computes (fp32 for the modulation and final layers)
                 x = args[0].to(down.dtype).to(output.dtype)
-                return output + F.linear(F.linear(x, down.to(output.dtype)), up.to(output.dtype))
+                low = F.linear(x, down.to(output.dtype))
+                # output + low·upᵀ in one GEMM whose epilogue adds the layer's output: at a render's
+                # 36k tokens the separate product and sum would each pass over the whole output again
+                flat = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]),
+                                   up.to(output.dtype).t())
+                return flat.view(output.shape)
 
             hooks.append(target.register_forward_hook(hook))
     return LoraHandle(hooks)

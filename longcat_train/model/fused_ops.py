@@ -154,10 +154,15 @@ if triton is not None:
         tl.store(OUT + row * C + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _head_rows(rows, tokens, BLOCK_R: tl.constexpr):
+    def _head_rows(rows, heads, tokens, BLOCK_R: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
         """(token index n, batch·head index bh, row mask [BLOCK_R, 1]) of this program's rows of a
-        [B, heads, N, D] tensor."""
+        [B, heads, N, D] tensor. Rows are taken in storage order, so a program reads one contiguous
+        span: heads fastest for token-major storage (one token's heads lie side by side), tokens
+        fastest otherwise."""
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if TOKEN_MAJOR:
+            per_batch = heads * tokens
+            return (r % per_batch) // heads, (r // per_batch) * heads + r % heads, (r < rows)[:, None]
         return r % tokens, r // tokens, (r < rows)[:, None]
 
     @triton.jit
@@ -177,10 +182,10 @@ if triton is not None:
 
     @triton.jit
     def _rms_rope_fwd(X, W, COS, SIN, Y, rows, heads, tokens, s_b, s_h, s_n, o_b, o_h, o_n, eps,
-                      D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
+                      D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
         # rows of X [B, heads, N, D] → Y (each with its own strides, unit stride on D). Rows are
         # read and written whole (vectorised); RoPE's adjacent pairs are split apart in registers
-        n, bh, m2 = _head_rows(rows, tokens, BLOCK_R)
+        n, bh, m2 = _head_rows(rows, heads, tokens, BLOCK_R, TOKEN_MAJOR)
         d = tl.arange(0, D)
         x = tl.load(X + _row_offsets(bh, n, heads, s_b, s_h, s_n)[:, None] + d[None, :], mask=m2, other=0.0)
         x = x.to(tl.float32)
@@ -195,8 +200,8 @@ if triton is not None:
     @triton.jit
     def _rms_rope_bwd(X, W, COS, SIN, DY, DX, rows, heads, tokens, s_b, s_h, s_n, g_b, g_h, g_n,
                       o_b, o_h, o_n, eps,
-                      D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
-        n, bh, m2 = _head_rows(rows, tokens, BLOCK_R)
+                      D: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+        n, bh, m2 = _head_rows(rows, heads, tokens, BLOCK_R, TOKEN_MAJOR)
         d = tl.arange(0, D)
         dt = DX.dtype.element_ty
         g = tl.load(DY + _row_offsets(bh, n, heads, g_b, g_h, g_n)[:, None] + d[None, :], mask=m2, other=0.0)
@@ -307,9 +312,14 @@ def _dense_like(x: torch.Tensor) -> torch.Tensor:
     (as cuDNN attention allocates its output): q/k sliced from a [B, N, 3, H, D] projection stay
     token-major, so attention's output and gradients need no transpose copies."""
     B, P, Q, D = x.shape
-    if x.stride(1) < x.stride(2):
+    if _token_major(x):
         return x.new_empty((B, Q, P, D)).transpose(1, 2)
     return x.new_empty((B, P, Q, D))
+
+
+def _token_major(x: torch.Tensor) -> bool:
+    """Whether [B, heads, N, D] x keeps a token's heads closer together than a head's tokens."""
+    return x.stride(1) < x.stride(2)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -325,7 +335,8 @@ class _RmsNormRope(torch.autograd.Function):
         rows = B * H * N
         _rms_rope_fwd[(triton.cdiv(rows, _RMS_ROWS),)](
             x, weight, cos if has_rope else weight, sin if has_rope else weight, y, rows, H, N,
-            *_strides(x), *_strides(y), eps, D=D, HAS_ROPE=has_rope, BLOCK_R=_RMS_ROWS, num_warps=4)
+            *_strides(x), *_strides(y), eps, D=D, HAS_ROPE=has_rope, BLOCK_R=_RMS_ROWS,
+            TOKEN_MAJOR=_token_major(x), num_warps=4)
         ctx.save_for_backward(x, weight, cos, sin)
         ctx.eps = eps
         return y
@@ -341,7 +352,7 @@ class _RmsNormRope(torch.autograd.Function):
         _rms_rope_bwd[(triton.cdiv(rows, _RMS_ROWS),)](
             x, weight, cos if has_rope else weight, sin if has_rope else weight, dy, dx,
             rows, H, N, *_strides(x), *_strides(dy), *_strides(dx), ctx.eps,
-            D=D, HAS_ROPE=has_rope, BLOCK_R=_RMS_ROWS, num_warps=4)
+            D=D, HAS_ROPE=has_rope, BLOCK_R=_RMS_ROWS, TOKEN_MAJOR=_token_major(x), num_warps=4)
         return dx, None, None, None, None
 
 

@@ -188,7 +188,9 @@ class ConditionKeys:
         self._next = 0
 
     def record(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._keys.append((k, v))
+        """Keep one block's condition keys and values `[B, H, c, D]`, token-major (`[B, c, H, D]`
+        storage: the layout `prepend` joins them in), v copied out of its qkv projection."""
+        self._keys.append(tuple(t.transpose(1, 2).contiguous() for t in (k, v)))
 
     def finish_recording(self) -> None:
         self.recording = False
@@ -207,8 +209,12 @@ class ConditionKeys:
             raise ValueError(f"a batch of {k.shape[0]} rows cannot use a condition cached for {self.batch}")
 
         def joined(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-            new = new.unflatten(0, (-1, self.batch))  # [repeats, batch, H, N, D], a view
-            return torch.cat([cached.expand(new.shape[0], *cached.shape), new], dim=3).flatten(0, 1)
+            # joined along tokens in token-major storage, where each token's heads are one span to
+            # copy (a head-major result would make the copy a transpose: 3x slower at 480p), and
+            # returned as the [B, H, N, D] view that attention takes
+            new = new.transpose(1, 2).unflatten(0, (-1, self.batch))  # [repeats, batch, N, H, D], a view
+            joined = torch.cat([cached.expand(new.shape[0], *cached.shape), new], dim=2)
+            return joined.flatten(0, 1).transpose(1, 2)
 
         return joined(cond_k, k), joined(cond_v, v)
 
