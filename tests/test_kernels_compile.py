@@ -85,10 +85,11 @@ FUSED_OP_KERNELS = {  # name: (signature, constants)
                                  tokens_per_row="i32", params_per_batch="i32", eps="fp32"), dict(BLOCK_C=4096)),
     "_rms_rope_fwd": (dict(X="*bf16", W="*bf16", COS="*fp32", SIN="*fp32", Y="*bf16", rows="i32", heads="i32",
                            tokens="i32", s_b="i32", s_h="i32", s_n="i32", o_b="i32", o_h="i32", o_n="i32", eps="fp32"),
-                      dict(D=128, HAS_ROPE=True, BLOCK_R=16)),
+                      dict(D=128, HAS_ROPE=True, BLOCK_R=16, TOKEN_MAJOR=True)),
     "_rms_rope_bwd": (dict(X="*bf16", W="*bf16", COS="*fp32", SIN="*fp32", DY="*bf16", DX="*bf16", rows="i32",
                            heads="i32", tokens="i32", s_b="i32", s_h="i32", s_n="i32", g_b="i32", g_h="i32",
-                           g_n="i32", o_b="i32", o_h="i32", o_n="i32", eps="fp32"), dict(D=128, HAS_ROPE=True, BLOCK_R=16)),
+                           g_n="i32", o_b="i32", o_h="i32", o_n="i32", eps="fp32"),
+                      dict(D=128, HAS_ROPE=True, BLOCK_R=16, TOKEN_MAJOR=True)),
     "_gate_kernel": (dict(X="*bf16", Y="*bf16", G="*fp32", OUT="*bf16", C="i32", tokens="i32", tokens_per_row="i32",
                           params_per_batch="i32"), dict(HAS_X=True, BLOCK_C=4096)),
 }
