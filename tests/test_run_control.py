@@ -38,18 +38,26 @@ def _train(config: Path, *extra: str, log: Path | None = None, **popen) -> subpr
                             env={**os.environ, "COLUMNS": "200"}, **popen)
 
 
-def test_a_log_file_gets_progress_lines(tmp_path: Path) -> None:
-    config = _project(tmp_path)
-    log = tmp_path / "train.log"
-    run = _train(config, log=log)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A demo project whose 6-step run finished uninterrupted, its progress written to train.log:
+    the tests below read it and never write into its output_dir."""
+    config = _project(tmp_path_factory.mktemp("finished"))
+    run = _train(config, log=config.parent / "train.log")
     _, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr
-    lines = [line for line in log.read_text().splitlines() if line.startswith("step ")]
+    return config
+
+
+def test_a_log_file_gets_progress_lines(finished: Path) -> None:
+    lines = [line for line in (finished.parent / "train.log").read_text().splitlines() if line.startswith("step ")]
     assert lines[0].startswith("step 1/6 loss ") and lines[-1].startswith("step 6/6 loss ")
     assert all(" s/step " in line and " ETA " in line for line in lines)
 
-    # a resume after changing the LoRA's shape: what differs and the ways out, no traceback
-    changed = _train(config, "--set", "resume_from_checkpoint=latest", "--set", "lora_rank=8",
+
+def test_resuming_with_another_lora_shape_says_what_differs(finished: Path) -> None:
+    # what differs and the ways out, no traceback
+    changed = _train(finished, "--set", "resume_from_checkpoint=latest", "--set", "lora_rank=8",
                      "--set", "max_train_steps=8")
     _, stderr = changed.communicate(timeout=300)
     assert changed.returncode == 1
@@ -57,16 +65,17 @@ def test_a_log_file_gets_progress_lines(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
-def test_a_second_train_into_a_running_trains_output_dir_is_refused_naming_the_first(tmp_path: Path) -> None:
-    config = _project(tmp_path)
-    first = _train(config, "--set", "max_train_steps=100000", log=tmp_path / "first.log")
-    lock = tmp_path / "output" / LOCK_FILE
+def test_a_second_train_into_a_running_trains_output_dir_is_refused_naming_the_first(finished: Path,
+                                                                                   tmp_path: Path) -> None:
+    config, output = finished, ("--set", f"output_dir={tmp_path}")
+    first = _train(config, *output, "--set", "max_train_steps=100000", log=tmp_path / "first.log")
+    lock = tmp_path / LOCK_FILE
     try:
         deadline = time.monotonic() + 300
         while not (lock.is_file() and f'"pid": {first.pid}' in lock.read_text()):  # the first holds it
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
             time.sleep(0.2)
-        second = _train(config)
+        second = _train(config, *output)
         _, stderr = second.communicate(timeout=300)
     finally:
         first.kill()
@@ -85,13 +94,11 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
             assert f"PID {os.getpid()}" in str(error)
 
 
-def test_sigint_stops_with_a_checkpoint_and_the_resume_ends_bit_identical(tmp_path: Path) -> None:
-    config = _project(tmp_path)
-    run = _train(config)  # uninterrupted; it also writes the caches both runs then read
-    assert run.wait(timeout=600) == 0, run.stderr.read()
-
-    elsewhere = ("--set", "output_dir=interrupted")
-    events = tmp_path / "interrupted" / "events.jsonl"
+def test_sigint_stops_with_a_checkpoint_and_the_resume_ends_bit_identical(finished: Path, tmp_path: Path) -> None:
+    # the uninterrupted run is `finished`'s (which also wrote the caches this run reads)
+    config, interrupted = finished, tmp_path / "interrupted"
+    elsewhere = ("--set", f"output_dir={interrupted}")
+    events = interrupted / "events.jsonl"
     run = _train(config, *elsewhere)
     deadline = time.time() + 600
     while time.time() < deadline and run.poll() is None:
@@ -104,31 +111,27 @@ def test_sigint_stops_with_a_checkpoint_and_the_resume_ends_bit_identical(tmp_pa
     assert run.returncode == 130, stderr
     assert "Resume with: longcat train" in stderr
     stopped = [json.loads(line) for line in events.read_text().splitlines() if '"interrupted"' in line][-1]
-    assert stopped["step"] < STEPS and (tmp_path / "interrupted" / f"checkpoint-{stopped['step']}").is_dir()
+    assert stopped["step"] < STEPS and (interrupted / f"checkpoint-{stopped['step']}").is_dir()
 
     resumed = _train(config, *elsewhere, "--set", "resume_from_checkpoint=latest")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    final, reference = (load_file(tmp_path / out / "lora.safetensors") for out in ("interrupted", "output"))
+    final, reference = (load_file(out / "lora.safetensors") for out in (interrupted, config.parent / "output"))
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[key], reference[key]) for key in final)  # bit for bit
 
 
-def test_a_batch_size_no_bucket_can_fill_is_refused_naming_the_buckets(tmp_path: Path) -> None:
-    config = _project(tmp_path)
-    run = _train(config, "--set", "train_batch_size=50")
+def test_a_batch_size_no_bucket_can_fill_is_refused_naming_the_buckets(finished: Path, tmp_path: Path) -> None:
+    run = _train(finished, "--set", f"output_dir={tmp_path}", "--set", "train_batch_size=50")
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 1
     assert "no batch of train_batch_size=50" in stderr and "items" in stderr and "Traceback" not in stderr
 
 
-def test_rerunning_a_finished_run_says_so_and_exits_0(tmp_path: Path) -> None:
-    config = _project(tmp_path)
-    short = ("--set", "max_train_steps=2", "--set", "checkpoint_step_interval=2")
-    assert _train(config, *short).wait(timeout=600) == 0
-    again = _train(config, *short, "--set", "resume_from_checkpoint=latest")
+def test_rerunning_a_finished_run_says_so_and_exits_0(finished: Path) -> None:
+    again = _train(finished, "--set", "resume_from_checkpoint=latest")
     stdout, stderr = again.communicate(timeout=600)
     assert again.returncode == 0, stderr
-    assert "holds a finished run (2 of 2 steps)" in stdout
+    assert f"holds a finished run ({STEPS} of {STEPS} steps)" in stdout
 
 
 def test_non_finite_lora_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None:
