@@ -6,6 +6,8 @@ Random full-size weights (DiT and Wan VAE) on one CUDA GPU. Speed rows at the re
 (batch 1: the distilled preview's), the VAE decode, and from them a 50-step CFG render and a
 16-step distilled render, in the exact mode (bf16), with FP8 matmuls, and for the official code's
 step at the same shape (`--official PATH`: a checkout of meituan-longcat/LongCat-Video).
+Two renders are timed whole, with release-shaped LoRA hooks: a distilled preview and the 720p
+refinement (block-sparse attention) of a stage-1 video of the render size.
 Quality rows render a smaller video end to end (same seed, image-to-video) in each fast mode and
 give its PSNR against the exact render; with random weights these show how far a mode's numbers
 drift, not how a trained model's video looks.
