@@ -23,6 +23,7 @@ import time
 import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,8 @@ from .memory.quantize import use_fp8_matmuls
 from .model.release import RELEASE_DIT_CONFIG, random_transformer
 from .release_facts import BLOCK_LINEARS
 from .validation.denoise import denoise
-from .validation.refine import refine_size, refine_video, upsample_frames
-from .validation.render import decode_latents, psnr, render_video
+from .validation.refine import refine_size, refine_video, refinement_attention, upsample_frames
+from .validation.render import RenderResult, decode_latents, psnr, render_video
 
 CFG_GUIDANCE = 4.0
 # the official release LoRAs' (cfg_step, refinement) rank and alpha, as its loader reads them
@@ -48,7 +49,7 @@ class RenderBenchSettings:
     render_steps: int = 50
     distilled_steps: int = 16
     official: Path | None = None
-    skipped: frozenset[str] = frozenset()  # phases left out: quality, fp8, distilled, refine
+    skipped: tuple[str, ...] = ()  # phases left out: quality, fp8, distilled, refine
     quality_resolution: str = "256x448"
     quality_frames: int = 33
     step_cache_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
@@ -126,8 +127,7 @@ def _quality_rows(settings: RenderBenchSettings, name: str, model, vae, modes: l
     """Render the quality video in each `(mode, render options)`; PSNR against `reference["frames"]`
     (filled by the first mode when empty)."""
     height, width = settings.size(settings.quality_resolution)
-    g = torch.Generator().manual_seed(settings.seed)
-    start = torch.rand(3, 1, height, width, generator=g) * 2 - 1
+    start = _start_image(height, width, settings.seed)
     inputs = _Inputs(settings, height, width, settings.quality_frames)
     rows = []
     for mode, options in modes:
@@ -171,23 +171,27 @@ def _start_image(height: int, width: int, seed: int) -> torch.Tensor:
     return torch.rand(3, 1, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+def _timed_render(render: Callable[[Callable[[int, int], None]], RenderResult],
+                  ) -> tuple[RenderResult, float, list[float]]:
+    """(result, seconds, each sampler step's seconds after the first) of `render(on_step)`."""
+    marks: list[float] = []
+    begin = _synchronized()
+    result = render(lambda *_: marks.append(_synchronized()))
+    seconds = _synchronized() - begin
+    return result, seconds, [b - a for a, b in zip(marks, marks[1:])]
+
+
 def _distilled_render_row(settings: RenderBenchSettings, model, vae, inputs: _Inputs, lora: LoraWeights) -> dict:
     """A whole distilled preview as `validate --distilled` renders it: the cfg_step LoRA applied as
     forward hooks, start image encoded, 16 steps without CFG, VAE decode."""
     height, width = settings.size(settings.resolution)
-    handle = apply_loras(model, [(lora, 1.0)])
-    try:
-        marks: list[float] = []
-        begin = _synchronized()
-        render_video(model, vae, inputs.text, inputs.mask, None, None, height=height, width=width,
-                     num_frames=settings.frames, steps=settings.distilled_steps, guidance=1.0, seed=settings.seed,
-                     start_pixels=_start_image(height, width, settings.seed), distilled=True,
-                     on_step=lambda *_: marks.append(_synchronized()))
-        seconds = _synchronized() - begin
-    finally:
-        handle.remove()
+    with apply_loras(model, [(lora, 1.0)]):
+        _, seconds, steps = _timed_render(lambda on_step: render_video(
+            model, vae, inputs.text, inputs.mask, None, None, height=height, width=width,
+            num_frames=settings.frames, steps=settings.distilled_steps, guidance=1.0, seed=settings.seed,
+            start_pixels=_start_image(height, width, settings.seed), distilled=True, on_step=on_step))
     return {"row": "distilled render, cfg_step-shaped LoRA hooks", "s_render": round(seconds, 1),
-            "s_per_step_without_cfg": round(statistics.median(b - a for a, b in zip(marks, marks[1:])), 3),
+            "s_per_step_without_cfg": round(statistics.median(steps), 3),
             "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
@@ -201,23 +205,14 @@ def _refine_render_row(settings: RenderBenchSettings, model, vae, inputs: _Input
                            generator=torch.Generator().manual_seed(settings.seed)).numpy()
     size = refine_size(height, width)
     condition = upsample_frames(stage1[:1], *size, temporal=False)
-    dense = model.attention
-    model.set_attention_implementation("auto", use_bsa=True)
-    handle = apply_loras(model, [(lora, 1.0)])
     torch.cuda.reset_peak_memory_stats()
-    try:
-        marks: list[float] = []
-        begin = _synchronized()
-        result = refine_video(model, vae, inputs.text, inputs.mask, stage1, seed=settings.seed, size=size,
-                              condition_pixels=condition, on_step=lambda *_: marks.append(_synchronized()))
-        seconds = _synchronized() - begin
-    finally:
-        handle.remove()
-        model.attention = dense
-    steps = [b - a for a, b in zip(marks, marks[1:])]
+    with apply_loras(model, [(lora, 1.0)]), refinement_attention(model):
+        result, seconds, steps = _timed_render(lambda on_step: refine_video(
+            model, vae, inputs.text, inputs.mask, stage1, seed=settings.seed, size=size,
+            condition_pixels=condition, on_step=on_step))
     return {"row": "refine render (BSA, refinement-LoRA-shaped hooks)",
-            "refined_shape": "x".join(map(str, (*size, len(result.frames)))), "refine_steps": len(marks),
-            "s_render": round(seconds, 1), "s_per_step_without_cfg": round(statistics.median(steps), 3) if steps else None,
+            "refined_shape": "x".join(map(str, (*size, len(result.frames)))), "refine_steps": len(steps) + 1,
+            "s_render": round(seconds, 1), "s_per_step_without_cfg": round(statistics.median(steps), 3),
             "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
@@ -337,5 +332,5 @@ def _print_table(settings: RenderBenchSettings) -> None:
     print(" | ".join(columns))
     for row in settings.rows:
         print(" | ".join(str(row.get(c, "")) for c in columns))
-    print(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, frozenset) else v)
+    print(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
                                    for k, v in asdict(settings).items() if k != "rows"}}))

@@ -638,7 +638,7 @@ def bench(
             from longcat_train.bench_render import RenderBenchSettings, run_render_bench
 
             run_render_bench(RenderBenchSettings(resolution=resolution, frames=frames, steps=steps, official=official,
-                                                 skipped=frozenset(skipped)))
+                                                 skipped=tuple(sorted(skipped))))
         elif mode == "bsa":
             from longcat_train.bench_bsa import BsaBenchSettings, run_bsa_bench
 

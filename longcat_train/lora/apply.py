@@ -12,6 +12,8 @@ from .weights import LoraWeights
 
 
 class LoraHandle:
+    """The hooks of `apply_loras`; `remove()` (or leaving a `with` block) takes them all off."""
+
     def __init__(self, hooks):
         self._hooks = hooks
 
@@ -19,6 +21,12 @@ class LoraHandle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def __enter__(self) -> "LoraHandle":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.remove()
 
 
 def apply_loras(model: torch.nn.Module, loras: list[tuple[LoraWeights, float]]) -> LoraHandle:

@@ -27,7 +27,7 @@ from longcat_train.memory import load_frozen_transformer
 from longcat_train.memory.quantize import fp8_matmuls_unavailable, use_fp8_matmuls
 from longcat_train.release_facts import CFG_STEP_LORA, REFINEMENT_LORA, TEXT_TOKENS
 
-from .refine import refine_video
+from .refine import refine_video, refinement_attention
 from .render import RenderResult, RenderSettings, render_video
 
 DEVICE_TYPES = ("cuda", "mps", "cpu")
@@ -176,15 +176,12 @@ class PreviewRenderer:
         distill = [(self.release_lora(distill_lora_path(self.root)), 1.0)] if settings.distilled else []
         self.encode([negative_prompt, prompt])
         self.load()
-        handle = apply_loras(self._transformer, [*distill, *loras])
-        try:
+        with apply_loras(self._transformer, [*distill, *loras]):
             return render_video(
                 self._transformer, self._vae, *self._text[prompt], *self._text[negative_prompt],
                 start_pixels=start_pixels, condition_frames=condition_frames, on_step=on_step,
                 **settings.as_kwargs(),
             )
-        finally:
-            handle.remove()
 
     def refine(
         self,
@@ -205,15 +202,7 @@ class PreviewRenderer:
         self.encode([prompt])
         self.load()
         transformer = self._transformer
-        handle = apply_loras(transformer, [(lora, 1.0)])
-        dense = transformer.attention
-        # `auto` with BSA enabled: block-sparse self-attention on CUDA whatever dense kernel the run
-        # chose (a `sdpa` / `flash` run would otherwise stay dense), SDPA for the rest
-        transformer.set_attention_implementation("auto", use_bsa=True)
-        try:
+        with apply_loras(transformer, [(lora, 1.0)]), refinement_attention(transformer):
             return refine_video(transformer, self._vae, *self._text[prompt], stage1.frames, seed=seed,
                                 condition_pixels=condition_pixels, spatial_only=spatial_only, shift=self.shift,
                                 tiling=tiling, on_step=on_step)
-        finally:
-            transformer.attention = dense
-            handle.remove()

@@ -16,8 +16,9 @@ on every device.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -81,6 +82,19 @@ class RefineLayout:
         """`[3, F, H, W]` with the first frame repeated `front` times before and the last `back` after."""
         return torch.cat([pixels[:, :1].expand(-1, self.front, -1, -1), pixels,
                           pixels[:, -1:].expand(-1, self.back, -1, -1)], dim=1)
+
+
+@contextmanager
+def refinement_attention(transformer: torch.nn.Module) -> Iterator[None]:
+    """Block-sparse self-attention while the block runs (the official `enable_bsa()`): `auto` with
+    BSA enabled, so it holds on CUDA whatever dense kernel the run chose (a `sdpa` / `flash` run
+    would otherwise stay dense), SDPA for the rest; the run's attention setting comes back after."""
+    dense = transformer.attention
+    transformer.set_attention_implementation("auto", use_bsa=True)
+    try:
+        yield
+    finally:
+        transformer.attention = dense
 
 
 def noised(latents: torch.Tensor, noise: torch.Tensor, t_thresh: float) -> torch.Tensor:
