@@ -15,21 +15,24 @@ drift, not how a trained model's video looks.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import statistics
 import sys
 import time
 import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .lora import LoraModule, LoraWeights, apply_loras
 from .memory.quantize import use_fp8_matmuls
+from .model.attention import dense_inference_kernel
 from .model.release import RELEASE_DIT_CONFIG, random_transformer
 from .release_facts import BLOCK_LINEARS
 from .validation.denoise import denoise
@@ -171,6 +174,16 @@ def _start_image(height: int, width: int, seed: int) -> torch.Tensor:
     return torch.rand(3, 1, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+@contextmanager
+def _sdpa_attention(model) -> Iterator[None]:
+    """The model's dense attention on PyTorch SDPA while the block runs, `auto` after."""
+    model.set_attention_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attention_implementation("auto")
+
+
 def _timed_render(render: Callable[[Callable[[int, int], None]], RenderResult],
                   ) -> tuple[RenderResult, float, list[float]]:
     """(result, seconds, each sampler step's seconds after the first) of `render(on_step)`."""
@@ -221,6 +234,10 @@ def _sdpa_as_flash_attn() -> types.ModuleType:
     official checkout on a machine without flash-attn: the official code then runs its attention on
     the same SDPA kernels as ours, and every other op as its own."""
     module = types.ModuleType("flash_attn")
+    # flash-attn-4 alone makes `flash_attn` a namespace package: keep its `flash_attn.cute` importable
+    spec = importlib.util.find_spec("flash_attn")
+    if spec is not None and spec.submodule_search_locations is not None:
+        module.__path__ = list(spec.submodule_search_locations)
 
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, **_):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -245,7 +262,11 @@ def _official_row(settings: RenderBenchSettings, inputs: _Inputs, decode_s: floa
     frame 0 at timestep 0, `num_cond_latents=1`, no cache), with random bf16 weights."""
     sys.path.insert(0, str(settings.official))
     attention = "flash-attn"
-    if importlib.util.find_spec("flash_attn") is None:
+    try:  # flash-attn 2's function, which the official code calls (flash-attn-4 alone lacks it)
+        flash2 = hasattr(importlib.import_module("flash_attn"), "flash_attn_func")
+    except ImportError:
+        flash2 = False
+    if not flash2:
         sys.modules["flash_attn"] = _sdpa_as_flash_attn()
         attention = "SDPA in place of flash-attn (not installed)"
     from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel as OfficialDiT
@@ -295,7 +316,11 @@ def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
     decode_s = _decode_seconds(vae, inputs)
     # frozen, as `validate` loads it (`load_dit`)
     model = random_transformer("cuda", torch.bfloat16, seed=settings.seed).eval().requires_grad_(False)
-    _emit(settings, _speed_row(settings, "exact", model, inputs, decode_s))
+    _emit(settings, {**_speed_row(settings, "exact", model, inputs, decode_s), "attention": dense_inference_kernel()})
+    if dense_inference_kernel() != "sdpa":  # the same step on SDPA (cuDNN), what `auto` ran before
+        with _sdpa_attention(model):
+            _emit(settings, {**_speed_row(settings, "exact, SDPA attention", model, inputs, decode_s),
+                             "attention": "sdpa"})
     uncached = _step_seconds(model, inputs, settings.steps, CFG_GUIDANCE, cache_condition=False)
     _emit(settings, {"row": "exact, condition recomputed each step", "s_per_cfg_step": round(uncached, 3)})
     reference: dict = {}
@@ -303,6 +328,10 @@ def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
     if runs("quality"):
         for row in _quality_rows(settings, "exact", model, vae, [("", {}), *_fast_modes(settings)], reference):
             _emit(settings, row)
+        if dense_inference_kernel() != "sdpa":  # how far the exact render moves with the kernel
+            with _sdpa_attention(model):
+                for row in _quality_rows(settings, "exact, SDPA attention", model, vae, [("", {})], reference):
+                    _emit(settings, row)
     if runs("distilled") or runs("refine"):
         lora = _release_shaped_lora(model, settings.seed)
         if runs("distilled"):
@@ -325,7 +354,7 @@ def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
 
 
 def _print_table(settings: RenderBenchSettings) -> None:
-    columns = ("row", "s_per_cfg_step", "s_per_step_without_cfg", "s_per_render", "s_per_distilled_render",
+    columns = ("row", "attention", "s_per_cfg_step", "s_per_step_without_cfg", "s_per_render", "s_per_distilled_render",
                "refined_shape", "s_render", "skipped_steps", "psnr_db_vs_exact", "peak_vram_gib")
     print(f"render bench, {settings.resolution}x{settings.frames} (quality rows: "
           f"{settings.quality_resolution}x{settings.quality_frames}), {torch.cuda.get_device_name()}")

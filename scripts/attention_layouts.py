@@ -1,7 +1,8 @@
 """Time PyTorch SDPA's CUDA backends on a render's self-attention shape (480x832x93 image-to-video
 with the condition frame cached: 35,880 noisy queries over 37,440 keys, batch 2 for CFG, 32 heads
 of 128) for each memory layout of q and k/v ([B, H, N, D] views of head-major or token-major
-storage), to see which layout and kernel the sampler should feed.
+storage), to see which layout and kernel the sampler should feed; then FlashAttention-4 (where
+flash-attn-4 is installed) on token-major tensors, with its largest difference from cuDNN's output.
 
     python scripts/attention_layouts.py
 """
@@ -47,6 +48,21 @@ def main() -> None:
             figure = f"refused: {str(error).splitlines()[0][:80]}"
         layout = lambda token_major: "token-major" if token_major else "head-major"  # noqa: E731
         print(f"{backend.name} | {layout(q_tokens)} | {layout(kv_tokens)} | {figure}", flush=True)
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        print("flash-attn-4 | not installed")
+        return
+    q, k, v = tensor(NQ, True), tensor(NK, True), tensor(NK, True)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        expected = F.scaled_dot_product_attention(q, k, v)
+    flash4 = lambda: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # noqa: E731
+    out = flash4()
+    out = (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+    s = seconds(flash4)
+    difference = (out.float() - expected.float()).abs()
+    print(f"flash-attn-4 | token-major | token-major | {1e3 * s:.1f} | {flops / s / 1e12:.0f} "
+          f"| max |FA4 - cuDNN| {difference.max().item():.2e}, mean {difference.mean().item():.2e}", flush=True)
 
 
 if __name__ == "__main__":

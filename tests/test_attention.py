@@ -35,3 +35,22 @@ def test_an_unavailable_backend_named_explicitly_is_a_clear_error():
         AttentionDispatcher("flash")
     with pytest.raises(AttentionBackendUnavailable, match="unknown"):
         AttentionDispatcher("fastest")
+
+
+def test_flash4_runs_only_unmasked_half_precision_inference_on_cuda():
+    import torch
+
+    from longcat_train.model.attention import ATTENTION_BACKENDS, flash4_applies
+
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert not flash4_applies(q, None)  # CPU tensors: SDPA
+        # and `auto` there is SDPA's result
+        out = ATTENTION_BACKENDS["auto"].dense(q, q, q)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert torch.equal(out, expected)
+    if torch.cuda.is_available():
+        cuda = q.cuda()
+        assert not flash4_applies(cuda, torch.ones(8, 8, dtype=torch.bool, device="cuda"))  # masked
+        assert not flash4_applies(cuda.float(), None)  # fp32
+        assert not flash4_applies(cuda, None)  # grad enabled: training keeps SDPA's op

@@ -28,3 +28,20 @@ def test_the_stand_in_takes_flash_attn_layouts_and_packed_sequences():
     assert out.shape == packed_q.shape
     assert torch.allclose(out[:5], _reference(packed_q[:5], packed_k[:4], packed_v[:4], 0.3), atol=1e-5)
     assert torch.allclose(out[5:], _reference(packed_q[5:], packed_k[4:], packed_v[4:], 0.3), atol=1e-5)
+
+
+def test_the_stand_in_keeps_a_flash_attn_4_install_importable(tmp_path, monkeypatch):
+    """flash-attn-4 alone makes `flash_attn` a namespace package holding `cute`: the stand-in takes
+    the name for the official code but must leave `flash_attn.cute` importable for our attention."""
+    import importlib
+    import sys
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("MARK = 'fa4'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "flash_attn", _sdpa_as_flash_attn())
+    assert importlib.import_module("flash_attn.cute").MARK == "fa4"
+    assert callable(sys.modules["flash_attn"].flash_attn_func)
+    monkeypatch.delitem(sys.modules, "flash_attn.cute")

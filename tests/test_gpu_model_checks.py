@@ -1,5 +1,5 @@
 """GPU checks of the full-size transformer (random release-shaped weights): one block in bf16 against
-the same block in fp32; the fused Triton block ops against the eager ops (one block, bf16, forward
+the same block in fp32; flash-attn-4's block against SDPA's where it is installed; the fused Triton block ops against the eager ops (one block, bf16, forward
 and backward); host offload of block inputs and kept attention outputs against none (gradients equal
 to run-to-run noise); the full 48-block forward at 480x832x93.
 
@@ -96,6 +96,31 @@ def test_fused_kernels_match_eager_ops():
     assert result["rel_l2_of_update"] < 2e-2
     assert result["rel_l2_input_grad"] < 1e-2
     assert result["bit_equal_output_fraction"] > 0.5
+
+
+def test_flash4_block_matches_sdpa_block():
+    """One block, bf16, inference: `auto`'s dense attention on flash-attn-4 against SDPA (cuDNN)."""
+    from longcat_train.model.attention import dense_inference_kernel
+
+    if dense_inference_kernel() == "sdpa":
+        pytest.skip("flash-attn-4 is not installed, or not for this GPU")
+    model = random_transformer("cuda", torch.bfloat16, depth=1, seed=1).requires_grad_(False)
+    T, h, w = TOKENS_GRID
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, T * h * w, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    t_emb = torch.randn(2, T, 512, device="cuda", generator=g)
+    text = torch.randn(2, 512, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    out = {}
+    with torch.no_grad():
+        for implementation in ("auto", "sdpa"):
+            model.set_attention_implementation(implementation)
+            out[implementation] = model.blocks[0](x, t_emb, text, None, (T, h, w), 1, model.rope, model.attention)
+    result = _report({"check": "flash4_vs_sdpa_block_bf16", "tokens": T * h * w,
+                      "rel_l2_output": _rel(out["auto"], out["sdpa"]),
+                      "rel_l2_of_update": _rel(out["auto"] - x, out["sdpa"] - x)})
+    # two exact kernels apart by bf16 rounding only: the fused-vs-eager check's scale
+    assert result["rel_l2_output"] < 1e-2
+    assert result["rel_l2_of_update"] < 2e-2
 
 
 def test_offloading_block_inputs_changes_no_gradient():

@@ -9,10 +9,12 @@ selective checkpointing keeps, what it needs installed), which the config reads 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 
+import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -63,6 +65,62 @@ def _sdpa(q, k, v, attn_mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
+# FlashAttention-4 (`pip install flash-attn-4`, the CuTe-DSL kernels of the flash-attn authors) on
+# Hopper and Blackwell: at the 480p render's self-attention shape it outran cuDNN, the fastest kernel
+# PyTorch has (docs/benchmarks.md, session 12). Inference only: its backward is not the op selective
+# checkpointing keeps, and training's attention has its own parity checks on SDPA.
+FLASH4_ARCHES = (9, 10)
+
+
+@functools.cache
+def _flash4_forward() -> Callable | None:
+    """flash-attn-4's `flash_attn_func` where it is installed and this GPU is one it was built for."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in FLASH4_ARCHES:
+        return None
+    try:
+        from flash_attn.cute import flash_attn_func
+
+        # one small call against SDPA first: a kernel that fails to build or disagrees on this
+        # machine falls back to SDPA with a warning instead of failing a user's render
+        q, k, v = torch.randn(3, 1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
+        out = flash_attn_func(q, k, v)
+        out = out[0] if isinstance(out, tuple) else out
+        expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    except ImportError:
+        return None
+    except Exception as error:  # noqa: BLE001 - any failure of the optional kernel means SDPA
+        log.warning("flash-attn-4 is installed but failed its check on this GPU (%s); using SDPA",
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
+    log.info("dense attention in inference: FlashAttention-4 (flash-attn-4)")
+    return flash_attn_func
+
+
+def flash4_applies(q: torch.Tensor, attn_mask) -> bool:
+    """Whether `auto` runs this attention on FlashAttention-4: unmasked bf16/fp16 inference on CUDA."""
+    return (q.is_cuda and attn_mask is None and not torch.is_grad_enabled()
+            and q.dtype in (torch.bfloat16, torch.float16) and _flash4_forward() is not None)
+
+
+def dense_inference_kernel() -> str:
+    """The kernel `auto` runs unmasked dense attention on in inference here: "flash-attn-4" or "sdpa"."""
+    return "flash-attn-4" if _flash4_forward() is not None else "sdpa"
+
+
+def _flash4(q, k, v):
+    out = _flash4_forward()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
+    return out.transpose(1, 2)
+
+
+def _auto(q, k, v, attn_mask=None):
+    """The fastest dense kernel here: FlashAttention-4 for inference where it applies, else SDPA."""
+    if flash4_applies(q, attn_mask):
+        return _flash4(q, k, v)
+    return _sdpa(q, k, v, attn_mask)
+
+
 def _flash(q, k, v, attn_mask=None):
     if attn_mask is not None:
         return _sdpa(q, k, v, attn_mask)
@@ -107,10 +165,11 @@ class AttentionBackend:
 
 
 # Every backend: the names `attention_implementation` accepts, in this order, through the config's
-# `ATTENTION_CHOICES`, read from here. `auto` and `bsa` run SDPA for dense attention and
-# block-sparse attention for video self-attention where `AttentionDispatcher.bsa_decision` says so.
+# `ATTENTION_CHOICES`, read from here. `auto` and `bsa` run SDPA (FlashAttention-4 in inference where
+# `flash4_applies`) for dense attention and block-sparse attention for video self-attention where
+# `AttentionDispatcher.bsa_decision` says so.
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
-    "auto": AttentionBackend(_sdpa, _SDPA_OPS | _BSA_OPS,
+    "auto": AttentionBackend(_auto, _SDPA_OPS | _BSA_OPS,
                              note="fastest available per shape; block-sparse where the released model uses it"),
     "sdpa": AttentionBackend(_sdpa, _SDPA_OPS),
     # flash and xformers fall back to SDPA with a mask; their own kernels are not listed, so
@@ -118,7 +177,7 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "flash": AttentionBackend(_flash, _SDPA_OPS, requires=("flash_attn", "flash_attn_interface"),
                               install="pip install flash-attn --no-build-isolation"),
     "xformers": AttentionBackend(_xformers, _SDPA_OPS, requires=("xformers",), install="pip install xformers"),
-    "bsa": AttentionBackend(_sdpa, _SDPA_OPS | _BSA_OPS, requires=("triton",), install="pip install triton (Linux)"),
+    "bsa": AttentionBackend(_auto, _SDPA_OPS | _BSA_OPS, requires=("triton",), install="pip install triton (Linux)"),
 }
 BACKENDS = tuple(ATTENTION_BACKENDS)
 
@@ -150,7 +209,8 @@ class AttentionDispatcher:
     """Chooses the attention function for dense attention and, where it applies, block-sparse
     video self-attention.
 
-    `auto` uses PyTorch SDPA (cuDNN first on CUDA) for dense attention, and BSA for video
+    `auto` uses PyTorch SDPA (cuDNN first on CUDA; FlashAttention-4 in inference where it is
+    installed) for dense attention, and BSA for video
     self-attention on CUDA when the config enables it (the released config's `enable_bsa`) or the
     clip is of the 720p class where the official model uses it; `bsa` uses it wherever it can run.
     Each decision is logged once with its reason.
@@ -162,12 +222,14 @@ class AttentionDispatcher:
         self.bsa = bsa or BsaSettings()
         self.bsa_enabled = use_bsa
         self._dense = ATTENTION_BACKENDS[implementation].dense
+        # whether training's dense attention is an SDPA op, whose output activation offload stashes
+        self._sdpa_output = self._dense in (_sdpa, _auto)
         self._logged: set[tuple[bool, str]] = set()
 
     def dense(self, q, k, v, attn_mask=None):
         """Cross-attention (and any other non-video attention)."""
         out = self._dense(q, k, v, attn_mask)
-        if self._dense is _sdpa:
+        if self._sdpa_output:
             keep_on_host(out, "cross_attention")  # see `self_attention`
         return out
 
@@ -203,7 +265,7 @@ class AttentionDispatcher:
                 chunk_3d_shape_k=self.bsa.chunk_3d_shape_k,
             )
         out = self._dense(q, k, v)
-        if self._dense is _sdpa:
+        if self._sdpa_output:
             # the SDPA op's own output, which selective checkpointing caches: with activation
             # offload its bytes wait on the host until the block is recomputed
             keep_on_host(out, "self_attention")
