@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 
@@ -66,9 +67,9 @@ def _sdpa(q, k, v, attn_mask=None):
 
 
 # FlashAttention-4 (`pip install flash-attn-4`, the CuTe-DSL kernels of the flash-attn authors) on
-# Hopper and Blackwell: at the 480p render's self-attention shape it outran cuDNN, the fastest kernel
-# PyTorch has (docs/benchmarks.md, session 12). Inference only: its backward is not the op selective
-# checkpointing keeps, and training's attention has its own parity checks on SDPA.
+# Hopper and Blackwell: at the 480p render's self-attention shape it ran at 667 TFLOP/s on an H200
+# against cuDNN's 571, the fastest kernel PyTorch has (docs/benchmarks.md, session 12). Inference
+# only: its backward is not the op selective checkpointing keeps, nor checked against SDPA here.
 FLASH4_ARCHES = (9, 10)
 
 
@@ -80,6 +81,9 @@ def _flash4_forward() -> Callable | None:
     try:
         from flash_attn.cute import flash_attn_func
 
+        # its own call into the DSL warns on each new shape about an argument it passes on purpose
+        warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be converted to a JitArgument",
+                                category=UserWarning)
         # one small call against SDPA first: a kernel that fails to build or disagrees on this
         # machine falls back to SDPA with a warning instead of failing a user's render
         q, k, v = torch.randn(3, 1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
@@ -170,7 +174,8 @@ class AttentionBackend:
 # `AttentionDispatcher.bsa_decision` says so.
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "auto": AttentionBackend(_auto, _SDPA_OPS | _BSA_OPS,
-                             note="fastest available per shape; block-sparse where the released model uses it"),
+                             note="fastest available per shape: flash-attn-4 in renders where it is installed (Hopper, "
+                                  "Blackwell), else SDPA; block-sparse where the released model uses it"),
     "sdpa": AttentionBackend(_sdpa, _SDPA_OPS),
     # flash and xformers fall back to SDPA with a mask; their own kernels are not listed, so
     # selective checkpointing recomputes them (as it always has)
