@@ -54,3 +54,19 @@ def test_flash4_runs_only_unmasked_half_precision_inference_on_cuda():
         assert not flash4_applies(cuda, torch.ones(8, 8, dtype=torch.bool, device="cuda"))  # masked
         assert not flash4_applies(cuda.float(), None)  # fp32
         assert not flash4_applies(cuda, None)  # grad enabled: training keeps SDPA's op
+
+
+def test_the_flash4_hint_is_for_hopper_and_blackwell_gpus_without_it(monkeypatch):
+    import torch
+
+    from longcat_train.model import attention
+
+    monkeypatch.setattr(attention, "module_installed", lambda name: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, hinted in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_, c=capability: c)
+        hint = attention.flash4_install_hint()
+        assert (hint is not None) is hinted
+        assert hint is None or 'pip install "longcat-train[flash4]"' in hint
+    monkeypatch.setattr(attention, "module_installed", lambda name: name == "flash_attn.cute")
+    assert attention.flash4_install_hint() is None  # installed: its own check speaks if it fails

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..config.dependencies import Requirement
+from ..config.dependencies import Requirement, module_installed
 from .activation_offload import keep_on_host
 from .bsa_settings import BsaSettings
 
@@ -105,6 +105,16 @@ def flash4_applies(q: torch.Tensor, attn_mask) -> bool:
     """Whether `auto` runs this attention on FlashAttention-4: unmasked bf16/fp16 inference on CUDA."""
     return (q.is_cuda and attn_mask is None and not torch.is_grad_enabled()
             and q.dtype in (torch.bfloat16, torch.float16) and _flash4_forward() is not None)
+
+
+def flash4_install_hint() -> str | None:
+    """A line for a Hopper/Blackwell GPU whose renders would run faster on flash-attn-4, which is
+    not installed (an installed one that failed its check has said so itself); None elsewhere."""
+    if (not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in FLASH4_ARCHES
+            or module_installed("flash_attn.cute")):
+        return None
+    return ('renders use PyTorch attention: `pip install "longcat-train[flash4]"` (flash-attn-4) makes '
+            "them about 10 % faster on this GPU")
 
 
 def dense_inference_kernel() -> str:

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from longcat_train.config import LoadedConfig, TrainingConfig, parse_resolution
 from longcat_train.data import ClipItem, DataSpec, scan_dataset
 from longcat_train.lora import read_lora
+from longcat_train.model.attention import flash4_install_hint
 
 from .outputs import RENDER_FPS, RenderFiles, render_stem, write_render
 from .periodic import ValidationCase, continuation_case, validation_cases
@@ -122,6 +123,8 @@ def run_validate(
     """
     console = console or Console()
     renderer = PreviewRenderer(loaded, device, fp8=fp8)
+    if renderer.device.type == "cuda" and (hint := flash4_install_hint()):
+        console.print(hint)
     if refine:  # a missing refinement LoRA stops the command before any render
         refinement_lora_path(loaded.model_dir)
     if distilled:  # the renderer applies the checkpoint's own copy
