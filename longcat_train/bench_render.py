@@ -22,8 +22,7 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -174,16 +173,6 @@ def _start_image(height: int, width: int, seed: int) -> torch.Tensor:
     return torch.rand(3, 1, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-@contextmanager
-def _sdpa_attention(model) -> Iterator[None]:
-    """The model's dense attention on PyTorch SDPA while the block runs, `auto` after."""
-    model.set_attention_implementation("sdpa")
-    try:
-        yield
-    finally:
-        model.set_attention_implementation("auto")
-
-
 def _timed_render(render: Callable[[Callable[[int, int], None]], RenderResult],
                   ) -> tuple[RenderResult, float, list[float]]:
     """(result, seconds, each sampler step's seconds after the first) of `render(on_step)`."""
@@ -318,7 +307,7 @@ def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
     model = random_transformer("cuda", torch.bfloat16, seed=settings.seed).eval().requires_grad_(False)
     _emit(settings, {**_speed_row(settings, "exact", model, inputs, decode_s), "attention": dense_inference_kernel()})
     if dense_inference_kernel() != "sdpa":  # the same step on SDPA (cuDNN), what `auto` ran before
-        with _sdpa_attention(model):
+        with model.using_attention("sdpa"):
             _emit(settings, {**_speed_row(settings, "exact, SDPA attention", model, inputs, decode_s),
                              "attention": "sdpa"})
     uncached = _step_seconds(model, inputs, settings.steps, CFG_GUIDANCE, cache_condition=False)
@@ -329,7 +318,7 @@ def run_render_bench(settings: RenderBenchSettings) -> list[dict]:
         for row in _quality_rows(settings, "exact", model, vae, [("", {}), *_fast_modes(settings)], reference):
             _emit(settings, row)
         if dense_inference_kernel() != "sdpa":  # how far the exact render moves with the kernel
-            with _sdpa_attention(model):
+            with model.using_attention("sdpa"):
                 for row in _quality_rows(settings, "exact, SDPA attention", model, vae, [("", {})], reference):
                     _emit(settings, row)
     if runs("distilled") or runs("refine"):

@@ -73,13 +73,23 @@ def _sdpa(q, k, v, attn_mask=None):
 FLASH4_ARCHES = (9, 10)
 
 
+def _flash4_gpu() -> bool:
+    """Whether this machine's GPU is one flash-attn-4 is built for."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in FLASH4_ARCHES
+
+
 @functools.cache
 def _flash4_forward() -> Callable | None:
-    """flash-attn-4's `flash_attn_func` where it is installed and this GPU is one it was built for."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in FLASH4_ARCHES:
+    """flash-attn-4's forward, `[B, N, H, D]` q, k, v → out, where it is installed and this GPU is
+    one it was built for; None elsewhere."""
+    if not _flash4_gpu():
         return None
     try:
         from flash_attn.cute import flash_attn_func
+
+        def forward(q, k, v):
+            out = flash_attn_func(q, k, v)
+            return out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
 
         # its own call into the DSL warns on each new shape about an argument it passes on purpose
         warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be converted to a JitArgument",
@@ -87,10 +97,8 @@ def _flash4_forward() -> Callable | None:
         # one small call against SDPA first: a kernel that fails to build or disagrees on this
         # machine falls back to SDPA with a warning instead of failing a user's render
         q, k, v = torch.randn(3, 1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
-        out = flash_attn_func(q, k, v)
-        out = out[0] if isinstance(out, tuple) else out
         expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(forward(q, k, v), expected, atol=2e-2, rtol=2e-2)
     except ImportError:
         return None
     except Exception as error:  # noqa: BLE001 - any failure of the optional kernel means SDPA
@@ -98,7 +106,7 @@ def _flash4_forward() -> Callable | None:
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
         return None
     log.info("dense attention in inference: FlashAttention-4 (flash-attn-4)")
-    return flash_attn_func
+    return forward
 
 
 def flash4_applies(q: torch.Tensor, attn_mask) -> bool:
@@ -110,8 +118,7 @@ def flash4_applies(q: torch.Tensor, attn_mask) -> bool:
 def flash4_install_hint() -> str | None:
     """A line for a Hopper/Blackwell GPU whose renders would run faster on flash-attn-4, which is
     not installed (an installed one that failed its check has said so itself); None elsewhere."""
-    if (not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in FLASH4_ARCHES
-            or module_installed("flash_attn.cute")):
+    if not _flash4_gpu() or module_installed("flash_attn.cute"):
         return None
     return ('renders use PyTorch attention: `pip install "longcat-train[flash4]"` (flash-attn-4) makes '
             "them about 10 % faster on this GPU")
@@ -122,10 +129,8 @@ def dense_inference_kernel() -> str:
     return "flash-attn-4" if _flash4_forward() is not None else "sdpa"
 
 
-def _flash4(q, k, v):
-    out = _flash4_forward()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    out = out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
-    return out.transpose(1, 2)
+def _flash4(q, k, v):  # [B, H, N, D] views, as every backend takes them
+    return _flash4_forward()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def _auto(q, k, v, attn_mask=None):

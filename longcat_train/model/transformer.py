@@ -411,6 +411,16 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             implementation, use_bsa=use_bsa, bsa=BsaSettings.from_params(self.config.bsa_params)
         )
 
+    @contextlib.contextmanager
+    def using_attention(self, implementation: str, use_bsa: bool | None = None):
+        """`set_attention_implementation` while the block runs; the previous setting comes back after."""
+        previous = self.attention
+        self.set_attention_implementation(implementation, use_bsa)
+        try:
+            yield
+        finally:
+            self.attention = previous
+
     def set_activation_checkpointing(
         self, mode: str, selective_blocks: int | None = None, offload_block_inputs: bool = False,
         keep_cross_attention: bool = False, keep_projections: Sequence[str] = (),

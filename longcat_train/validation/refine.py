@@ -16,9 +16,8 @@ on every device.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -84,17 +83,11 @@ class RefineLayout:
                           pixels[:, -1:].expand(-1, self.back, -1, -1)], dim=1)
 
 
-@contextmanager
-def refinement_attention(transformer: torch.nn.Module) -> Iterator[None]:
+def refinement_attention(transformer: torch.nn.Module):
     """Block-sparse self-attention while the block runs (the official `enable_bsa()`): `auto` with
     BSA enabled, so it holds on CUDA whatever dense kernel the run chose (a `sdpa` / `flash` run
-    would otherwise stay dense), SDPA for the rest; the run's attention setting comes back after."""
-    dense = transformer.attention
-    transformer.set_attention_implementation("auto", use_bsa=True)
-    try:
-        yield
-    finally:
-        transformer.attention = dense
+    would otherwise stay dense), `auto`'s dense kernel for the rest; the run's setting comes back after."""
+    return transformer.using_attention("auto", use_bsa=True)
 
 
 def noised(latents: torch.Tensor, noise: torch.Tensor, t_thresh: float) -> torch.Tensor:
